@@ -1,0 +1,23 @@
+//! Vexil's pure domain: the flagd flag model, parsing and validation of flag definitions, and the
+//! targeting engine that gives exactly flagd's answers.
+//!
+//! `vexil-core` does no I/O, spawns nothing and knows no wire types: callers hand it text or JSON
+//! and a request context (with the current time), and get borrowed results back.
+//!
+//! - [`parse`] reads flagd JSON/YAML into a [`model::FlagConfig`], with diagnostics that name the
+//!   flag and the JSON pointer;
+//! - [`snapshot::Snapshot::build`] compiles every source's flags once;
+//! - [`snapshot::Snapshot::evaluate`] resolves a flag for a [`eval::Context`].
+
+pub mod eval;
+pub mod model;
+pub mod parse;
+pub mod schema;
+pub mod snapshot;
+pub mod targeting;
+
+pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, Reason, Resolution};
+pub use model::{Flag, FlagConfig, FlagState, Metadata, ValueType};
+pub use parse::{Diagnostic, Format, ParseError, Parsed, Severity, Strictness};
+pub use snapshot::{Selector, SelectorError, Snapshot, SourceConfig};
+pub use targeting::{Engine, FractionalMode};

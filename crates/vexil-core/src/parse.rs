@@ -1,0 +1,435 @@
+//! Parsing flagd flag definition documents (JSON or YAML) into [`FlagConfig`].
+//!
+//! The rules are flagd's (`core/pkg/evaluator/json.go`, `core/pkg/store/store.go`):
+//! - `flags` is a map of key → flag, or (flagd daemon form) an array of flags carrying `key`;
+//! - `$evaluators` are shared rules, inlined wherever a targeting rule contains `{"$ref": "name"}`;
+//! - the top-level `metadata` is merged into every flag's metadata, the flag's own keys winning;
+//! - `defaultVariant` may be absent or `null` (the caller's code default applies), but when it is a
+//!   string it must name a variant, or the whole document is rejected;
+//! - a schema violation is only a warning (flagd logs it and loads the document) unless the caller
+//!   asks for [`Strictness::Strict`].
+//!
+//! Every diagnostic names the flag (when there is one) and the JSON pointer of the offending value.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::model::{Flag, FlagConfig, FlagState, Metadata, ValueType};
+use crate::schema::{self, Schema};
+
+/// How deep `$ref`s may nest inside `$evaluators` before we call it a cycle.
+const MAX_REF_DEPTH: usize = 32;
+
+/// The text format of a flag document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// JSON.
+    Json,
+    /// YAML (a superset of JSON).
+    Yaml,
+}
+
+impl Format {
+    /// The format a file name implies: `.yaml`/`.yml` are YAML, anything else JSON.
+    pub fn from_path(path: &str) -> Format {
+        let lower = path.to_ascii_lowercase();
+        if lower.ends_with(".yaml") || lower.ends_with(".yml") { Format::Yaml } else { Format::Json }
+    }
+}
+
+/// Whether schema violations reject the document (`Strict`) or are only reported (`Flagd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    /// flagd's behaviour: schema violations are warnings.
+    Flagd,
+    /// Every schema violation is an error (linting, the admin API).
+    Strict,
+}
+
+/// How bad a diagnostic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The document is loaded anyway.
+    Warning,
+    /// The document is rejected.
+    Error,
+}
+
+/// One problem found in a flag document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// The flag the problem is in, when it is in one.
+    pub flag: Option<String>,
+    /// JSON pointer of the offending value (`""` for the whole document).
+    pub pointer: String,
+    /// What is wrong, lowercase, no trailing period.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.severity {
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        let at = if self.pointer.is_empty() { "/" } else { &self.pointer };
+        match &self.flag {
+            Some(flag) => write!(f, "{level}: flag `{flag}` at {at}: {}", self.message),
+            None => write!(f, "{level}: at {at}: {}", self.message),
+        }
+    }
+}
+
+/// A document that could not be loaded: every error found (and the warnings beside them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid flag definition: {}", summary(.diagnostics))]
+pub struct ParseError {
+    /// Everything found, errors first.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+fn summary(diagnostics: &[Diagnostic]) -> String {
+    diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A successfully parsed document and the warnings found on the way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// The flags, evaluators and set metadata.
+    pub config: FlagConfig,
+    /// Schema violations and other problems that did not stop loading.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Parses a flag document from text.
+pub fn parse_str(text: &str, format: Format, strictness: Strictness) -> Result<Parsed, ParseError> {
+    let document = match format {
+        Format::Json => serde_json::from_str::<Value>(text).map_err(|e| {
+            single_error(None, "", format!("not valid JSON: {e}"))
+        })?,
+        Format::Yaml => serde_yaml::from_str::<Value>(text).map_err(|e| {
+            single_error(None, "", format!("not valid YAML: {e}"))
+        })?,
+    };
+    parse_value(&document, strictness)
+}
+
+/// Parses a flag document already read as JSON.
+pub fn parse_value(document: &Value, strictness: Strictness) -> Result<Parsed, ParseError> {
+    let mut out = Diagnostics { list: Vec::new(), strictness };
+    for v in schema::check(Schema::Flagd, document) {
+        let flag = flag_of_pointer(document, &v.pointer);
+        out.schema(flag, v.pointer, v.message);
+    }
+    let config = build_config(document, &mut out);
+    let mut list = out.list;
+    list.sort_by_key(|d| std::cmp::Reverse(d.severity));
+    if list.iter().any(|d| d.severity == Severity::Error) {
+        return Err(ParseError { diagnostics: list });
+    }
+    Ok(Parsed { config, warnings: list })
+}
+
+fn single_error(flag: Option<String>, pointer: &str, message: String) -> ParseError {
+    ParseError {
+        diagnostics: vec![Diagnostic { severity: Severity::Error, flag, pointer: pointer.into(), message }],
+    }
+}
+
+struct Diagnostics {
+    list: Vec<Diagnostic>,
+    strictness: Strictness,
+}
+
+impl Diagnostics {
+    fn error(&mut self, flag: Option<&str>, pointer: String, message: String) {
+        self.push(Severity::Error, flag, pointer, message);
+    }
+
+    /// A violation of the flagd schema that flagd itself tolerates.
+    fn schema(&mut self, flag: Option<String>, pointer: String, message: String) {
+        let severity = match self.strictness {
+            Strictness::Flagd => Severity::Warning,
+            Strictness::Strict => Severity::Error,
+        };
+        self.list.push(Diagnostic { severity, flag, pointer, message });
+    }
+
+    fn push(&mut self, severity: Severity, flag: Option<&str>, pointer: String, message: String) {
+        self.list.push(Diagnostic { severity, flag: flag.map(str::to_owned), pointer, message });
+    }
+}
+
+/// Escapes one JSON pointer segment (RFC 6901).
+fn segment(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+fn unescape_segment(s: &str) -> String {
+    s.replace("~1", "/").replace("~0", "~")
+}
+
+/// The key of the flag a pointer points into, if any (`/flags/<key>/…` or `/flags/<index>/…`).
+fn flag_of_pointer(document: &Value, pointer: &str) -> Option<String> {
+    let mut parts = pointer.strip_prefix("/flags/")?.split('/');
+    let first = unescape_segment(parts.next()?);
+    match document.get("flags")? {
+        Value::Object(_) => Some(first),
+        Value::Array(items) => {
+            let index: usize = first.parse().ok()?;
+            let key = items.get(index)?.get("key")?.as_str()?;
+            Some(key.to_owned())
+        }
+        _ => None,
+    }
+}
+
+fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
+    let Some(root) = document.as_object() else {
+        out.error(None, String::new(), format!("expected an object with `flags`, found {}", kind(document)));
+        return FlagConfig::default();
+    };
+
+    let metadata = match root.get("metadata") {
+        None | Some(Value::Null) => Metadata::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => {
+            out.error(None, "/metadata".into(), format!("flag set metadata must be an object, found {}", kind(other)));
+            Metadata::new()
+        }
+    };
+
+    let evaluators = match root.get("$evaluators") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => {
+            out.error(None, "/$evaluators".into(), format!("`$evaluators` must be an object, found {}", kind(other)));
+            Map::new()
+        }
+    };
+
+    let mut flags: Vec<Flag> = Vec::new();
+    match root.get("flags") {
+        // flagd loads a document without flags as an empty set (the schema check reports it).
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (key, raw) in map {
+                let pointer = format!("/flags/{}", segment(key));
+                if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, out) {
+                    flags.push(flag);
+                }
+            }
+        }
+        Some(Value::Array(items)) => {
+            for (index, raw) in items.iter().enumerate() {
+                let pointer = format!("/flags/{index}");
+                let Some(key) = raw.get("key").and_then(Value::as_str).filter(|k| !k.is_empty()) else {
+                    out.error(None, pointer, "a flag in the `flags` array needs a non-empty string `key`".into());
+                    continue;
+                };
+                if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, out) {
+                    if let Some(previous) = flags.iter().position(|f| f.key == flag.key) {
+                        out.push(
+                            Severity::Warning,
+                            Some(key),
+                            pointer,
+                            "duplicate flag key: this definition replaces the earlier one".into(),
+                        );
+                        flags.remove(previous);
+                    }
+                    flags.push(flag);
+                }
+            }
+        }
+        Some(other) => {
+            out.error(None, "/flags".into(), format!("`flags` must be an object or an array, found {}", kind(other)));
+        }
+    }
+
+    FlagConfig { flags, metadata, evaluators }
+}
+
+fn build_flag(
+    key: &str,
+    raw: &Value,
+    pointer: &str,
+    set_metadata: &Metadata,
+    evaluators: &Map<String, Value>,
+    out: &mut Diagnostics,
+) -> Option<Flag> {
+    let errors_before = out.list.iter().filter(|d| d.severity == Severity::Error).count();
+    let flag = Some(key);
+    let Some(obj) = raw.as_object() else {
+        out.error(flag, pointer.into(), format!("a flag must be an object, found {}", kind(raw)));
+        return None;
+    };
+
+    // flagd serves any state other than "DISABLED" (the schema check reports unknown values).
+    let state = match obj.get("state") {
+        Some(Value::String(s)) if s == "DISABLED" => FlagState::Disabled,
+        Some(Value::String(_)) | None => FlagState::Enabled,
+        Some(other) => {
+            out.error(flag, format!("{pointer}/state"), format!("`state` must be a string, found {}", kind(other)));
+            FlagState::Enabled
+        }
+    };
+
+    let variants: Vec<(String, Value)> = match obj.get("variants") {
+        Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        None | Some(Value::Null) => Vec::new(),
+        Some(other) => {
+            out.error(flag, format!("{pointer}/variants"), format!("`variants` must be an object, found {}", kind(other)));
+            Vec::new()
+        }
+    };
+
+    let default_variant = match obj.get("defaultVariant") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => {
+            if !variants.iter().any(|(n, _)| n == name) {
+                let known: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
+                out.error(
+                    flag,
+                    format!("{pointer}/defaultVariant"),
+                    format!("default variant `{name}` is not one of the variants ({})", known.join(", ")),
+                );
+            }
+            Some(name.clone())
+        }
+        Some(other) => {
+            out.error(
+                flag,
+                format!("{pointer}/defaultVariant"),
+                format!("`defaultVariant` must be a string or null, found {}", kind(other)),
+            );
+            None
+        }
+    };
+
+    check_variant_types(key, &variants, pointer, out);
+
+    let targeting = match obj.get("targeting") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) if m.is_empty() => None,
+        Some(rule) => {
+            let mut rule = rule.clone();
+            let mut unknown = Vec::new();
+            inline_refs(&mut rule, evaluators, 0, &mut unknown);
+            for name in unknown {
+                out.push(
+                    Severity::Warning,
+                    flag,
+                    format!("{pointer}/targeting"),
+                    format!("`$ref` to unknown evaluator `{name}`: evaluating this flag is a parse error"),
+                );
+            }
+            Some(rule)
+        }
+    };
+
+    let mut metadata = set_metadata.clone();
+    match obj.get("metadata") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(own)) => {
+            for (k, v) in own {
+                metadata.insert(k.clone(), v.clone());
+            }
+        }
+        Some(other) => {
+            out.error(flag, format!("{pointer}/metadata"), format!("flag metadata must be an object, found {}", kind(other)));
+        }
+    }
+    // flagd drops null metadata values when it reports them.
+    metadata.retain(|_, v| !v.is_null());
+
+    let errors_after = out.list.iter().filter(|d| d.severity == Severity::Error).count();
+    (errors_after == errors_before).then(|| Flag {
+        key: key.to_owned(),
+        state,
+        variants,
+        default_variant,
+        targeting,
+        metadata,
+    })
+}
+
+/// Reports variants whose values are not all of one type (a schema rule flagd only warns about).
+fn check_variant_types(key: &str, variants: &[(String, Value)], pointer: &str, out: &mut Diagnostics) {
+    let mut first: Option<(&str, ValueType)> = None;
+    for (name, value) in variants {
+        let Some(ty) = ValueType::of(value) else { continue };
+        match first {
+            None => first = Some((name, ty)),
+            Some((first_name, first_ty)) if first_ty != ty => {
+                // The schema check reports this too; keep a clearer message beside it only in
+                // strict mode, where it is an error the user must fix.
+                if out.strictness == Strictness::Strict {
+                    out.schema(
+                        Some(key.to_owned()),
+                        format!("{pointer}/variants/{}", segment(name)),
+                        format!(
+                            "variant `{name}` is a {} but variant `{first_name}` is a {}: all variants must have one type",
+                            ty.name(),
+                            first_ty.name()
+                        ),
+                    );
+                }
+                return;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Replaces every `{"$ref": "<name>"}` object in `rule` with a copy of `$evaluators[name]`,
+/// following refs inside evaluators up to [`MAX_REF_DEPTH`]. Unknown names are left in place (they
+/// evaluate as an unknown operator, which flagd reports as a parse error) and collected.
+fn inline_refs(rule: &mut Value, evaluators: &Map<String, Value>, depth: usize, unknown: &mut Vec<String>) {
+    match rule {
+        Value::Object(map) => {
+            if map.len() == 1
+                && let Some(Value::String(name)) = map.get("$ref")
+            {
+                match evaluators.get(name.as_str()) {
+                    Some(target) if depth < MAX_REF_DEPTH => {
+                        let mut target = target.clone();
+                        inline_refs(&mut target, evaluators, depth + 1, unknown);
+                        *rule = target;
+                    }
+                    Some(_) => unknown.push(format!("{name} (nested too deeply: is it recursive?)")),
+                    None => unknown.push(name.clone()),
+                }
+                return;
+            }
+            for value in map.values_mut() {
+                inline_refs(value, evaluators, depth, unknown);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                inline_refs(item, evaluators, depth, unknown);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A short name of a JSON value's type, for messages.
+pub(crate) fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,209 @@
+//! A compiled, immutable view of every flag from every source: what evaluation reads.
+//!
+//! Flags are keyed like flagd's store (`core/pkg/store/store.go`): by flag set (`flagSetId` from the
+//! merged metadata) and key, each remembering its source and the source's priority (its position in
+//! the source list; later sources win). Without a selector a key resolves to the flag from the
+//! highest-priority source; with one, to the flag in the selected flag set or source.
+//!
+//! A snapshot is built once per configuration change and shared as `Arc<Snapshot>`; reading it takes
+//! no lock.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::eval::{CompiledFlag, Context, Resolution};
+use crate::model::{FlagConfig, ValueType};
+use crate::parse::{Diagnostic, Severity};
+use crate::targeting::{Engine, FractionalMode};
+
+/// Which flags a request sees (flagd's selector: a single `key=value`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Selector {
+    /// No selector: every flag, the highest-priority source winning on duplicate keys.
+    #[default]
+    All,
+    /// `flagSetId=<id>`; `flagSetId=` (empty) selects the flags that have no flag set id.
+    FlagSet(Option<String>),
+    /// `source=<name>`, or a bare value without `=`.
+    Source(String),
+}
+
+/// A selector that is not `flagSetId=…`, `source=…` or a bare source name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid selector `{0}`: expected `flagSetId=<id>`, `source=<name>` or a source name")]
+pub struct SelectorError(pub String);
+
+impl Selector {
+    /// Parses flagd's selector syntax (`core/pkg/store/query.go`).
+    pub fn parse(s: &str) -> Result<Selector, SelectorError> {
+        if s.is_empty() {
+            return Ok(Selector::All);
+        }
+        let Some((key, value)) = s.split_once('=') else {
+            return Ok(Selector::Source(s.to_owned()));
+        };
+        match key {
+            "flagSetId" if value.is_empty() => Ok(Selector::FlagSet(None)),
+            "flagSetId" => Ok(Selector::FlagSet(Some(value.to_owned()))),
+            "source" if !value.is_empty() => Ok(Selector::Source(value.to_owned())),
+            _ => Err(SelectorError(s.to_owned())),
+        }
+    }
+
+    /// The selector as flagd reflects it in response metadata: `{}`, `{"flagSetId": …}` or
+    /// `{"source": …}`.
+    pub fn metadata(&self) -> crate::model::Metadata {
+        let mut m = crate::model::Metadata::new();
+        match self {
+            Selector::All | Selector::FlagSet(None) => {}
+            Selector::FlagSet(Some(id)) => {
+                m.insert("flagSetId".into(), id.clone().into());
+            }
+            Selector::Source(s) => {
+                m.insert("source".into(), s.clone().into());
+            }
+        }
+        m
+    }
+
+    fn matches(&self, entry: &Entry) -> bool {
+        match self {
+            Selector::All => true,
+            Selector::FlagSet(id) => entry.flag.flag().flag_set_id() == id.as_deref(),
+            Selector::Source(s) => *entry.source == **s,
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::All => Ok(()),
+            Selector::FlagSet(id) => write!(f, "flagSetId={}", id.as_deref().unwrap_or("")),
+            Selector::Source(s) => write!(f, "source={s}"),
+        }
+    }
+}
+
+/// One source's flags, as input to [`Snapshot::build`].
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// The source's name as selectors address it (flagd: the URI as given, e.g. `flags/a.json`).
+    pub name: String,
+    /// Its parsed document.
+    pub config: FlagConfig,
+}
+
+/// A flag in the snapshot, with where it came from.
+#[derive(Debug)]
+struct Entry {
+    flag: CompiledFlag,
+    source: Arc<str>,
+    priority: usize,
+}
+
+/// A compiled snapshot of all flags.
+#[derive(Debug)]
+pub struct Snapshot {
+    engine: Arc<Engine>,
+    entries: Vec<Entry>,
+    /// Key → indices into `entries`, in priority order (lowest first).
+    by_key: HashMap<String, Vec<usize>>,
+    /// For [`Selector::All`]: the winning entry of every key, sorted by key.
+    winners: Vec<usize>,
+    sources: Vec<Arc<str>>,
+}
+
+impl Snapshot {
+    /// An empty snapshot (no sources).
+    pub fn empty(mode: FractionalMode) -> Snapshot {
+        Snapshot::build(Arc::new(Engine::new(mode)), Vec::new()).0
+    }
+
+    /// Compiles `sources` (in priority order: later wins) into a snapshot. Targeting rules that do
+    /// not compile are reported as warnings and evaluate as parse errors, as in flagd.
+    pub fn build(engine: Arc<Engine>, sources: Vec<SourceConfig>) -> (Snapshot, Vec<Diagnostic>) {
+        let mut warnings = Vec::new();
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut by_id: HashMap<(Option<String>, String), usize> = HashMap::new();
+        let mut names = Vec::with_capacity(sources.len());
+        for (priority, source) in sources.into_iter().enumerate() {
+            let name: Arc<str> = Arc::from(source.name);
+            names.push(name.clone());
+            for flag in source.config.flags {
+                let id = (flag.flag_set_id().map(str::to_owned), flag.key.clone());
+                let (compiled, problem) = CompiledFlag::compile(flag, &engine);
+                if let Some(problem) = problem {
+                    warnings.push(Diagnostic {
+                        severity: Severity::Warning,
+                        flag: Some(compiled.key().to_owned()),
+                        pointer: format!("/flags/{}/targeting", compiled.key()),
+                        message: format!("targeting does not compile, evaluations will fail: {problem}"),
+                    });
+                }
+                let entry = Entry { flag: compiled, source: name.clone(), priority };
+                // One flag per (flag set, key): a later source replaces an earlier one.
+                match by_id.get(&id) {
+                    Some(&at) => entries[at] = entry,
+                    None => {
+                        by_id.insert(id, entries.len());
+                        entries.push(entry);
+                    }
+                }
+            }
+        }
+        let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            by_key.entry(e.flag.key().to_owned()).or_default().push(i);
+        }
+        for indices in by_key.values_mut() {
+            indices.sort_by_key(|&i| entries[i].priority);
+        }
+        let mut winners: Vec<usize> = by_key.values().filter_map(|v| v.last().copied()).collect();
+        winners.sort_by(|&a, &b| entries[a].flag.key().cmp(entries[b].flag.key()));
+        (Snapshot { engine, entries, by_key, winners, sources: names }, warnings)
+    }
+
+    /// The engine the flags were compiled with.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The source names, in priority order.
+    pub fn sources(&self) -> impl Iterator<Item = &str> {
+        self.sources.iter().map(|s| &**s)
+    }
+
+    /// How many flags the snapshot holds (counting a key once per flag set).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the snapshot holds no flags.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The flag `key` as `selector` sees it.
+    pub fn get(&self, key: &str, selector: &Selector) -> Option<&CompiledFlag> {
+        let candidates = self.by_key.get(key)?;
+        candidates.iter().rev().map(|&i| &self.entries[i]).find(|e| selector.matches(e)).map(|e| &e.flag)
+    }
+
+    /// Every flag `selector` sees, one per key, sorted by key.
+    pub fn flags<'s>(&'s self, selector: &'s Selector) -> Box<dyn Iterator<Item = &'s CompiledFlag> + 's> {
+        match selector {
+            Selector::All => Box::new(self.winners.iter().map(|&i| &self.entries[i].flag)),
+            _ => Box::new(self.winners.iter().filter_map(move |&i| self.get(self.entries[i].flag.key(), selector))),
+        }
+    }
+
+    /// Evaluates flag `key` for `context` as type `ty`.
+    pub fn evaluate<'s>(&'s self, key: &str, selector: &Selector, context: Context<'_>, ty: ValueType) -> Resolution<'s> {
+        match self.get(key, selector) {
+            Some(flag) => flag.evaluate(&self.engine, context, ty),
+            None => Resolution::not_found(key),
+        }
+    }
+}
