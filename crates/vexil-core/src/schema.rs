@@ -5,7 +5,8 @@
 
 use std::sync::LazyLock;
 
-use jsonschema::{Registry, Validator};
+use jsonschema::error::ValidationErrorKind;
+use jsonschema::{Registry, ValidationError, Validator};
 use serde_json::Value;
 
 const FLAGS_URI: &str = "https://flagd.dev/schema/v0/flags.json";
@@ -64,8 +65,32 @@ pub fn check(schema: Schema, document: &Value) -> Vec<Violation> {
         Schema::Flagd => &FLAGD,
         Schema::Targeting => &TARGETING,
     };
-    validator
-        .iter_errors(document)
-        .map(|e| Violation { pointer: e.instance_path().to_string(), message: e.to_string() })
-        .collect()
+    let mut out = Vec::new();
+    for error in validator.iter_errors(document) {
+        explain(&error, &mut out);
+    }
+    out
+}
+
+/// Turns a schema error into the violations a user can act on: for a failed `oneOf`/`anyOf` (every
+/// flag is a `oneOf` of four flag types) the errors of the alternative that matched furthest into
+/// the document, fewest errors first, instead of "not valid under any of the schemas".
+fn explain(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
+    let branches = match error.kind() {
+        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => Some(context),
+        _ => None,
+    };
+    let best = branches.and_then(|branches| {
+        branches.iter().filter(|b| !b.is_empty()).min_by_key(|b| {
+            let depth = b.iter().map(|e| e.instance_path().as_str().matches('/').count()).max().unwrap_or(0);
+            (std::cmp::Reverse(depth), b.len())
+        })
+    });
+    match best {
+        Some(branch) => branch.iter().for_each(|e| explain(e, out)),
+        None => out.push(Violation {
+            pointer: error.instance_path().to_string(),
+            message: error.masked_with("value").to_string(),
+        }),
+    }
 }

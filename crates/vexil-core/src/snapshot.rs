@@ -192,11 +192,11 @@ impl Snapshot {
     }
 
     /// Every flag `selector` sees, one per key, sorted by key.
-    pub fn flags<'s>(&'s self, selector: &'s Selector) -> Box<dyn Iterator<Item = &'s CompiledFlag> + 's> {
-        match selector {
-            Selector::All => Box::new(self.winners.iter().map(|&i| &self.entries[i].flag)),
-            _ => Box::new(self.winners.iter().filter_map(move |&i| self.get(self.entries[i].flag.key(), selector))),
-        }
+    pub fn flags<'s, 'q>(&'s self, selector: &'q Selector) -> impl Iterator<Item = &'s CompiledFlag> + use<'s, 'q> {
+        self.winners.iter().filter_map(move |&i| match selector {
+            Selector::All => Some(&self.entries[i].flag),
+            _ => self.get(self.entries[i].flag.key(), selector),
+        })
     }
 
     /// Evaluates flag `key` for `context` as type `ty`.
