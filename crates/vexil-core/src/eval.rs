@@ -126,7 +126,10 @@ impl<'s> Resolution<'s> {
             variant: None,
             value: None,
             metadata: None,
-            error: Some(EvalError { code: ErrorCode::FlagNotFound, message: format!("flag `{key}` not found") }),
+            error: Some(EvalError {
+                code: ErrorCode::FlagNotFound,
+                message: format!("flag `{key}` not found"),
+            }),
         }
     }
 
@@ -164,7 +167,10 @@ impl CompiledFlag {
     /// then reports `PARSE_ERROR`, as flagd does. The compile error is returned beside it so the
     /// loader can report it.
     pub fn compile(flag: Flag, engine: &Engine) -> (CompiledFlag, Option<String>) {
-        let default_index = flag.default_variant.as_deref().and_then(|d| flag.variants.iter().position(|(n, _)| n == d));
+        let default_index = flag
+            .default_variant
+            .as_deref()
+            .and_then(|d| flag.variants.iter().position(|(n, _)| n == d));
         let (targeting, problem) = match &flag.targeting {
             None => (Targeting::None, None),
             Some(rule) => match engine.compile(rule) {
@@ -172,7 +178,14 @@ impl CompiledFlag {
                 Err(e) => (Targeting::Invalid(e.clone()), Some(e)),
             },
         };
-        (CompiledFlag { flag, default_index, targeting }, problem)
+        (
+            CompiledFlag {
+                flag,
+                default_index,
+                targeting,
+            },
+            problem,
+        )
     }
 
     /// The definition this flag was compiled from.
@@ -187,32 +200,67 @@ impl CompiledFlag {
 
     /// The type of the default variant's value (what flagd's ResolveAll resolves the flag as).
     pub fn default_type(&self) -> Option<ValueType> {
-        self.default_index.and_then(|i| ValueType::of(&self.flag.variants[i].1))
+        self.default_index
+            .and_then(|i| ValueType::of(&self.flag.variants[i].1))
     }
 
     /// Evaluates the flag for `context`, asking for a value of type `ty`.
-    pub fn evaluate<'s>(&'s self, engine: &Engine, context: Context<'_>, ty: ValueType) -> Resolution<'s> {
+    pub fn evaluate<'s>(
+        &'s self,
+        engine: &Engine,
+        context: Context<'_>,
+        ty: ValueType,
+    ) -> Resolution<'s> {
         let metadata = Some(&self.flag.metadata);
         if self.flag.state == FlagState::Disabled {
-            return Resolution { reason: Reason::Disabled, variant: None, value: None, metadata, error: None };
+            return Resolution {
+                reason: Reason::Disabled,
+                variant: None,
+                value: None,
+                metadata,
+                error: None,
+            };
         }
         let (index, reason) = match &self.targeting {
             Targeting::None => (self.default_index, Reason::Static),
-            Targeting::Invalid(e) => return self.failed(ErrorCode::ParseError, format!("targeting does not compile: {e}")),
+            Targeting::Invalid(e) => {
+                return self.failed(
+                    ErrorCode::ParseError,
+                    format!("targeting does not compile: {e}"),
+                );
+            }
             Targeting::Rule(rule) => {
-                match targeting::evaluate(engine, rule, &self.flag.key, &self.flag.variants, context.attributes, context.now) {
+                match targeting::evaluate(
+                    engine,
+                    rule,
+                    &self.flag.key,
+                    &self.flag.variants,
+                    context.attributes,
+                    context.now,
+                ) {
                     Outcome::Variant(i) => (Some(i), Reason::TargetingMatch),
                     Outcome::Null => (self.default_index, Reason::Default),
                     Outcome::UnknownVariant(name) => {
-                        return self.failed(ErrorCode::General, format!("targeting returned `{name}`, which is not a variant"));
+                        return self.failed(
+                            ErrorCode::General,
+                            format!("targeting returned `{name}`, which is not a variant"),
+                        );
                     }
-                    Outcome::Failed(e) => return self.failed(ErrorCode::ParseError, format!("targeting failed: {e}")),
+                    Outcome::Failed(e) => {
+                        return self.failed(ErrorCode::ParseError, format!("targeting failed: {e}"));
+                    }
                 }
             }
         };
         let Some(index) = index else {
             // No default variant: the caller's code default applies.
-            return Resolution { reason: Reason::Default, variant: None, value: None, metadata, error: None };
+            return Resolution {
+                reason: Reason::Default,
+                variant: None,
+                value: None,
+                metadata,
+                error: None,
+            };
         };
         let (variant, value) = &self.flag.variants[index];
         if !ty.accepts(value) {
@@ -221,7 +269,13 @@ impl CompiledFlag {
                 format!("variant `{variant}` is not a {} value", ty.name()),
             );
         }
-        Resolution { reason, variant: Some(variant), value: Some(value), metadata, error: None }
+        Resolution {
+            reason,
+            variant: Some(variant),
+            value: Some(value),
+            metadata,
+            error: None,
+        }
     }
 
     fn failed(&self, code: ErrorCode, detail: String) -> Resolution<'_> {
@@ -230,7 +284,10 @@ impl CompiledFlag {
             variant: None,
             value: None,
             metadata: Some(&self.flag.metadata),
-            error: Some(EvalError { code, message: format!("flag `{}`: {detail}", self.flag.key) }),
+            error: Some(EvalError {
+                code,
+                message: format!("flag `{}`: {detail}", self.flag.key),
+            }),
         }
     }
 }

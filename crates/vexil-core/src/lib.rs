@@ -9,6 +9,8 @@
 //! - [`snapshot::Snapshot::build`] compiles every source's flags once;
 //! - [`snapshot::Snapshot::evaluate`] resolves a flag for a [`eval::Context`].
 
+#![forbid(unsafe_code)]
+
 pub mod eval;
 pub mod model;
 pub mod parse;

@@ -34,7 +34,11 @@ impl Format {
     /// The format a file name implies: `.yaml`/`.yml` are YAML, anything else JSON.
     pub fn from_path(path: &str) -> Format {
         let lower = path.to_ascii_lowercase();
-        if lower.ends_with(".yaml") || lower.ends_with(".yml") { Format::Yaml } else { Format::Json }
+        if lower.ends_with(".yaml") || lower.ends_with(".yml") {
+            Format::Yaml
+        } else {
+            Format::Json
+        }
     }
 }
 
@@ -75,7 +79,11 @@ impl fmt::Display for Diagnostic {
             Severity::Warning => "warning",
             Severity::Error => "error",
         };
-        let at = if self.pointer.is_empty() { "/" } else { &self.pointer };
+        let at = if self.pointer.is_empty() {
+            "/"
+        } else {
+            &self.pointer
+        };
         match &self.flag {
             Some(flag) => write!(f, "{level}: flag `{flag}` at {at}: {}", self.message),
             None => write!(f, "{level}: at {at}: {}", self.message),
@@ -112,19 +120,20 @@ pub struct Parsed {
 /// Parses a flag document from text.
 pub fn parse_str(text: &str, format: Format, strictness: Strictness) -> Result<Parsed, ParseError> {
     let document = match format {
-        Format::Json => serde_json::from_str::<Value>(text).map_err(|e| {
-            single_error(None, "", format!("not valid JSON: {e}"))
-        })?,
-        Format::Yaml => serde_yaml::from_str::<Value>(text).map_err(|e| {
-            single_error(None, "", format!("not valid YAML: {e}"))
-        })?,
+        Format::Json => serde_json::from_str::<Value>(text)
+            .map_err(|e| single_error(None, "", format!("not valid JSON: {e}")))?,
+        Format::Yaml => serde_yaml::from_str::<Value>(text)
+            .map_err(|e| single_error(None, "", format!("not valid YAML: {e}")))?,
     };
     parse_value(&document, strictness)
 }
 
 /// Parses a flag document already read as JSON.
 pub fn parse_value(document: &Value, strictness: Strictness) -> Result<Parsed, ParseError> {
-    let mut out = Diagnostics { list: Vec::new(), strictness };
+    let mut out = Diagnostics {
+        list: Vec::new(),
+        strictness,
+    };
     for v in schema::check(Schema::Flagd, document) {
         let flag = flag_of_pointer(document, &v.pointer);
         out.schema(flag, v.pointer, v.message);
@@ -135,12 +144,20 @@ pub fn parse_value(document: &Value, strictness: Strictness) -> Result<Parsed, P
     if list.iter().any(|d| d.severity == Severity::Error) {
         return Err(ParseError { diagnostics: list });
     }
-    Ok(Parsed { config, warnings: list })
+    Ok(Parsed {
+        config,
+        warnings: list,
+    })
 }
 
 fn single_error(flag: Option<String>, pointer: &str, message: String) -> ParseError {
     ParseError {
-        diagnostics: vec![Diagnostic { severity: Severity::Error, flag, pointer: pointer.into(), message }],
+        diagnostics: vec![Diagnostic {
+            severity: Severity::Error,
+            flag,
+            pointer: pointer.into(),
+            message,
+        }],
     }
 }
 
@@ -160,11 +177,21 @@ impl Diagnostics {
             Strictness::Flagd => Severity::Warning,
             Strictness::Strict => Severity::Error,
         };
-        self.list.push(Diagnostic { severity, flag, pointer, message });
+        self.list.push(Diagnostic {
+            severity,
+            flag,
+            pointer,
+            message,
+        });
     }
 
     fn push(&mut self, severity: Severity, flag: Option<&str>, pointer: String, message: String) {
-        self.list.push(Diagnostic { severity, flag: flag.map(str::to_owned), pointer, message });
+        self.list.push(Diagnostic {
+            severity,
+            flag: flag.map(str::to_owned),
+            pointer,
+            message,
+        });
     }
 }
 
@@ -194,7 +221,11 @@ fn flag_of_pointer(document: &Value, pointer: &str) -> Option<String> {
 
 fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
     let Some(root) = document.as_object() else {
-        out.error(None, String::new(), format!("expected an object with `flags`, found {}", kind(document)));
+        out.error(
+            None,
+            String::new(),
+            format!("expected an object with `flags`, found {}", kind(document)),
+        );
         return FlagConfig::default();
     };
 
@@ -202,7 +233,11 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
         None | Some(Value::Null) => Metadata::new(),
         Some(Value::Object(m)) => m.clone(),
         Some(other) => {
-            out.error(None, "/metadata".into(), format!("flag set metadata must be an object, found {}", kind(other)));
+            out.error(
+                None,
+                "/metadata".into(),
+                format!("flag set metadata must be an object, found {}", kind(other)),
+            );
             Metadata::new()
         }
     };
@@ -211,7 +246,11 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m.clone(),
         Some(other) => {
-            out.error(None, "/$evaluators".into(), format!("`$evaluators` must be an object, found {}", kind(other)));
+            out.error(
+                None,
+                "/$evaluators".into(),
+                format!("`$evaluators` must be an object, found {}", kind(other)),
+            );
             Map::new()
         }
     };
@@ -231,8 +270,16 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
         Some(Value::Array(items)) => {
             for (index, raw) in items.iter().enumerate() {
                 let pointer = format!("/flags/{index}");
-                let Some(key) = raw.get("key").and_then(Value::as_str).filter(|k| !k.is_empty()) else {
-                    out.error(None, pointer, "a flag in the `flags` array needs a non-empty string `key`".into());
+                let Some(key) = raw
+                    .get("key")
+                    .and_then(Value::as_str)
+                    .filter(|k| !k.is_empty())
+                else {
+                    out.error(
+                        None,
+                        pointer,
+                        "a flag in the `flags` array needs a non-empty string `key`".into(),
+                    );
                     continue;
                 };
                 if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, out) {
@@ -250,11 +297,22 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
             }
         }
         Some(other) => {
-            out.error(None, "/flags".into(), format!("`flags` must be an object or an array, found {}", kind(other)));
+            out.error(
+                None,
+                "/flags".into(),
+                format!(
+                    "`flags` must be an object or an array, found {}",
+                    kind(other)
+                ),
+            );
         }
     }
 
-    FlagConfig { flags, metadata, evaluators }
+    FlagConfig {
+        flags,
+        metadata,
+        evaluators,
+    }
 }
 
 fn build_flag(
@@ -265,10 +323,18 @@ fn build_flag(
     evaluators: &Map<String, Value>,
     out: &mut Diagnostics,
 ) -> Option<Flag> {
-    let errors_before = out.list.iter().filter(|d| d.severity == Severity::Error).count();
+    let errors_before = out
+        .list
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
     let flag = Some(key);
     let Some(obj) = raw.as_object() else {
-        out.error(flag, pointer.into(), format!("a flag must be an object, found {}", kind(raw)));
+        out.error(
+            flag,
+            pointer.into(),
+            format!("a flag must be an object, found {}", kind(raw)),
+        );
         return None;
     };
 
@@ -277,7 +343,11 @@ fn build_flag(
         Some(Value::String(s)) if s == "DISABLED" => FlagState::Disabled,
         Some(Value::String(_)) | None => FlagState::Enabled,
         Some(other) => {
-            out.error(flag, format!("{pointer}/state"), format!("`state` must be a string, found {}", kind(other)));
+            out.error(
+                flag,
+                format!("{pointer}/state"),
+                format!("`state` must be a string, found {}", kind(other)),
+            );
             FlagState::Enabled
         }
     };
@@ -286,7 +356,11 @@ fn build_flag(
         Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         None | Some(Value::Null) => Vec::new(),
         Some(other) => {
-            out.error(flag, format!("{pointer}/variants"), format!("`variants` must be an object, found {}", kind(other)));
+            out.error(
+                flag,
+                format!("{pointer}/variants"),
+                format!("`variants` must be an object, found {}", kind(other)),
+            );
             Vec::new()
         }
     };
@@ -299,7 +373,10 @@ fn build_flag(
                 out.error(
                     flag,
                     format!("{pointer}/defaultVariant"),
-                    format!("default variant `{name}` is not one of the variants ({})", known.join(", ")),
+                    format!(
+                        "default variant `{name}` is not one of the variants ({})",
+                        known.join(", ")
+                    ),
                 );
             }
             Some(name.clone())
@@ -308,7 +385,10 @@ fn build_flag(
             out.error(
                 flag,
                 format!("{pointer}/defaultVariant"),
-                format!("`defaultVariant` must be a string or null, found {}", kind(other)),
+                format!(
+                    "`defaultVariant` must be a string or null, found {}",
+                    kind(other)
+                ),
             );
             None
         }
@@ -344,13 +424,21 @@ fn build_flag(
             }
         }
         Some(other) => {
-            out.error(flag, format!("{pointer}/metadata"), format!("flag metadata must be an object, found {}", kind(other)));
+            out.error(
+                flag,
+                format!("{pointer}/metadata"),
+                format!("flag metadata must be an object, found {}", kind(other)),
+            );
         }
     }
     // flagd drops null metadata values when it reports them.
     metadata.retain(|_, v| !v.is_null());
 
-    let errors_after = out.list.iter().filter(|d| d.severity == Severity::Error).count();
+    let errors_after = out
+        .list
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
     (errors_after == errors_before).then(|| Flag {
         key: key.to_owned(),
         state,
@@ -362,10 +450,17 @@ fn build_flag(
 }
 
 /// Reports variants whose values are not all of one type (a schema rule flagd only warns about).
-fn check_variant_types(key: &str, variants: &[(String, Value)], pointer: &str, out: &mut Diagnostics) {
+fn check_variant_types(
+    key: &str,
+    variants: &[(String, Value)],
+    pointer: &str,
+    out: &mut Diagnostics,
+) {
     let mut first: Option<(&str, ValueType)> = None;
     for (name, value) in variants {
-        let Some(ty) = ValueType::of(value) else { continue };
+        let Some(ty) = ValueType::of(value) else {
+            continue;
+        };
         match first {
             None => first = Some((name, ty)),
             Some((first_name, first_ty)) if first_ty != ty => {
@@ -392,7 +487,12 @@ fn check_variant_types(key: &str, variants: &[(String, Value)], pointer: &str, o
 /// Replaces every `{"$ref": "<name>"}` object in `rule` with a copy of `$evaluators[name]`,
 /// following refs inside evaluators up to [`MAX_REF_DEPTH`]. Unknown names are left in place (they
 /// evaluate as an unknown operator, which flagd reports as a parse error) and collected.
-fn inline_refs(rule: &mut Value, evaluators: &Map<String, Value>, depth: usize, unknown: &mut Vec<String>) {
+fn inline_refs(
+    rule: &mut Value,
+    evaluators: &Map<String, Value>,
+    depth: usize,
+    unknown: &mut Vec<String>,
+) {
     match rule {
         Value::Object(map) => {
             if map.len() == 1
@@ -404,7 +504,9 @@ fn inline_refs(rule: &mut Value, evaluators: &Map<String, Value>, depth: usize, 
                         inline_refs(&mut target, evaluators, depth + 1, unknown);
                         *rule = target;
                     }
-                    Some(_) => unknown.push(format!("{name} (nested too deeply: is it recursive?)")),
+                    Some(_) => {
+                        unknown.push(format!("{name} (nested too deeply: is it recursive?)"))
+                    }
                     None => unknown.push(name.clone()),
                 }
                 return;

@@ -21,7 +21,12 @@ static REGISTRY: LazyLock<Registry<'static>> = LazyLock::new(|| {
     Registry::new()
         .add(FLAGS_URI, schema(include_str!("../schemas/flags.json")))
         .and_then(|r| r.add(FLAGD_URI, schema(include_str!("../schemas/flagd.json"))))
-        .and_then(|r| r.add(TARGETING_URI, schema(include_str!("../schemas/targeting.json"))))
+        .and_then(|r| {
+            r.add(
+                TARGETING_URI,
+                schema(include_str!("../schemas/targeting.json")),
+            )
+        })
         .and_then(|r| r.prepare())
         .expect("vendored flagd schemas form a valid registry")
 });
@@ -77,12 +82,18 @@ pub fn check(schema: Schema, document: &Value) -> Vec<Violation> {
 /// the document, fewest errors first, instead of "not valid under any of the schemas".
 fn explain(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
     let branches = match error.kind() {
-        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => Some(context),
+        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
+            Some(context)
+        }
         _ => None,
     };
     let best = branches.and_then(|branches| {
         branches.iter().filter(|b| !b.is_empty()).min_by_key(|b| {
-            let depth = b.iter().map(|e| e.instance_path().as_str().matches('/').count()).max().unwrap_or(0);
+            let depth = b
+                .iter()
+                .map(|e| e.instance_path().as_str().matches('/').count())
+                .max()
+                .unwrap_or(0);
             (std::cmp::Reverse(depth), b.len())
         })
     });

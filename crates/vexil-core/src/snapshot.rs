@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
+
 use crate::eval::{CompiledFlag, Context, Resolution};
 use crate::model::{FlagConfig, ValueType};
 use crate::parse::{Diagnostic, Severity};
@@ -108,8 +110,9 @@ struct Entry {
 pub struct Snapshot {
     engine: Arc<Engine>,
     entries: Vec<Entry>,
-    /// Key → indices into `entries`, in priority order (lowest first).
-    by_key: HashMap<String, Vec<usize>>,
+    /// Key → indices into `entries`, in priority order (lowest first). Keys come from
+    /// configuration, never from requests, so a fast (randomly seeded) hasher is safe here.
+    by_key: HashMap<String, Vec<usize>, RandomState>,
     /// For [`Selector::All`]: the winning entry of every key, sorted by key.
     winners: Vec<usize>,
     sources: Vec<Arc<str>>,
@@ -139,10 +142,16 @@ impl Snapshot {
                         severity: Severity::Warning,
                         flag: Some(compiled.key().to_owned()),
                         pointer: format!("/flags/{}/targeting", compiled.key()),
-                        message: format!("targeting does not compile, evaluations will fail: {problem}"),
+                        message: format!(
+                            "targeting does not compile, evaluations will fail: {problem}"
+                        ),
                     });
                 }
-                let entry = Entry { flag: compiled, source: name.clone(), priority };
+                let entry = Entry {
+                    flag: compiled,
+                    source: name.clone(),
+                    priority,
+                };
                 // One flag per (flag set, key): a later source replaces an earlier one.
                 match by_id.get(&id) {
                     Some(&at) => entries[at] = entry,
@@ -153,7 +162,7 @@ impl Snapshot {
                 }
             }
         }
-        let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_key: HashMap<String, Vec<usize>, RandomState> = HashMap::default();
         for (i, e) in entries.iter().enumerate() {
             by_key.entry(e.flag.key().to_owned()).or_default().push(i);
         }
@@ -162,7 +171,16 @@ impl Snapshot {
         }
         let mut winners: Vec<usize> = by_key.values().filter_map(|v| v.last().copied()).collect();
         winners.sort_by(|&a, &b| entries[a].flag.key().cmp(entries[b].flag.key()));
-        (Snapshot { engine, entries, by_key, winners, sources: names }, warnings)
+        (
+            Snapshot {
+                engine,
+                entries,
+                by_key,
+                winners,
+                sources: names,
+            },
+            warnings,
+        )
     }
 
     /// The engine the flags were compiled with.
@@ -188,11 +206,19 @@ impl Snapshot {
     /// The flag `key` as `selector` sees it.
     pub fn get(&self, key: &str, selector: &Selector) -> Option<&CompiledFlag> {
         let candidates = self.by_key.get(key)?;
-        candidates.iter().rev().map(|&i| &self.entries[i]).find(|e| selector.matches(e)).map(|e| &e.flag)
+        candidates
+            .iter()
+            .rev()
+            .map(|&i| &self.entries[i])
+            .find(|e| selector.matches(e))
+            .map(|e| &e.flag)
     }
 
     /// Every flag `selector` sees, one per key, sorted by key.
-    pub fn flags<'s, 'q>(&'s self, selector: &'q Selector) -> impl Iterator<Item = &'s CompiledFlag> + use<'s, 'q> {
+    pub fn flags<'s, 'q>(
+        &'s self,
+        selector: &'q Selector,
+    ) -> impl Iterator<Item = &'s CompiledFlag> + use<'s, 'q> {
         self.winners.iter().filter_map(move |&i| match selector {
             Selector::All => Some(&self.entries[i].flag),
             _ => self.get(self.entries[i].flag.key(), selector),
@@ -200,7 +226,13 @@ impl Snapshot {
     }
 
     /// Evaluates flag `key` for `context` as type `ty`.
-    pub fn evaluate<'s>(&'s self, key: &str, selector: &Selector, context: Context<'_>, ty: ValueType) -> Resolution<'s> {
+    pub fn evaluate<'s>(
+        &'s self,
+        key: &str,
+        selector: &Selector,
+        context: Context<'_>,
+        ty: ValueType,
+    ) -> Resolution<'s> {
         match self.get(key, selector) {
             Some(flag) => flag.evaluate(&self.engine, context, ty),
             None => Resolution::not_found(key),

@@ -9,7 +9,11 @@ fn parse_json(doc: Value) -> vexil_core::Parsed {
 }
 
 fn errors(err: &ParseError) -> Vec<String> {
-    err.diagnostics.iter().filter(|d| d.severity == Severity::Error).map(ToString::to_string).collect()
+    err.diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[test]
@@ -30,7 +34,9 @@ fn flags_as_map_and_as_array_are_the_same() {
 fn yaml_documents_parse_like_json() {
     let yaml = "flags:\n  a:\n    state: ENABLED\n    variants:\n      on: true\n      off: false\n    defaultVariant: 'on'\n";
     let parsed = parse::parse_str(yaml, Format::Yaml, Strictness::Strict).unwrap();
-    let json = parse_json(json!({"flags": {"a": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}}}));
+    let json = parse_json(
+        json!({"flags": {"a": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}}}),
+    );
     assert_eq!(parsed.config.flags, json.config.flags);
     assert_eq!(Format::from_path("flags.YML"), Format::Yaml);
     assert_eq!(Format::from_path("flags.json"), Format::Json);
@@ -70,10 +76,23 @@ fn unknown_and_recursive_refs_are_reported_and_left_in_place() {
         }
     }));
     let f = &parsed.config.flags[0];
-    assert_eq!(f.targeting.as_ref().unwrap()["if"][0], json!({"$ref": "nope"}));
+    assert_eq!(
+        f.targeting.as_ref().unwrap()["if"][0],
+        json!({"$ref": "nope"})
+    );
     let messages: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
-    assert!(messages.iter().any(|m| m.contains("flag `f`") && m.contains("`nope`")), "{messages:?}");
-    assert!(messages.iter().any(|m| m.contains("flag `g`") && m.contains("recursive")), "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("flag `f`") && m.contains("`nope`")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("flag `g`") && m.contains("recursive")),
+        "{messages:?}"
+    );
 }
 
 #[test]
@@ -88,7 +107,11 @@ fn set_metadata_is_merged_and_the_flag_wins() {
     let a = &parsed.config.flags[0];
     assert_eq!(a.metadata.get("team"), Some(&json!("growth")));
     assert_eq!(a.metadata.get("version"), Some(&json!("1")));
-    assert_eq!(a.metadata.get("owner"), None, "null metadata values are dropped");
+    assert_eq!(
+        a.metadata.get("owner"),
+        None,
+        "null metadata values are dropped"
+    );
     assert_eq!(a.flag_set_id(), Some("set-1"));
     assert_eq!(parsed.config.flags[1].flag_set_id(), Some("other"));
 }
@@ -99,7 +122,13 @@ fn default_variant_may_be_null_or_absent_but_not_unknown() {
         "null": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": null},
         "absent": {"state": "ENABLED", "variants": {"a": 1}}
     }}));
-    assert!(parsed.config.flags.iter().all(|f| f.default_variant.is_none()));
+    assert!(
+        parsed
+            .config
+            .flags
+            .iter()
+            .all(|f| f.default_variant.is_none())
+    );
 
     let err = parse::parse_value(
         &json!({"flags": {"bad": {"state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "c"}}}),
@@ -108,13 +137,17 @@ fn default_variant_may_be_null_or_absent_but_not_unknown() {
     .unwrap_err();
     assert_eq!(
         errors(&err),
-        vec!["error: flag `bad` at /flags/bad/defaultVariant: default variant `c` is not one of the variants (a, b)"]
+        vec![
+            "error: flag `bad` at /flags/bad/defaultVariant: default variant `c` is not one of the variants (a, b)"
+        ]
     );
 }
 
 #[test]
 fn empty_targeting_is_no_targeting() {
-    let parsed = parse_json(json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {}}}}));
+    let parsed = parse_json(
+        json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {}}}}),
+    );
     assert_eq!(parsed.config.flags[0].targeting, None);
 }
 
@@ -122,36 +155,80 @@ fn empty_targeting_is_no_targeting() {
 fn schema_violations_warn_in_flagd_mode_and_fail_in_strict_mode() {
     let doc = json!({"flags": {"f": {"state": "ON", "variants": {"a": true, "b": "x"}, "defaultVariant": "a"}}});
     let parsed = parse::parse_value(&doc, Strictness::Flagd).unwrap();
-    assert_eq!(parsed.config.flags[0].state, FlagState::Enabled, "flagd serves any state but DISABLED");
-    assert!(parsed.warnings.iter().any(|w| w.pointer == "/flags/f/state" && w.flag.as_deref() == Some("f")), "{:?}", parsed.warnings);
+    assert_eq!(
+        parsed.config.flags[0].state,
+        FlagState::Enabled,
+        "flagd serves any state but DISABLED"
+    );
+    assert!(
+        parsed
+            .warnings
+            .iter()
+            .any(|w| w.pointer == "/flags/f/state" && w.flag.as_deref() == Some("f")),
+        "{:?}",
+        parsed.warnings
+    );
 
     let err = parse::parse_value(&doc, Strictness::Strict).unwrap_err();
     let messages = errors(&err);
-    assert!(messages.iter().any(|m| m.contains("/flags/f/state")), "{messages:?}");
-    assert!(messages.iter().any(|m| m.contains("all variants must have one type")), "{messages:?}");
+    assert!(
+        messages.iter().any(|m| m.contains("/flags/f/state")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("all variants must have one type")),
+        "{messages:?}"
+    );
 }
 
 #[test]
 fn wrong_shapes_are_errors_naming_the_flag_and_path() {
     let cases = [
-        (json!([]), "at /: expected an object with `flags`, found an array"),
-        (json!({"flags": 3}), "at /flags: `flags` must be an object or an array, found a number"),
-        (json!({"flags": {"f": "x"}}), "flag `f` at /flags/f: a flag must be an object, found a string"),
-        (json!({"flags": {"f": {"state": 1, "variants": {"a": 1}}}}), "flag `f` at /flags/f/state: `state` must be a string, found a number"),
-        (json!({"flags": {"f": {"state": "ENABLED", "variants": []}}}), "flag `f` at /flags/f/variants: `variants` must be an object, found an array"),
-        (json!({"flags": [{"state": "ENABLED", "variants": {"a": 1}}]}), "at /flags/0: a flag in the `flags` array needs a non-empty string `key`"),
-        (json!({"flags": {"a/b": {"state": "ENABLED", "variants": {"a": 1}, "metadata": 7}}}), "flag `a/b` at /flags/a~1b/metadata: flag metadata must be an object, found a number"),
+        (
+            json!([]),
+            "at /: expected an object with `flags`, found an array",
+        ),
+        (
+            json!({"flags": 3}),
+            "at /flags: `flags` must be an object or an array, found a number",
+        ),
+        (
+            json!({"flags": {"f": "x"}}),
+            "flag `f` at /flags/f: a flag must be an object, found a string",
+        ),
+        (
+            json!({"flags": {"f": {"state": 1, "variants": {"a": 1}}}}),
+            "flag `f` at /flags/f/state: `state` must be a string, found a number",
+        ),
+        (
+            json!({"flags": {"f": {"state": "ENABLED", "variants": []}}}),
+            "flag `f` at /flags/f/variants: `variants` must be an object, found an array",
+        ),
+        (
+            json!({"flags": [{"state": "ENABLED", "variants": {"a": 1}}]}),
+            "at /flags/0: a flag in the `flags` array needs a non-empty string `key`",
+        ),
+        (
+            json!({"flags": {"a/b": {"state": "ENABLED", "variants": {"a": 1}, "metadata": 7}}}),
+            "flag `a/b` at /flags/a~1b/metadata: flag metadata must be an object, found a number",
+        ),
     ];
     for (doc, expected) in cases {
         let err = parse::parse_value(&doc, Strictness::Flagd).unwrap_err();
         let messages = errors(&err);
-        assert!(messages.iter().any(|m| m.ends_with(expected)), "{doc}: {messages:?}");
+        assert!(
+            messages.iter().any(|m| m.ends_with(expected)),
+            "{doc}: {messages:?}"
+        );
     }
 }
 
 #[test]
 fn syntax_errors_say_where() {
-    let err = parse::parse_str("{\"flags\": {\n  \"a\": }", Format::Json, Strictness::Flagd).unwrap_err();
+    let err =
+        parse::parse_str("{\"flags\": {\n  \"a\": }", Format::Json, Strictness::Flagd).unwrap_err();
     assert!(errors(&err)[0].contains("line 2"), "{err}");
     let err = parse::parse_str("flags: [unclosed", Format::Yaml, Strictness::Flagd).unwrap_err();
     assert!(errors(&err)[0].contains("not valid YAML"), "{err}");
@@ -165,5 +242,10 @@ fn duplicate_keys_in_a_flag_array_keep_the_last() {
     ]}));
     assert_eq!(parsed.config.flags.len(), 1);
     assert_eq!(parsed.config.flags[0].state, FlagState::Disabled);
-    assert!(parsed.warnings.iter().any(|w| w.message.contains("duplicate")));
+    assert!(
+        parsed
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("duplicate"))
+    );
 }

@@ -6,13 +6,24 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use vexil_core::parse::{self, Format, Strictness};
-use vexil_core::{Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType};
+use vexil_core::{
+    Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType,
+};
 
 const MODES: [FractionalMode; 3] = [FractionalMode::V1, FractionalMode::V2, FractionalMode::V3];
 
 fn snapshot(mode: FractionalMode, flags: Value) -> Snapshot {
-    let config = parse::parse_value(&json!({ "flags": flags }), Strictness::Flagd).unwrap().config;
-    Snapshot::build(Arc::new(Engine::new(mode)), vec![SourceConfig { name: "p".into(), config }]).0
+    let config = parse::parse_value(&json!({ "flags": flags }), Strictness::Flagd)
+        .unwrap()
+        .config;
+    Snapshot::build(
+        Arc::new(Engine::new(mode)),
+        vec![SourceConfig {
+            name: "p".into(),
+            config,
+        }],
+    )
+    .0
 }
 
 /// A string flag `f` whose targeting is `{"fractional": buckets}` (shorthand: flag key + targeting key).
@@ -29,8 +40,19 @@ fn fractional_flag(buckets: Value) -> Value {
 fn pick(snap: &Snapshot, key: &str) -> (Reason, String) {
     let mut attrs = Map::new();
     attrs.insert("targetingKey".into(), json!(key));
-    let r = snap.evaluate("f", &Selector::All, Context { attributes: &attrs, now: 0 }, ValueType::String);
-    (r.reason, r.value.and_then(Value::as_str).unwrap_or("").to_owned())
+    let r = snap.evaluate(
+        "f",
+        &Selector::All,
+        Context {
+            attributes: &attrs,
+            now: 0,
+        },
+        ValueType::String,
+    );
+    (
+        r.reason,
+        r.value.and_then(Value::as_str).unwrap_or("").to_owned(),
+    )
 }
 
 /// SplitMix64: a deterministic key stream from a seed.
@@ -61,7 +83,10 @@ fn fractional_distribution_matches_weights_over_100k_keys() {
         for (variant, share) in expected {
             let observed = counts.get(variant).copied().unwrap_or(0) as f64 / N as f64;
             // Binomial sd at n=100k is ≤ 0.0016; 0.01 is > 6 sd.
-            assert!((observed - share).abs() < 0.01, "{mode:?} {variant}: {observed} vs {share}");
+            assert!(
+                (observed - share).abs() < 0.01,
+                "{mode:?} {variant}: {observed} vs {share}"
+            );
         }
     }
 }
@@ -192,20 +217,37 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|i| json!(i)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         "[a-z0-9.@ -]{0,8}".prop_map(Value::String),
         Just(json!({"var": "targetingKey"})),
         Just(json!({"var": "$flagd.flagKey"})),
     ];
     leaf.prop_recursive(4, 32, 4, |inner| {
         let op = prop_oneof![
-            Just("if"), Just("=="), Just("in"), Just("var"), Just("fractional"), Just("sem_ver"), Just("starts_with"),
-            Just("ends_with"), Just("cat"), Just("+"), Just("/"), Just("map"), Just("reduce"), Just("$ref"), Just("missing"),
+            Just("if"),
+            Just("=="),
+            Just("in"),
+            Just("var"),
+            Just("fractional"),
+            Just("sem_ver"),
+            Just("starts_with"),
+            Just("ends_with"),
+            Just("cat"),
+            Just("+"),
+            Just("/"),
+            Just("map"),
+            Just("reduce"),
+            Just("$ref"),
+            Just("missing"),
         ];
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            (op, prop::collection::vec(inner.clone(), 0..4)).prop_map(|(op, args)| json!({ op: args })),
-            prop::collection::btree_map("[a-z]{1,4}", inner, 0..3).prop_map(|m| Value::Object(m.into_iter().collect())),
+            (op, prop::collection::vec(inner.clone(), 0..4))
+                .prop_map(|(op, args)| json!({ op: args })),
+            prop::collection::btree_map("[a-z]{1,4}", inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -213,16 +255,26 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// Objects shaped more or less like flags.
 fn flag_like() -> impl Strategy<Value = Value> {
     (
-        prop_oneof![Just(json!("ENABLED")), Just(json!("DISABLED")), json_value()],
+        prop_oneof![
+            Just(json!("ENABLED")),
+            Just(json!("DISABLED")),
+            json_value()
+        ],
         prop::collection::btree_map("[a-c]{1,2}", json_value(), 0..4),
-        prop::option::of(prop_oneof!["[a-c]{1,2}".prop_map(Value::String), json_value()]),
+        prop::option::of(prop_oneof![
+            "[a-c]{1,2}".prop_map(Value::String),
+            json_value()
+        ]),
         prop::option::of(json_value()),
         prop::option::of(json_value()),
     )
         .prop_map(|(state, variants, default, targeting, metadata)| {
             let mut flag = Map::new();
             flag.insert("state".into(), state);
-            flag.insert("variants".into(), Value::Object(variants.into_iter().collect()));
+            flag.insert(
+                "variants".into(),
+                Value::Object(variants.into_iter().collect()),
+            );
             if let Some(d) = default {
                 flag.insert("defaultVariant".into(), d);
             }

@@ -4,10 +4,15 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 use vexil_core::parse::{self, Strictness};
-use vexil_core::{Context, Engine, ErrorCode, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType};
+use vexil_core::{
+    Context, Engine, ErrorCode, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType,
+};
 
 fn source(name: &str, doc: Value) -> SourceConfig {
-    SourceConfig { name: name.into(), config: parse::parse_value(&doc, Strictness::Flagd).unwrap().config }
+    SourceConfig {
+        name: name.into(),
+        config: parse::parse_value(&doc, Strictness::Flagd).unwrap().config,
+    }
 }
 
 fn snapshot(sources: Vec<SourceConfig>) -> Snapshot {
@@ -15,7 +20,10 @@ fn snapshot(sources: Vec<SourceConfig>) -> Snapshot {
 }
 
 fn ctx(attributes: &Map<String, Value>) -> Context<'_> {
-    Context { attributes, now: 1_700_000_000 }
+    Context {
+        attributes,
+        now: 1_700_000_000,
+    }
 }
 
 fn flag(state: &str, value: Value) -> Value {
@@ -25,51 +33,114 @@ fn flag(state: &str, value: Value) -> Value {
 #[test]
 fn selectors_parse_like_flagd() {
     assert_eq!(Selector::parse(""), Ok(Selector::All));
-    assert_eq!(Selector::parse("flagSetId=abc"), Ok(Selector::FlagSet(Some("abc".into()))));
+    assert_eq!(
+        Selector::parse("flagSetId=abc"),
+        Ok(Selector::FlagSet(Some("abc".into())))
+    );
     assert_eq!(Selector::parse("flagSetId="), Ok(Selector::FlagSet(None)));
-    assert_eq!(Selector::parse("source=a.json"), Ok(Selector::Source("a.json".into())));
-    assert_eq!(Selector::parse("flags/a.json"), Ok(Selector::Source("flags/a.json".into())));
+    assert_eq!(
+        Selector::parse("source=a.json"),
+        Ok(Selector::Source("a.json".into()))
+    );
+    assert_eq!(
+        Selector::parse("flags/a.json"),
+        Ok(Selector::Source("flags/a.json".into()))
+    );
     assert!(Selector::parse("owner=me").is_err());
     assert!(Selector::parse("source=").is_err());
-    assert_eq!(Selector::parse("flagSetId=abc").unwrap().metadata(), json!({"flagSetId": "abc"}).as_object().unwrap().clone());
+    assert_eq!(
+        Selector::parse("flagSetId=abc").unwrap().metadata(),
+        json!({"flagSetId": "abc"}).as_object().unwrap().clone()
+    );
     assert!(Selector::All.metadata().is_empty());
 }
 
 #[test]
 fn later_sources_win_without_a_selector() {
     let snap = snapshot(vec![
-        source("a.json", json!({"flags": {"f": flag("ENABLED", json!("from-a")), "only-a": flag("ENABLED", json!(1))}})),
-        source("b.json", json!({"flags": {"f": flag("ENABLED", json!("from-b"))}})),
+        source(
+            "a.json",
+            json!({"flags": {"f": flag("ENABLED", json!("from-a")), "only-a": flag("ENABLED", json!(1))}}),
+        ),
+        source(
+            "b.json",
+            json!({"flags": {"f": flag("ENABLED", json!("from-b"))}}),
+        ),
     ]);
     let empty = Map::new();
     let r = snap.evaluate("f", &Selector::All, ctx(&empty), ValueType::String);
     assert_eq!(r.value, Some(&json!("from-b")));
     // Flags are keyed by (flag set, key), as in flagd's store: b.json's `f` replaced a.json's.
-    let r = snap.evaluate("f", &Selector::Source("a.json".into()), ctx(&empty), ValueType::String);
+    let r = snap.evaluate(
+        "f",
+        &Selector::Source("a.json".into()),
+        ctx(&empty),
+        ValueType::String,
+    );
     assert_eq!(r.error_code(), Some(ErrorCode::FlagNotFound));
-    let r = snap.evaluate("f", &Selector::Source("b.json".into()), ctx(&empty), ValueType::String);
+    let r = snap.evaluate(
+        "f",
+        &Selector::Source("b.json".into()),
+        ctx(&empty),
+        ValueType::String,
+    );
     assert_eq!(r.value, Some(&json!("from-b")));
-    let r = snap.evaluate("only-a", &Selector::Source("b.json".into()), ctx(&empty), ValueType::Float);
+    let r = snap.evaluate(
+        "only-a",
+        &Selector::Source("b.json".into()),
+        ctx(&empty),
+        ValueType::Float,
+    );
     assert_eq!(r.error_code(), Some(ErrorCode::FlagNotFound));
     let keys: Vec<&str> = snap.flags(&Selector::All).map(|f| f.key()).collect();
     assert_eq!(keys, ["f", "only-a"]);
-    let keys: Vec<&str> = snap.flags(&Selector::Source("b.json".into())).map(|f| f.key()).collect();
+    let keys: Vec<&str> = snap
+        .flags(&Selector::Source("b.json".into()))
+        .map(|f| f.key())
+        .collect();
     assert_eq!(keys, ["f"]);
 }
 
 #[test]
 fn flag_sets_namespace_keys() {
     let snap = snapshot(vec![
-        source("a.json", json!({"flags": {"f": flag("DISABLED", json!(true))}})),
-        source("b.json", json!({"metadata": {"flagSetId": "set-b"}, "flags": {"f": flag("ENABLED", json!(false))}})),
+        source(
+            "a.json",
+            json!({"flags": {"f": flag("DISABLED", json!(true))}}),
+        ),
+        source(
+            "b.json",
+            json!({"metadata": {"flagSetId": "set-b"}, "flags": {"f": flag("ENABLED", json!(false))}}),
+        ),
     ]);
     let empty = Map::new();
-    let in_set = snap.evaluate("f", &Selector::FlagSet(Some("set-b".into())), ctx(&empty), ValueType::Boolean);
-    assert_eq!((in_set.reason, in_set.value), (Reason::Static, Some(&json!(false))));
-    assert_eq!(in_set.metadata.unwrap().get("flagSetId"), Some(&json!("set-b")));
-    let no_set = snap.evaluate("f", &Selector::FlagSet(None), ctx(&empty), ValueType::Boolean);
+    let in_set = snap.evaluate(
+        "f",
+        &Selector::FlagSet(Some("set-b".into())),
+        ctx(&empty),
+        ValueType::Boolean,
+    );
+    assert_eq!(
+        (in_set.reason, in_set.value),
+        (Reason::Static, Some(&json!(false)))
+    );
+    assert_eq!(
+        in_set.metadata.unwrap().get("flagSetId"),
+        Some(&json!("set-b"))
+    );
+    let no_set = snap.evaluate(
+        "f",
+        &Selector::FlagSet(None),
+        ctx(&empty),
+        ValueType::Boolean,
+    );
     assert_eq!(no_set.reason, Reason::Disabled);
-    let other = snap.evaluate("f", &Selector::FlagSet(Some("nope".into())), ctx(&empty), ValueType::Boolean);
+    let other = snap.evaluate(
+        "f",
+        &Selector::FlagSet(Some("nope".into())),
+        ctx(&empty),
+        ValueType::Boolean,
+    );
     assert_eq!(other.error_code(), Some(ErrorCode::FlagNotFound));
     assert_eq!(snap.len(), 2);
 }
@@ -94,32 +165,66 @@ fn flagd_edge_cases() {
     let eval = |key: &str, ty: ValueType| snap.evaluate(key, &Selector::All, ctx(&empty), ty);
 
     let r = eval("null-result", ValueType::Integer);
-    assert_eq!((r.reason, r.variant, r.value), (Reason::Default, Some("two"), Some(&json!(2))));
+    assert_eq!(
+        (r.reason, r.variant, r.value),
+        (Reason::Default, Some("two"), Some(&json!(2)))
+    );
     let r = eval("bool-result", ValueType::String);
-    assert_eq!((r.reason, r.variant), (Reason::TargetingMatch, Some("true")));
-    assert_eq!(eval("unknown-variant", ValueType::Integer).error_code(), Some(ErrorCode::General));
-    assert_eq!(eval("bad-operator", ValueType::Integer).error_code(), Some(ErrorCode::ParseError));
+    assert_eq!(
+        (r.reason, r.variant),
+        (Reason::TargetingMatch, Some("true"))
+    );
+    assert_eq!(
+        eval("unknown-variant", ValueType::Integer).error_code(),
+        Some(ErrorCode::General)
+    );
+    assert_eq!(
+        eval("bad-operator", ValueType::Integer).error_code(),
+        Some(ErrorCode::ParseError)
+    );
     let r = eval("no-default", ValueType::Integer);
     assert!(r.is_code_default() && r.reason == Reason::Default && r.variant.is_none());
     let r = eval("no-default-null", ValueType::Integer);
     assert!(r.is_code_default() && r.reason == Reason::Default);
     let r = eval("disabled", ValueType::Integer);
-    assert!(r.is_code_default() && r.reason == Reason::Disabled, "targeting does not run: {r:?}");
+    assert!(
+        r.is_code_default() && r.reason == Reason::Disabled,
+        "targeting does not run: {r:?}"
+    );
     // Integers and floats are interchangeable (flagd's numbers are float64).
     assert_eq!(eval("float", ValueType::Integer).value, Some(&json!(0.5)));
     assert_eq!(eval("float", ValueType::Float).value, Some(&json!(0.5)));
     let mismatch = eval("float", ValueType::Boolean);
-    assert_eq!((mismatch.reason, mismatch.error_code()), (Reason::Error, Some(ErrorCode::TypeMismatch)));
+    assert_eq!(
+        (mismatch.reason, mismatch.error_code()),
+        (Reason::Error, Some(ErrorCode::TypeMismatch))
+    );
     assert!(mismatch.error.unwrap().message.contains("flag `float`"));
-    assert_eq!(eval("object", ValueType::Object).value, Some(&json!({"a": [1]})));
-    assert_eq!(eval("object", ValueType::Any).value, Some(&json!({"a": [1]})));
-    assert_eq!(eval("missing", ValueType::Any).error_code(), Some(ErrorCode::FlagNotFound));
+    assert_eq!(
+        eval("object", ValueType::Object).value,
+        Some(&json!({"a": [1]}))
+    );
+    assert_eq!(
+        eval("object", ValueType::Any).value,
+        Some(&json!({"a": [1]}))
+    );
+    assert_eq!(
+        eval("missing", ValueType::Any).error_code(),
+        Some(ErrorCode::FlagNotFound)
+    );
 
     let mut with_arr = Map::new();
     with_arr.insert("arr".into(), json!(true));
     let r = snap.evaluate("object", &Selector::All, ctx(&with_arr), ValueType::Object);
-    assert_eq!(r.error_code(), Some(ErrorCode::TypeMismatch), "an array is not an object");
-    assert_eq!(snap.get("float", &Selector::All).unwrap().default_type(), Some(ValueType::Float));
+    assert_eq!(
+        r.error_code(),
+        Some(ErrorCode::TypeMismatch),
+        "an array is not an object"
+    );
+    assert_eq!(
+        snap.get("float", &Selector::All).unwrap().default_type(),
+        Some(ValueType::Float)
+    );
 }
 
 #[test]
@@ -136,8 +241,16 @@ fn uncompilable_rules_are_reported_but_do_not_sink_the_snapshot() {
     assert_eq!(warnings[0].flag.as_deref(), Some("f"));
     assert_eq!(warnings[0].pointer, "/flags/f/targeting");
     let empty = Map::new();
-    assert_eq!(snap.evaluate("f", &Selector::All, ctx(&empty), ValueType::Any).error_code(), Some(ErrorCode::ParseError));
-    assert_eq!(snap.evaluate("g", &Selector::All, ctx(&empty), ValueType::Any).reason, Reason::Static);
+    assert_eq!(
+        snap.evaluate("f", &Selector::All, ctx(&empty), ValueType::Any)
+            .error_code(),
+        Some(ErrorCode::ParseError)
+    );
+    assert_eq!(
+        snap.evaluate("g", &Selector::All, ctx(&empty), ValueType::Any)
+            .reason,
+        Reason::Static
+    );
 }
 
 #[test]
@@ -162,7 +275,10 @@ fn targeting_key_and_context_reach_rules() {
     .unwrap()
     .clone();
     let r = snap.evaluate("f", &Selector::All, ctx(&attrs), ValueType::Boolean);
-    assert_eq!((r.reason, r.value), (Reason::TargetingMatch, Some(&json!(true))));
+    assert_eq!(
+        (r.reason, r.value),
+        (Reason::TargetingMatch, Some(&json!(true)))
+    );
     attrs.insert("age".into(), json!(17));
     let r = snap.evaluate("f", &Selector::All, ctx(&attrs), ValueType::Boolean);
     assert_eq!((r.reason, r.value), (Reason::Default, Some(&json!(false))));

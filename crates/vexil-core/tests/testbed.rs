@@ -24,8 +24,10 @@ use cucumber::gherkin::Step;
 use cucumber::writer::Stats as _;
 use cucumber::{World, given, then, when};
 use serde_json::{Map, Value};
-use vexil_core::parse::{self, Format, Strictness};
-use vexil_core::{Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType};
+use vexil_core::parse::{self, Strictness};
+use vexil_core::{
+    Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType,
+};
 
 fn testbed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/conformance/flagd-testbed")
@@ -66,7 +68,11 @@ struct Details {
 
 impl Testbed {
     fn new() -> Testbed {
-        let suite = SUITE.lock().unwrap().clone().expect("suite set before the run");
+        let suite = SUITE
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("suite set before the run");
         Testbed {
             snapshot: suite.stable.clone(),
             suite,
@@ -132,7 +138,9 @@ fn cache_option(_world: &mut Testbed, _cache: String) {
     // Caching is a provider concern; evaluation here is always fresh.
 }
 
-#[given(regex = r#"^a (Boolean|String|Integer|Float|Object)-flag with key "(.*)" and a (?:default|fallback) value "(.*)"$"#)]
+#[given(
+    regex = r#"^a (Boolean|String|Integer|Float|Object)-flag with key "(.*)" and a (?:default|fallback) value "(.*)"$"#
+)]
 fn flag(world: &mut Testbed, ty: String, key: String, default: String) {
     world.request = Some((value_type(&ty), key, default));
 }
@@ -145,10 +153,14 @@ fn context_key(world: &mut Testbed, key: String, ty: String, value: String) {
 
 #[given(regex = r#"^a context containing a targeting key with value "(.*)"$"#)]
 fn targeting_key(world: &mut Testbed, value: String) {
-    world.context.insert("targetingKey".into(), Value::String(value));
+    world
+        .context
+        .insert("targetingKey".into(), Value::String(value));
 }
 
-#[given(regex = r#"^a context containing a nested property with outer key "(.*)" and inner key "(.*)", with value "(.*)"$"#)]
+#[given(
+    regex = r#"^a context containing a nested property with outer key "(.*)" and inner key "(.*)", with value "(.*)"$"#
+)]
 fn nested(world: &mut Testbed, outer: String, inner: String, value: String) {
     let mut object = Map::new();
     object.insert(inner, Value::String(value));
@@ -158,8 +170,14 @@ fn nested(world: &mut Testbed, outer: String, inner: String, value: String) {
 #[when("the flag was evaluated with details")]
 fn evaluate(world: &mut Testbed) {
     let (ty, key, default) = world.request.clone().expect("a flag was given");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let context = Context { attributes: &world.context, now };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let context = Context {
+        attributes: &world.context,
+        now,
+    };
     let resolution = world.snapshot.evaluate(&key, &world.selector, context, ty);
     let value = match resolution.value {
         Some(v) => as_type(ty, v),
@@ -173,7 +191,10 @@ fn evaluate(world: &mut Testbed) {
         metadata: resolution.metadata.cloned().unwrap_or_default(),
     });
     // A successful evaluation never carries an error, an error never a value.
-    assert_eq!(resolution.reason == Reason::Error, resolution.error.is_some());
+    assert_eq!(
+        resolution.reason == Reason::Error,
+        resolution.error.is_some()
+    );
 }
 
 fn details(world: &Testbed) -> &Details {
@@ -213,9 +234,14 @@ fn metadata_contains(world: &mut Testbed, step: &Step) {
     for row in table.rows.iter().skip(1) {
         let (key, ty, value) = (&row[0], &row[1], &row[2]);
         let expected = typed(value_type(ty), value);
-        let actual = d.metadata.get(key.as_str()).unwrap_or_else(|| panic!("metadata `{key}` missing: {:?}", d.metadata));
+        let actual = d
+            .metadata
+            .get(key.as_str())
+            .unwrap_or_else(|| panic!("metadata `{key}` missing: {:?}", d.metadata));
         match value_type(ty) {
-            ValueType::Integer | ValueType::Float => assert_eq!(actual.as_f64(), expected.as_f64(), "metadata `{key}`"),
+            ValueType::Integer | ValueType::Float => {
+                assert_eq!(actual.as_f64(), expected.as_f64(), "metadata `{key}`")
+            }
             _ => assert_eq!(actual, &expected, "metadata `{key}`"),
         }
     }
@@ -233,8 +259,12 @@ fn load(path: &Path) -> Value {
 }
 
 fn source(name: &str, document: &Value) -> SourceConfig {
-    let parsed = parse::parse_value(document, Strictness::Flagd).unwrap_or_else(|e| panic!("{name}: {e}"));
-    SourceConfig { name: name.to_owned(), config: parsed.config }
+    let parsed =
+        parse::parse_value(document, Strictness::Flagd).unwrap_or_else(|e| panic!("{name}: {e}"));
+    SourceConfig {
+        name: name.to_owned(),
+        config: parsed.config,
+    }
 }
 
 fn snapshot(mode: FractionalMode, sources: Vec<SourceConfig>) -> Arc<Snapshot> {
@@ -247,14 +277,22 @@ fn all_flags() -> Value {
     let mut files: Vec<PathBuf> = std::fs::read_dir(testbed().join("flags"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with("selector-"))
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("selector-")
+        })
         .collect();
     files.sort();
     for file in files {
         let doc = load(&file);
         for section in ["flags", "$evaluators"] {
             if let Some(Value::Object(items)) = doc.get(section) {
-                merged[section].as_object_mut().unwrap().extend(items.clone());
+                merged[section]
+                    .as_object_mut()
+                    .unwrap()
+                    .extend(items.clone());
             }
         }
     }
@@ -264,7 +302,10 @@ fn all_flags() -> Value {
 fn evaluator_suite(mode: FractionalMode) -> Suite {
     let doc = load(&testbed().join("evaluator/flags/testkit-flags.json"));
     let stable = snapshot(mode, vec![source("testkit-flags.json", &doc)]);
-    Suite { metadata: stable.clone(), stable }
+    Suite {
+        metadata: stable.clone(),
+        stable,
+    }
 }
 
 fn provider_suite(mode: FractionalMode) -> Suite {
@@ -273,9 +314,18 @@ fn provider_suite(mode: FractionalMode) -> Suite {
     Suite {
         stable: snapshot(
             mode,
-            vec![source("flags/allFlags.json", &all_flags()), source("rawflags/selector-flags.json", &selector_flags)],
+            vec![
+                source("flags/allFlags.json", &all_flags()),
+                source("rawflags/selector-flags.json", &selector_flags),
+            ],
         ),
-        metadata: snapshot(mode, vec![source("rawflags/selector-flag-combined-metadata.json", &combined)]),
+        metadata: snapshot(
+            mode,
+            vec![source(
+                "rawflags/selector-flag-combined-metadata.json",
+                &combined,
+            )],
+        ),
     }
 }
 
@@ -284,7 +334,9 @@ fn provider_suite(mode: FractionalMode) -> Suite {
 /// `\u0000` in cells, which the official gherkin parsers keep as text but the gherkin crate
 /// rejects; doubled, they read back as the same text.
 fn prepared(dir: &Path, name: &str) -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("flagd-testbed").join(name);
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("flagd-testbed")
+        .join(name);
     std::fs::create_dir_all(&out).unwrap();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -292,7 +344,13 @@ fn prepared(dir: &Path, name: &str) -> PathBuf {
             let text = std::fs::read_to_string(&path).unwrap();
             let fixed: Vec<String> = text
                 .lines()
-                .map(|line| if line.trim_start().starts_with('|') { escape_cell_text(line) } else { line.to_owned() })
+                .map(|line| {
+                    if line.trim_start().starts_with('|') {
+                        escape_cell_text(line)
+                    } else {
+                        line.to_owned()
+                    }
+                })
                 .collect();
             std::fs::write(out.join(path.file_name().unwrap()), fixed.join("\n") + "\n").unwrap();
         }
@@ -321,7 +379,10 @@ fn escape_cell_text(line: &str) -> String {
 }
 
 fn fractional_tag(tags: &[String]) -> Option<FractionalMode> {
-    tags.iter().find_map(|t| t.strip_prefix("fractional-").and_then(FractionalMode::parse))
+    tags.iter().find_map(|t| {
+        t.strip_prefix("fractional-")
+            .and_then(FractionalMode::parse)
+    })
 }
 
 #[derive(Debug, Default)]
@@ -332,7 +393,13 @@ struct Tally {
 }
 
 /// Runs `features` with `suite`, keeping the scenarios of `mode` (untagged ones in the default mode).
-async fn run(label: &str, features: PathBuf, suite: Suite, mode: FractionalMode, keep: fn(&[String]) -> bool) -> Tally {
+async fn run(
+    label: &str,
+    features: PathBuf,
+    suite: Suite,
+    mode: FractionalMode,
+    keep: fn(&[String]) -> bool,
+) -> Tally {
     *SUITE.lock().unwrap() = Some(Arc::new(suite));
     let writer = Testbed::cucumber()
         .filter_run(features, move |feature, rule, scenario| {
@@ -348,9 +415,16 @@ async fn run(label: &str, features: PathBuf, suite: Suite, mode: FractionalMode,
         })
         .await;
     let stats = writer.scenarios_stats();
-    let tally = Tally { passed: stats.passed, failed: stats.failed, skipped: stats.skipped };
+    let tally = Tally {
+        passed: stats.passed,
+        failed: stats.failed,
+        skipped: stats.skipped,
+    };
     let broken = writer.parsing_errors() + writer.hook_errors();
-    println!("testbed {label} ({}): {tally:?}, parse/hook errors: {broken}", mode.as_str());
+    println!(
+        "testbed {label} ({}): {tally:?}, parse/hook errors: {broken}",
+        mode.as_str()
+    );
     assert_eq!(broken, 0, "the feature files must parse");
     tally
 }
@@ -363,13 +437,23 @@ fn main() {
     let mut total = Tally::default();
     futures::executor::block_on(async {
         for mode in modes {
-            let t = run("evaluator", evaluator_dir.clone(), evaluator_suite(mode), mode, |_| true).await;
+            let t = run(
+                "evaluator",
+                evaluator_dir.clone(),
+                evaluator_suite(mode),
+                mode,
+                |_| true,
+            )
+            .await;
             total.passed += t.passed;
             total.failed += t.failed;
             total.skipped += t.skipped;
             for feature in provider_features {
                 let path = provider_dir.join(format!("{feature}.feature"));
-                let t = run(feature, path, provider_suite(mode), mode, |tags| !tags.iter().any(|t| t == "deprecated")).await;
+                let t = run(feature, path, provider_suite(mode), mode, |tags| {
+                    !tags.iter().any(|t| t == "deprecated")
+                })
+                .await;
                 total.passed += t.passed;
                 total.failed += t.failed;
                 total.skipped += t.skipped;

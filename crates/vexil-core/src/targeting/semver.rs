@@ -6,6 +6,7 @@
 //! comparisons. Operators: `=`, `!=`, `<`, `<=`, `>`, `>=` (precedence), `~` (same major and minor),
 //! `^` (same major). Anything malformed yields `null`.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use datalogic_rs::bumpalo::Bump;
@@ -33,7 +34,9 @@ impl CustomOperator for SemVer {
 }
 
 fn compare(args: &[&DataValue<'_>]) -> Option<bool> {
-    let [version, op, target] = args else { return None };
+    let [version, op, target] = args else {
+        return None;
+    };
     let op = op.as_str()?;
     let version = parse(&go_format(version)?)?;
     let target = parse(&go_format(target)?)?;
@@ -54,16 +57,16 @@ fn compare(args: &[&DataValue<'_>]) -> Option<bool> {
 /// Go's `fmt.Sprintf("%v", x)` of a JSON value, for the values that can be valid versions: strings
 /// as they are, numbers as float64 (`2` → `"2"`, `1.2` → `"1.2"`; Go switches to exponent form from
 /// 1e6 up and below 1e-4, which is never a valid version).
-fn go_format(value: &DataValue<'_>) -> Option<String> {
+fn go_format<'v>(value: &DataValue<'v>) -> Option<Cow<'v, str>> {
     match value {
-        DataValue::String(s) => Some((*s).to_owned()),
+        DataValue::String(s) => Some(Cow::Borrowed(s)),
         DataValue::Number(n) => {
             let f = match *n {
                 NumberValue::Integer(i) => i as f64,
                 NumberValue::Float(f) => f,
             };
             let magnitude = f.abs();
-            (magnitude < 1e6 && (magnitude >= 1e-4 || f == 0.0)).then(|| format!("{f}"))
+            (magnitude < 1e6 && (magnitude >= 1e-4 || f == 0.0)).then(|| Cow::Owned(format!("{f}")))
         }
         _ => None,
     }
@@ -119,7 +122,11 @@ mod tests {
         assert_eq!(check("3.0.1", "~", "3.0.0"), Some(true));
         assert_eq!(check("3.1.0", "~", "3.0.0"), Some(false));
         assert_eq!(check("3.1.0", "^", "3.0.0"), Some(true));
-        assert_eq!(check("0.2.0", "^", "0.1.0"), Some(true), "no npm special case for 0.x");
+        assert_eq!(
+            check("0.2.0", "^", "0.1.0"),
+            Some(true),
+            "no npm special case for 0.x"
+        );
         assert_eq!(check("4.0.0", "^", "3.0.0"), Some(false));
     }
 
@@ -138,7 +145,11 @@ mod tests {
         assert_eq!(check("not-a-version", "=", "1.0.0"), None);
         assert_eq!(check("1.0.0", "===", "1.0.0"), None);
         assert_eq!(check("01.0.0", "=", "1.0.0"), None);
-        assert_eq!(check("1.0-beta", "=", "1.0.0"), None, "no shorthand with a prerelease");
+        assert_eq!(
+            check("1.0-beta", "=", "1.0.0"),
+            None,
+            "no shorthand with a prerelease"
+        );
         assert_eq!(check("vv1.0.0", "=", "1.0.0"), None);
         assert_eq!(check("", "=", "1.0.0"), None);
         assert_eq!(compare(&[&s("1.0.0"), &s("=")]), None);
@@ -152,6 +163,10 @@ mod tests {
         let two = DataValue::Number(NumberValue::Integer(2));
         assert_eq!(compare(&[&two, &s("="), &s("2.0.0")]), Some(true));
         let million = DataValue::Number(NumberValue::Integer(1_000_000));
-        assert_eq!(compare(&[&million, &s(">"), &s("1.0.0")]), None, "Go prints 1e+06");
+        assert_eq!(
+            compare(&[&million, &s(">"), &s("1.0.0")]),
+            None,
+            "Go prints 1e+06"
+        );
     }
 }
