@@ -239,3 +239,67 @@ impl Snapshot {
         }
     }
 }
+
+/// How a flag changed between two snapshots (flagd's `configuration_change` payload types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// The flag is new.
+    Write,
+    /// The flag's definition or source changed.
+    Update,
+    /// The flag is gone.
+    Delete,
+}
+
+impl Change {
+    /// flagd's spelling: `write`, `update`, `delete`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Write => "write",
+            Change::Update => "update",
+            Change::Delete => "delete",
+        }
+    }
+}
+
+impl Snapshot {
+    /// The source a flag `selector` sees under `key` came from.
+    pub fn source_of(&self, key: &str, selector: &Selector) -> Option<&str> {
+        let candidates = self.by_key.get(key)?;
+        candidates.iter().rev().map(|&i| &self.entries[i]).find(|e| selector.matches(e)).map(|e| &*e.source)
+    }
+
+    /// What changed for `selector` from `old` to `self`, sorted by key: flags added, removed, or
+    /// whose definition (state, variants, default variant, targeting, metadata) or source differs.
+    pub fn changes_since(&self, old: &Snapshot, selector: &Selector) -> Vec<(String, Change)> {
+        let mut out = Vec::new();
+        let mut before = old.flags(selector).peekable();
+        let mut after = self.flags(selector).peekable();
+        loop {
+            let ordering = match (before.peek(), after.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(b), Some(a)) => b.key().cmp(a.key()),
+            };
+            match ordering {
+                std::cmp::Ordering::Less => {
+                    let b = before.next().unwrap_or_else(|| unreachable!());
+                    out.push((b.key().to_owned(), Change::Delete));
+                }
+                std::cmp::Ordering::Greater => {
+                    let a = after.next().unwrap_or_else(|| unreachable!());
+                    out.push((a.key().to_owned(), Change::Write));
+                }
+                std::cmp::Ordering::Equal => {
+                    let (b, a) = (before.next().unwrap_or_else(|| unreachable!()), after.next().unwrap_or_else(|| unreachable!()));
+                    let moved = old.source_of(b.key(), selector) != self.source_of(a.key(), selector);
+                    if b.flag() != a.flag() || moved {
+                        out.push((a.key().to_owned(), Change::Update));
+                    }
+                }
+            }
+        }
+        out
+    }
+}

@@ -283,3 +283,28 @@ fn targeting_key_and_context_reach_rules() {
     let r = snap.evaluate("f", &Selector::All, ctx(&attrs), ValueType::Boolean);
     assert_eq!((r.reason, r.value), (Reason::Default, Some(&json!(false))));
 }
+
+#[test]
+fn changes_between_snapshots() {
+    let old = snapshot(vec![source(
+        "a.json",
+        json!({"flags": {"same": flag("ENABLED", json!(1)), "edited": flag("ENABLED", json!(1)), "gone": flag("ENABLED", json!(1))}}),
+    )]);
+    let new = snapshot(vec![source(
+        "a.json",
+        json!({"flags": {"same": flag("ENABLED", json!(1)), "edited": flag("DISABLED", json!(1)), "added": flag("ENABLED", json!(1))}}),
+    )]);
+    use vexil_core::snapshot::Change;
+    assert_eq!(
+        new.changes_since(&old, &Selector::All),
+        vec![("added".into(), Change::Write), ("edited".into(), Change::Update), ("gone".into(), Change::Delete)]
+    );
+    assert!(new.changes_since(&new, &Selector::All).is_empty());
+    assert!(new.changes_since(&old, &Selector::FlagSet(Some("other".into()))).is_empty());
+    let moved = snapshot(vec![
+        source("a.json", json!({"flags": {}})),
+        source("b.json", json!({"flags": {"same": flag("ENABLED", json!(1))}})),
+    ]);
+    let c = moved.changes_since(&old, &Selector::All);
+    assert!(c.contains(&("same".into(), Change::Update)), "{c:?}");
+}

@@ -1,0 +1,36 @@
+//! Compiles `proto/` with protox (pure Rust, no protoc) into prost + tonic code and pbjson serde
+//! impls (proto3 JSON, for flagd's Connect JSON protocol).
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: &[&str] = &[
+    "flagd/evaluation/v1/evaluation.proto",
+    "flagd/evaluation/v2/evaluation.proto",
+    "flagd/sync/v1/sync.proto",
+    "schema/v1/schema.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+
+    let fds = protox::compile(PROTOS, [&root])?;
+    let descriptor_path = out.join("descriptor.bin");
+    std::fs::write(&descriptor_path, fds.encode_to_vec())?;
+
+    tonic_prost_build::configure()
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .file_descriptor_set_path(&descriptor_path)
+        .skip_protoc_run()
+        .compile_fds(fds.clone())?;
+
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&descriptor_path)?)?
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .build(&[".flagd", ".schema"])?;
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! Generated code only: prost messages, tonic clients and servers, and pbjson (proto3 JSON) serde
+//! impls for flagd's wire protocols — `flagd.evaluation.v1`, `flagd.evaluation.v2`,
+//! `flagd.sync.v1` and the legacy `schema.v1` — compiled from `proto/` at build time.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations, rust_2018_idioms)]
+
+/// The encoded `FileDescriptorSet` of every proto here (for server reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+pub mod flagd {
+    pub mod evaluation {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/flagd.evaluation.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/flagd.evaluation.v1.serde.rs"));
+        }
+        pub mod v2 {
+            include!(concat!(env!("OUT_DIR"), "/flagd.evaluation.v2.rs"));
+            include!(concat!(env!("OUT_DIR"), "/flagd.evaluation.v2.serde.rs"));
+        }
+    }
+    pub mod sync {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/flagd.sync.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/flagd.sync.v1.serde.rs"));
+        }
+    }
+}
+
+pub mod schema {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/schema.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/schema.v1.serde.rs"));
+    }
+}
+
+pub use pbjson_types;

@@ -1,0 +1,14 @@
+//! Vexil's use cases, free of wire types: the live configuration (sources → compiled snapshot),
+//! file sources and their watchers, readiness, and evaluation with flagd's context merge.
+//!
+//! The live snapshot is published through a `tokio::sync::watch` channel: readers clone the current
+//! `Arc<Snapshot>` (no lock held while evaluating), stream handlers await changes and diff the old
+//! snapshot against the new one for their selector.
+
+mod evaluate;
+mod live;
+mod sources;
+
+pub use evaluate::{StaticContext, merge_context};
+pub use live::{Live, LiveConfig, Published, Readiness};
+pub use sources::{FileSource, LoadError, SourceSpec};
