@@ -247,7 +247,8 @@ impl CompiledFlag {
                         );
                     }
                     Outcome::Failed(e) => {
-                        return self.failed(ErrorCode::ParseError, format!("targeting failed: {e}"));
+                        return self
+                            .failed(ErrorCode::ParseError, format!("targeting failed: {e}"));
                     }
                 }
             }

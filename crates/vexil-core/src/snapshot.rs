@@ -266,7 +266,12 @@ impl Snapshot {
     /// The source a flag `selector` sees under `key` came from.
     pub fn source_of(&self, key: &str, selector: &Selector) -> Option<&str> {
         let candidates = self.by_key.get(key)?;
-        candidates.iter().rev().map(|&i| &self.entries[i]).find(|e| selector.matches(e)).map(|e| &*e.source)
+        candidates
+            .iter()
+            .rev()
+            .map(|&i| &self.entries[i])
+            .find(|e| selector.matches(e))
+            .map(|e| &*e.source)
     }
 
     /// What changed for `selector` from `old` to `self`, sorted by key: flags added, removed, or
@@ -292,8 +297,12 @@ impl Snapshot {
                     out.push((a.key().to_owned(), Change::Write));
                 }
                 std::cmp::Ordering::Equal => {
-                    let (b, a) = (before.next().unwrap_or_else(|| unreachable!()), after.next().unwrap_or_else(|| unreachable!()));
-                    let moved = old.source_of(b.key(), selector) != self.source_of(a.key(), selector);
+                    let (b, a) = (
+                        before.next().unwrap_or_else(|| unreachable!()),
+                        after.next().unwrap_or_else(|| unreachable!()),
+                    );
+                    let moved =
+                        old.source_of(b.key(), selector) != self.source_of(a.key(), selector);
                     if b.flag() != a.flag() || moved {
                         out.push((a.key().to_owned(), Change::Update));
                     }

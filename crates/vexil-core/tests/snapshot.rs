@@ -297,13 +297,23 @@ fn changes_between_snapshots() {
     use vexil_core::snapshot::Change;
     assert_eq!(
         new.changes_since(&old, &Selector::All),
-        vec![("added".into(), Change::Write), ("edited".into(), Change::Update), ("gone".into(), Change::Delete)]
+        vec![
+            ("added".into(), Change::Write),
+            ("edited".into(), Change::Update),
+            ("gone".into(), Change::Delete)
+        ]
     );
     assert!(new.changes_since(&new, &Selector::All).is_empty());
-    assert!(new.changes_since(&old, &Selector::FlagSet(Some("other".into()))).is_empty());
+    assert!(
+        new.changes_since(&old, &Selector::FlagSet(Some("other".into())))
+            .is_empty()
+    );
     let moved = snapshot(vec![
         source("a.json", json!({"flags": {}})),
-        source("b.json", json!({"flags": {"same": flag("ENABLED", json!(1))}})),
+        source(
+            "b.json",
+            json!({"flags": {"same": flag("ENABLED", json!(1))}}),
+        ),
     ]);
     let c = moved.changes_since(&old, &Selector::All);
     assert!(c.contains(&("same".into(), Change::Update)), "{c:?}");

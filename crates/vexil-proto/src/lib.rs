@@ -2,7 +2,13 @@
 //! impls for flagd's wire protocols — `flagd.evaluation.v1`, `flagd.evaluation.v2`,
 //! `flagd.sync.v1` and the legacy `schema.v1` — compiled from `proto/` at build time.
 
-#![allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations, rust_2018_idioms)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
 
 /// The encoded `FileDescriptorSet` of every proto here (for server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

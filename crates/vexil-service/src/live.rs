@@ -84,14 +84,29 @@ impl Live {
     /// the watcher). Does not start watching: see [`Live::watch`].
     pub fn load(config: &LiveConfig) -> Live {
         let engine = Arc::new(Engine::new(config.fractional));
-        let empty = Arc::new(Published { snapshot: Arc::new(Snapshot::build(engine.clone(), Vec::new()).0), version: 0 });
+        let empty = Arc::new(Published {
+            snapshot: Arc::new(Snapshot::build(engine.clone(), Vec::new()).0),
+            version: 0,
+        });
         let (tx, _) = watch::channel(empty);
         let sources = config
             .sources
             .iter()
-            .map(|spec| SourceState { spec: spec.clone(), stamp: None, good: None, failing_since: None })
+            .map(|spec| SourceState {
+                spec: spec.clone(),
+                stamp: None,
+                good: None,
+                failing_since: None,
+            })
             .collect();
-        let live = Live { inner: Arc::new(Inner { engine, tx, sources: Mutex::new(sources), stale_after: config.stale_after }) };
+        let live = Live {
+            inner: Arc::new(Inner {
+                engine,
+                tx,
+                sources: Mutex::new(sources),
+                stale_after: config.stale_after,
+            }),
+        };
         live.poll(true);
         live
     }
@@ -106,7 +121,10 @@ impl Live {
                 ticker.tick().await;
                 // File reads and compiles are blocking work.
                 let l = live.clone();
-                if tokio::task::spawn_blocking(move || l.poll(false)).await.is_err() {
+                if tokio::task::spawn_blocking(move || l.poll(false))
+                    .await
+                    .is_err()
+                {
                     tracing::error!("source watcher panicked");
                 }
             }
@@ -122,7 +140,8 @@ impl Live {
             let SourceSpec::File(file) = &state.spec;
             let stamp = file.stamp();
             // Unchanged files are not re-read, unless the last attempt failed.
-            if !initial && stamp.is_some() && stamp == state.stamp && state.failing_since.is_none() {
+            if !initial && stamp.is_some() && stamp == state.stamp && state.failing_since.is_none()
+            {
                 continue;
             }
             state.stamp = stamp;
@@ -137,13 +156,20 @@ impl Live {
                     if state.good.as_ref().is_some_and(|(old, _)| *old == text) {
                         continue;
                     }
-                    let config = SourceConfig { name: file.name.clone(), config: parsed.config };
+                    let config = SourceConfig {
+                        name: file.name.clone(),
+                        config: parsed.config,
+                    };
                     state.good = Some((text, config));
                     changed = true;
                 }
                 Err(e) => {
                     if state.failing_since.is_none() {
-                        let keeping = if state.good.is_some() { "serving its last good flags" } else { "no flags from it yet" };
+                        let keeping = if state.good.is_some() {
+                            "serving its last good flags"
+                        } else {
+                            "no flags from it yet"
+                        };
                         tracing::error!(source = %file.name, "cannot load source ({keeping}): {e}");
                         state.failing_since = Some(Instant::now());
                     }
@@ -153,7 +179,10 @@ impl Live {
         if !changed {
             return false;
         }
-        let configs: Vec<SourceConfig> = sources.iter().filter_map(|s| s.good.as_ref().map(|(_, c)| c.clone())).collect();
+        let configs: Vec<SourceConfig> = sources
+            .iter()
+            .filter_map(|s| s.good.as_ref().map(|(_, c)| c.clone()))
+            .collect();
         drop(sources);
         let (snapshot, warnings) = Snapshot::build(self.inner.engine.clone(), configs);
         for w in &warnings {
@@ -193,7 +222,11 @@ impl Live {
     /// Whether the server should receive traffic.
     pub fn readiness(&self) -> Readiness {
         let sources = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let missing: Vec<String> = sources.iter().filter(|s| s.good.is_none()).map(|s| s.spec.name().to_owned()).collect();
+        let missing: Vec<String> = sources
+            .iter()
+            .filter(|s| s.good.is_none())
+            .map(|s| s.spec.name().to_owned())
+            .collect();
         if !missing.is_empty() {
             return Readiness::NotLoaded { sources: missing };
         }
@@ -202,7 +235,10 @@ impl Live {
                 if let Some(since) = s.failing_since {
                     let failing_for = since.elapsed();
                     if failing_for > limit {
-                        return Readiness::Stale { source: s.spec.name().to_owned(), failing_for };
+                        return Readiness::Stale {
+                            source: s.spec.name().to_owned(),
+                            failing_for,
+                        };
                     }
                 }
             }
@@ -229,7 +265,17 @@ mod tests {
     fn value(live: &Live, key: &str) -> Option<serde_json::Value> {
         let snap = live.snapshot();
         let empty = Map::new();
-        snap.evaluate(key, &Selector::All, Context { attributes: &empty, now: 0 }, ValueType::Any).value.cloned()
+        snap.evaluate(
+            key,
+            &Selector::All,
+            Context {
+                attributes: &empty,
+                now: 0,
+            },
+            ValueType::Any,
+        )
+        .value
+        .cloned()
     }
 
     fn flags(value: &str) -> String {
@@ -258,7 +304,11 @@ mod tests {
 
         write(&path, "{ not json");
         assert!(!live.poll(false));
-        assert_eq!(value(&live, "f"), Some(json!("one")), "the last good flags keep serving");
+        assert_eq!(
+            value(&live, "f"),
+            Some(json!("one")),
+            "the last good flags keep serving"
+        );
         std::thread::sleep(Duration::from_millis(5));
         assert!(matches!(live.readiness(), Readiness::Stale { .. }));
 
@@ -279,7 +329,12 @@ mod tests {
             stale_after: None,
         };
         let live = Live::load(&config);
-        assert_eq!(live.readiness(), Readiness::NotLoaded { sources: vec!["/nonexistent/vexil/flags.json".into()] });
+        assert_eq!(
+            live.readiness(),
+            Readiness::NotLoaded {
+                sources: vec!["/nonexistent/vexil/flags.json".into()]
+            }
+        );
         assert!(live.snapshot().is_empty());
     }
 }

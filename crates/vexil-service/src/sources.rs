@@ -21,7 +21,9 @@ impl SourceSpec {
             return Ok(SourceSpec::File(FileSource::new(path)));
         }
         if let Some((scheme, _)) = uri.split_once("://") {
-            return Err(format!("unsupported source `{uri}`: `{scheme}` sources are not supported yet, use file:<path>"));
+            return Err(format!(
+                "unsupported source `{uri}`: `{scheme}` sources are not supported yet, use file:<path>"
+            ));
         }
         if uri.is_empty() {
             return Err("empty source uri".into());
@@ -79,20 +81,33 @@ pub(crate) struct Stamp {
 impl FileSource {
     /// A source reading `path`.
     pub fn new(path: &str) -> FileSource {
-        FileSource { name: path.to_owned(), path: PathBuf::from(path), format: Format::from_path(path) }
+        FileSource {
+            name: path.to_owned(),
+            path: PathBuf::from(path),
+            format: Format::from_path(path),
+        }
     }
 
     pub(crate) fn stamp(&self) -> Option<Stamp> {
         let meta = std::fs::metadata(&self.path).ok()?;
-        Some(Stamp { modified: meta.modified().ok(), len: meta.len() })
+        Some(Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        })
     }
 
     /// Reads and parses the file (flagd's leniency: schema violations are warnings).
     pub fn load(&self) -> Result<(String, Parsed), LoadError> {
-        let text = std::fs::read_to_string(&self.path)
-            .map_err(|source| LoadError::Read { path: display(&self.path), source })?;
-        let parsed = parse::parse_str(&text, self.format, Strictness::Flagd)
-            .map_err(|source| LoadError::Invalid { path: display(&self.path), source })?;
+        let text = std::fs::read_to_string(&self.path).map_err(|source| LoadError::Read {
+            path: display(&self.path),
+            source,
+        })?;
+        let parsed = parse::parse_str(&text, self.format, Strictness::Flagd).map_err(|source| {
+            LoadError::Invalid {
+                path: display(&self.path),
+                source,
+            }
+        })?;
         Ok((text, parsed))
     }
 }

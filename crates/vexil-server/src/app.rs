@@ -1,0 +1,183 @@
+//! State shared by every handler, and the one evaluation path all protocols use.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use vexil_core::{Context, Metadata, Reason, Resolution, Selector, Snapshot, ValueType};
+use vexil_service::{Live, StaticContext, merge_context};
+
+use crate::metrics;
+
+/// Handler state (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct App {
+    inner: Arc<AppInner>,
+}
+
+#[derive(Debug)]
+struct AppInner {
+    live: Live,
+    statics: StaticContext,
+    stream_deadline: Option<Duration>,
+    disable_sync_metadata: bool,
+    max_body: usize,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The evaluation of one flag, owned (ready to be encoded by any protocol).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluated {
+    pub reason: Reason,
+    pub variant: Option<String>,
+    pub value: Option<Value>,
+    /// Selector reflection ∪ flag metadata (flagd's single-evaluation metadata).
+    pub metadata: Metadata,
+    /// Set when `reason` is `Error`.
+    pub error: Option<vexil_core::EvalError>,
+}
+
+impl Evaluated {
+    fn from_resolution(r: Resolution<'_>, selector: &Selector) -> Evaluated {
+        let mut metadata = selector.metadata();
+        if let Some(flag_metadata) = r.metadata {
+            for (k, v) in flag_metadata {
+                metadata.insert(k.clone(), v.clone());
+            }
+        }
+        Evaluated {
+            reason: r.reason,
+            variant: r.variant.map(str::to_owned),
+            value: r.value.cloned(),
+            metadata,
+            error: r.error,
+        }
+    }
+}
+
+/// Parameters of [`App::new`].
+#[derive(Debug)]
+pub struct AppConfig {
+    pub live: Live,
+    pub statics: StaticContext,
+    pub stream_deadline: Option<Duration>,
+    pub disable_sync_metadata: bool,
+    pub max_body: usize,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl App {
+    pub fn new(c: AppConfig) -> App {
+        App {
+            inner: Arc::new(AppInner {
+                live: c.live,
+                statics: c.statics,
+                stream_deadline: c.stream_deadline,
+                disable_sync_metadata: c.disable_sync_metadata,
+                max_body: c.max_body,
+                shutdown: c.shutdown,
+            }),
+        }
+    }
+
+    pub fn live(&self) -> &Live {
+        &self.inner.live
+    }
+
+    pub fn statics(&self) -> &StaticContext {
+        &self.inner.statics
+    }
+
+    pub fn stream_deadline(&self) -> Option<Duration> {
+        self.inner.stream_deadline
+    }
+
+    pub fn sync_metadata_disabled(&self) -> bool {
+        self.inner.disable_sync_metadata
+    }
+
+    pub fn max_body(&self) -> usize {
+        self.inner.max_body
+    }
+
+    /// A receiver that turns `true` when the server shuts down.
+    pub fn shutdown(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.clone()
+    }
+
+    /// The request context merged with `-X` values and `-H` headers.
+    pub fn context<'h>(
+        &self,
+        request: Map<String, Value>,
+        header: impl Fn(&str) -> Option<&'h str>,
+    ) -> Map<String, Value> {
+        if self.inner.statics.is_empty() {
+            return request;
+        }
+        merge_context(request, &self.inner.statics, header)
+    }
+
+    /// Evaluates one flag for every protocol: the current snapshot, the merged context, metrics.
+    pub fn evaluate(
+        &self,
+        protocol: &'static str,
+        key: &str,
+        selector: &Selector,
+        context: &Map<String, Value>,
+        ty: ValueType,
+    ) -> Evaluated {
+        let started = Instant::now();
+        let snapshot = self.inner.live.snapshot();
+        let resolution = snapshot.evaluate(
+            key,
+            selector,
+            Context {
+                attributes: context,
+                now: now(),
+            },
+            ty,
+        );
+        let evaluated = Evaluated::from_resolution(resolution, selector);
+        metrics::evaluation(protocol, evaluated.reason, started.elapsed());
+        evaluated
+    }
+
+    /// Evaluates every flag `selector` sees (bulk: flagd ResolveAll, OFREP bulk). `f` receives each
+    /// flag's key, its default variant's type, and the evaluation.
+    pub fn evaluate_all(
+        &self,
+        protocol: &'static str,
+        selector: &Selector,
+        context: &Map<String, Value>,
+        mut f: impl FnMut(&str, Option<ValueType>, Evaluated),
+    ) -> Arc<Snapshot> {
+        let started = Instant::now();
+        let snapshot = self.inner.live.snapshot();
+        let ctx = Context {
+            attributes: context,
+            now: now(),
+        };
+        let engine = snapshot.engine().clone();
+        for flag in snapshot.flags(selector) {
+            let resolution = flag.evaluate(&engine, ctx, ValueType::Any);
+            let evaluated = Evaluated::from_resolution(resolution, selector);
+            metrics::count(protocol, evaluated.reason);
+            f(flag.key(), flag.default_type(), evaluated);
+        }
+        metrics::latency(protocol, started.elapsed());
+        snapshot
+    }
+}
+
+/// Unix seconds now (`$flagd.timestamp`).
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Resolves when `shutdown` turns `true` (or its sender is gone).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await.map(|_| ());
+}

@@ -1,0 +1,370 @@
+//! Command line and environment: flagd's `start` options, under `vexil serve` (alias `start`).
+//!
+//! Every option reads `VEXIL_<NAME>`; where flagd has the option, `FLAGD_<NAME>` is read too (the
+//! `VEXIL_` name wins), so a flagd deployment's environment keeps working.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde_json::{Map, Value};
+use vexil_core::FractionalMode;
+use vexil_service::{SourceSpec, StaticContext};
+
+/// Vexil: a feature-flag server that speaks flagd's protocols (and more).
+#[derive(Debug, Parser)]
+#[command(name = "vexil", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (flagd's `start` options work unchanged).
+    #[command(alias = "start")]
+    Serve(ServeArgs),
+    /// Check flag definition files (JSON or YAML) against the flagd schema and the targeting
+    /// compiler; exits non-zero on any problem.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// Files to check.
+    #[arg(required = true)]
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// A flag source: `file:<path>` (JSON or YAML). Repeatable; on duplicate keys within a flag
+    /// set the later source wins. Env: comma-separated.
+    #[arg(short = 'f', long = "uri", env = "VEXIL_URI", value_delimiter = ',')]
+    pub uri: Vec<String>,
+    /// Sources as flagd's JSON array: `[{"uri": "flags.json", "provider": "file"}]`.
+    #[arg(short = 's', long, env = "VEXIL_SOURCES")]
+    pub sources: Option<String>,
+    /// gRPC evaluation port (flagd.evaluation.v1/v2, schema.v1, gRPC-web, Connect).
+    #[arg(short = 'p', long, env = "VEXIL_PORT", default_value_t = 8013)]
+    pub port: u16,
+    /// Management port (/healthz, /readyz, /metrics).
+    #[arg(
+        short = 'm',
+        long,
+        env = "VEXIL_MANAGEMENT_PORT",
+        default_value_t = 8014
+    )]
+    pub management_port: u16,
+    /// flagd.sync.v1 port.
+    #[arg(short = 'g', long, env = "VEXIL_SYNC_PORT", default_value_t = 8015)]
+    pub sync_port: u16,
+    /// OFREP (HTTP/JSON) port.
+    #[arg(short = 'r', long, env = "VEXIL_OFREP_PORT", default_value_t = 8016)]
+    pub ofrep_port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "VEXIL_BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// Static evaluation context `key=value`, added to every evaluation (and sent as sync_context).
+    #[arg(
+        short = 'X',
+        long = "context-value",
+        env = "VEXIL_CONTEXT_VALUE",
+        value_delimiter = ','
+    )]
+    pub context_value: Vec<String>,
+    /// `Header=key`: the request header's value becomes context `key`.
+    #[arg(
+        short = 'H',
+        long = "context-from-header",
+        env = "VEXIL_CONTEXT_FROM_HEADER",
+        value_delimiter = ','
+    )]
+    pub context_from_header: Vec<String>,
+    /// Allowed CORS origins for browser clients (gRPC-web, Connect, OFREP); `*` for any.
+    #[arg(
+        short = 'C',
+        long = "cors-origin",
+        env = "VEXIL_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origin: Vec<String>,
+    /// End EventStream and SyncFlags streams after this many seconds (0: never).
+    #[arg(long, env = "VEXIL_STREAM_DEADLINE", default_value = "0", value_parser = parse_seconds)]
+    pub stream_deadline: Duration,
+    /// Largest request body, in bytes.
+    #[arg(
+        short = 'B',
+        long,
+        env = "VEXIL_MAX_REQUEST_BODY",
+        default_value_t = 1_000_000
+    )]
+    pub max_request_body: usize,
+    /// Largest total size of request headers, in bytes.
+    #[arg(
+        short = 'R',
+        long,
+        env = "VEXIL_MAX_REQUEST_HEADER",
+        default_value_t = 1_000_000
+    )]
+    pub max_request_header: usize,
+    /// `fractional` bucketing generation: v3 (current spec, default), v2 (flagd 0.15–0.16), v1
+    /// (flagd ≤ 0.14). Use the one your previous flagd ran to keep users in their buckets.
+    #[arg(long, env = "VEXIL_FRACTIONAL", default_value = "v3", value_parser = parse_fractional)]
+    pub fractional: FractionalMode,
+    /// Seconds a source may keep failing to load before /readyz reports 412 (0: never).
+    #[arg(long, env = "VEXIL_STALE_AFTER", default_value = "60", value_parser = parse_seconds)]
+    pub stale_after: Duration,
+    /// How often file sources are checked for changes, in milliseconds.
+    #[arg(long, env = "VEXIL_POLL_INTERVAL_MS", default_value_t = 200)]
+    pub poll_interval_ms: u64,
+    /// Answer flagd.sync.v1 GetMetadata with UNIMPLEMENTED.
+    #[arg(long, env = "VEXIL_DISABLE_SYNC_METADATA")]
+    pub disable_sync_metadata: bool,
+    /// Log as JSON lines.
+    #[arg(long, env = "VEXIL_LOG_JSON")]
+    pub log_json: bool,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let s = s.trim_end_matches('s');
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite() && *f >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("`{s}` is not a number of seconds"))
+}
+
+fn parse_fractional(s: &str) -> Result<FractionalMode, String> {
+    FractionalMode::parse(s).ok_or_else(|| format!("`{s}` is not a fractional mode (v1, v2 or v3)"))
+}
+
+/// flagd's environment variables for the options flagd has.
+const FLAGD_ENV: &[(&str, &str)] = &[
+    ("uri", "FLAGD_URI"),
+    ("sources", "FLAGD_SOURCES"),
+    ("port", "FLAGD_PORT"),
+    ("management_port", "FLAGD_MANAGEMENT_PORT"),
+    ("sync_port", "FLAGD_SYNC_PORT"),
+    ("ofrep_port", "FLAGD_OFREP_PORT"),
+    ("context_value", "FLAGD_CONTEXT_VALUE"),
+    ("context_from_header", "FLAGD_CONTEXT_FROM_HEADER"),
+    ("cors_origin", "FLAGD_CORS_ORIGIN"),
+    ("stream_deadline", "FLAGD_STREAM_DEADLINE"),
+    ("max_request_body", "FLAGD_MAX_REQUEST_BODY"),
+    ("max_request_header", "FLAGD_MAX_REQUEST_HEADER"),
+    ("disable_sync_metadata", "FLAGD_DISABLE_SYNC_METADATA"),
+];
+
+impl Cli {
+    /// Parses the process arguments, falling back to flagd's `FLAGD_*` variables for options given
+    /// neither on the command line nor as `VEXIL_*`.
+    pub fn parse_with_flagd_env() -> Cli {
+        Cli::parse_from_with_env(std::env::args_os(), |k| std::env::var(k).ok())
+    }
+
+    /// As [`Cli::parse_with_flagd_env`], with the arguments and environment given.
+    pub fn parse_from_with_env<I, T>(args: I, env: impl Fn(&str) -> Option<String>) -> Cli
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let matches = Cli::command().get_matches_from(args.clone());
+        let Some(("serve" | "start", sub)) = matches.subcommand() else {
+            return Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        };
+        let extra = flagd_fallbacks(sub, &env);
+        if extra.is_empty() {
+            return Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        }
+        let mut args = args;
+        args.extend(extra.into_iter().map(Into::into));
+        Cli::try_parse_from(args).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// `--option value` arguments for every option that took its default but has a `FLAGD_*` value.
+fn flagd_fallbacks(sub: &ArgMatches, env: &impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut extra = Vec::new();
+    for &(id, var) in FLAGD_ENV {
+        let defaulted = matches!(sub.value_source(id), None | Some(ValueSource::DefaultValue));
+        let Some(value) = env(var).filter(|_| defaulted) else {
+            continue;
+        };
+        let flag = format!("--{}", id.replace('_', "-"));
+        match id {
+            "disable_sync_metadata" => {
+                if matches!(value.as_str(), "1" | "true" | "TRUE" | "True") {
+                    extra.push(flag);
+                }
+            }
+            "uri" => {
+                // flagd's FLAGD_URI is a single value or comma separated.
+                for v in value.split(',').filter(|v| !v.is_empty()) {
+                    extra.push(flag.clone());
+                    extra.push(v.to_owned());
+                }
+            }
+            _ => {
+                extra.push(flag);
+                extra.push(value);
+            }
+        }
+    }
+    extra
+}
+
+impl ServeArgs {
+    /// The sources, in priority order: `--sources` entries, then `--uri`s.
+    pub fn source_specs(&self) -> Result<Vec<SourceSpec>, String> {
+        let mut uris: Vec<String> = Vec::new();
+        if let Some(json) = &self.sources {
+            let list: Vec<Map<String, Value>> = serde_json::from_str(json)
+                .map_err(|e| format!("--sources is not a JSON array of sources: {e}"))?;
+            for entry in list {
+                let uri = entry
+                    .get("uri")
+                    .and_then(Value::as_str)
+                    .ok_or("every --sources entry needs a `uri`")?;
+                match entry.get("provider").and_then(Value::as_str) {
+                    None | Some("file") | Some("fsnotify") | Some("fileinfo") => {
+                        uris.push(uri.to_owned())
+                    }
+                    Some(other) => {
+                        return Err(format!(
+                            "--sources provider `{other}` is not supported yet (use file)"
+                        ));
+                    }
+                }
+            }
+        }
+        uris.extend(self.uri.iter().cloned());
+        uris.iter().map(|u| SourceSpec::parse(u)).collect()
+    }
+
+    /// `-X` and `-H` as a [`StaticContext`].
+    pub fn static_context(&self) -> Result<StaticContext, String> {
+        let mut values = Map::new();
+        for kv in &self.context_value {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--context-value `{kv}` is not key=value"))?;
+            values.insert(k.to_owned(), Value::String(v.to_owned()));
+        }
+        let mut from_headers = Vec::new();
+        for hk in &self.context_from_header {
+            let (h, k) = hk
+                .split_once('=')
+                .ok_or_else(|| format!("--context-from-header `{hk}` is not Header=key"))?;
+            from_headers.push((h.to_ascii_lowercase(), k.to_owned()));
+        }
+        Ok(StaticContext {
+            values,
+            from_headers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str], env: &[(&str, &str)]) -> ServeArgs {
+        let env: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        let cli = Cli::parse_from_with_env(args.iter().copied(), |k| env.get(k).cloned());
+        match cli.command {
+            Command::Serve(s) => s,
+            Command::Validate(_) => panic!("not serve"),
+        }
+    }
+
+    #[test]
+    fn flagd_options_and_defaults() {
+        let s = serve(
+            &[
+                "vexil",
+                "start",
+                "-f",
+                "file:a.json",
+                "--uri",
+                "b.yaml",
+                "-p",
+                "9013",
+                "-X",
+                "env=prod",
+            ],
+            &[],
+        );
+        assert_eq!(s.uri, ["file:a.json", "b.yaml"]);
+        assert_eq!(
+            (s.port, s.management_port, s.sync_port, s.ofrep_port),
+            (9013, 8014, 8015, 8016)
+        );
+        assert_eq!(s.fractional, FractionalMode::V3);
+        let specs = s.source_specs().unwrap();
+        assert_eq!(
+            specs.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            ["a.json", "b.yaml"]
+        );
+        assert_eq!(
+            s.static_context().unwrap().values.get("env"),
+            Some(&Value::from("prod"))
+        );
+    }
+
+    #[test]
+    fn flagd_environment_is_a_fallback() {
+        let s = serve(
+            &["vexil", "serve", "-m", "9999"],
+            &[
+                ("FLAGD_PORT", "7013"),
+                ("FLAGD_MANAGEMENT_PORT", "1"),
+                ("FLAGD_URI", "file:x.json,file:y.json"),
+            ],
+        );
+        assert_eq!(s.port, 7013);
+        assert_eq!(s.management_port, 9999, "the command line wins");
+        assert_eq!(s.uri, ["file:x.json", "file:y.json"]);
+    }
+
+    #[test]
+    fn sources_json_and_bad_values() {
+        let s = serve(
+            &[
+                "vexil",
+                "serve",
+                "--sources",
+                r#"[{"uri":"a.json","provider":"file"}]"#,
+                "-f",
+                "b.json",
+            ],
+            &[],
+        );
+        assert_eq!(
+            s.source_specs()
+                .unwrap()
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>(),
+            ["a.json", "b.json"]
+        );
+        let s = serve(
+            &[
+                "vexil",
+                "serve",
+                "--sources",
+                r#"[{"uri":"x","provider":"kubernetes"}]"#,
+            ],
+            &[],
+        );
+        assert!(s.source_specs().unwrap_err().contains("kubernetes"));
+        let s = serve(&["vexil", "serve", "-X", "novalue"], &[]);
+        assert!(s.static_context().is_err());
+        assert!(Cli::try_parse_from(["vexil", "serve", "--fractional", "v9"]).is_err());
+    }
+}

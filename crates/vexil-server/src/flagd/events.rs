@@ -1,0 +1,82 @@
+//! flagd's EventStream (the same on evaluation v1, v2 and schema.v1): `provider_ready` on
+//! subscribe, `configuration_change` with the changed keys of the selected flags on every change,
+//! `keep_alive` after 20 s of silence, `provider_shutdown` when the server stops.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use vexil_core::Selector;
+use vexil_proto::pbjson_types::Struct;
+
+use crate::app::App;
+use crate::convert::json_to_struct;
+use crate::metrics::StreamGuard;
+
+/// How long a stream may be silent before a `keep_alive` is sent.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// A server stream of events of one API's message type.
+pub type EventStream<R> = ReceiverStream<Result<R, Status>>;
+
+/// Opens an event stream for `selector`; `make(type, data)` builds the API's message.
+pub fn stream<R, F>(app: &App, selector: Selector, make: F) -> EventStream<R>
+where
+    R: Send + 'static,
+    F: Fn(&'static str, Option<Struct>) -> R + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    let mut config = app.live().subscribe();
+    let mut previous = config.borrow_and_update().snapshot.clone();
+    let mut shutdown = app.shutdown();
+    let deadline = app.stream_deadline().map(|d| Instant::now() + d);
+    tokio::spawn(async move {
+        let _guard = StreamGuard::open("event_stream");
+        let empty = || Some(Struct::default());
+        if tx.send(Ok(make("provider_ready", empty()))).await.is_err() {
+            return;
+        }
+        let mut last_sent = Instant::now();
+        loop {
+            let message = tokio::select! {
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let current = config.borrow_and_update().snapshot.clone();
+                    let changes = current.changes_since(&previous, &selector);
+                    previous = current;
+                    if changes.is_empty() {
+                        continue;
+                    }
+                    let flags: Map<String, Value> =
+                        changes.into_iter().map(|(key, change)| (key, json!({ "type": change.as_str() }))).collect();
+                    let data = json!({ "flags": flags });
+                    Ok(make("configuration_change", data.as_object().map(json_to_struct)))
+                }
+                () = sleep_until(last_sent + KEEP_ALIVE) => Ok(make("keep_alive", None)),
+                () = crate::app::stopping(&mut shutdown) => {
+                    let _ = tx.send(Ok(make("provider_shutdown", empty()))).await;
+                    break;
+                }
+                () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    let _ = tx.send(Err(Status::deadline_exceeded("stream deadline reached"))).await;
+                    break;
+                }
+                () = tx.closed() => break,
+            };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+            last_sent = Instant::now();
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}

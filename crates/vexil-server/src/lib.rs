@@ -1,0 +1,223 @@
+//! The `vexil` server: wires the live configuration to flagd's protocols on flagd's ports.
+//!
+//! | port | serves |
+//! |---|---|
+//! | 8013 | `flagd.evaluation.v1`, `flagd.evaluation.v2`, `schema.v1` (gRPC and gRPC-web), `grpc.health.v1`, reflection |
+//! | 8014 | `/healthz`, `/readyz`, `/metrics` |
+//! | 8015 | `flagd.sync.v1` |
+//! | 8016 | OFREP |
+//!
+//! This is the only crate that sees wire types; handlers convert, call `App`, convert back.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+mod convert;
+mod error;
+mod flagd;
+mod management;
+mod metrics;
+mod ofrep;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use vexil_proto::flagd::evaluation::{v1, v2};
+use vexil_proto::flagd::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
+use vexil_proto::schema::v1 as schema_v1;
+use vexil_service::{Live, LiveConfig};
+
+use crate::app::{App, AppConfig};
+use crate::config::ServeArgs;
+
+/// Runs the server until `shutdown` turns `true` (or SIGTERM/SIGINT when called from `main`).
+pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let sources = args.source_specs().map_err(anyhow::Error::msg)?;
+    let statics = args.static_context().map_err(anyhow::Error::msg)?;
+    let live_config = LiveConfig {
+        sources,
+        fractional: args.fractional,
+        poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
+        stale_after: (!args.stale_after.is_zero()).then_some(args.stale_after),
+    };
+    let live = tokio::task::spawn_blocking({
+        let c = live_config.clone();
+        move || Live::load(&c)
+    })
+    .await?;
+    let watcher = live.watch(live_config.poll_interval);
+    let prometheus = metrics::install().context("installing the metrics recorder")?;
+    let gauges = tokio::spawn(track_config(live.clone()));
+
+    let app = App::new(AppConfig {
+        live: live.clone(),
+        statics,
+        stream_deadline: (!args.stream_deadline.is_zero()).then_some(args.stream_deadline),
+        disable_sync_metadata: args.disable_sync_metadata,
+        max_body: args.max_request_body,
+        shutdown: shutdown.clone(),
+    });
+
+    let cors = cors(&args.cors_origin);
+    let evaluation = with_cors(
+        evaluation_router(&app, args.max_request_body)?,
+        cors.clone(),
+    );
+    let sync = sync_router(&app, args.max_request_body);
+    let management = management::router(live.clone(), prometheus).merge(health_router());
+    let ofrep = with_cors(ofrep::router(app.clone()), cors);
+
+    let bind = |port: u16| SocketAddr::new(args.bind, port);
+    let servers = [
+        ("evaluation", bind(args.port), evaluation),
+        ("management", bind(args.management_port), management),
+        ("sync", bind(args.sync_port), sync),
+        ("ofrep", bind(args.ofrep_port), ofrep),
+    ];
+    let mut tasks = Vec::new();
+    for (name, addr, router) in servers {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {name} port {addr}"))?;
+        tracing::info!(%addr, "{name} listening");
+        let mut stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .with_context(|| format!("{name} server"))
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    watcher.abort();
+    gauges.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// 8013: flagd's evaluation APIs over gRPC and gRPC-web, health and reflection.
+fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vexil_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vexil_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let routes = tonic::service::Routes::new(
+        v1::service_server::ServiceServer::new(flagd::evaluation::EvaluationV1 {
+            app: app.clone(),
+        })
+        .max_decoding_message_size(max_body),
+    )
+    .add_service(
+        v2::service_server::ServiceServer::new(flagd::evaluation::EvaluationV2 {
+            app: app.clone(),
+        })
+        .max_decoding_message_size(max_body),
+    )
+    .add_service(
+        schema_v1::service_server::ServiceServer::new(flagd::evaluation::SchemaV1 {
+            app: app.clone(),
+        })
+        .max_decoding_message_size(max_body),
+    )
+    .add_service(health_service())
+    .add_service(reflection_v1)
+    .add_service(reflection_v1alpha);
+    Ok(routes
+        .into_axum_router()
+        .layer(tonic_web::GrpcWebLayer::new()))
+}
+
+/// 8015: flagd.sync.v1.
+fn sync_router(app: &App, max_body: usize) -> Router {
+    tonic::service::Routes::new(
+        FlagSyncServiceServer::new(flagd::sync::Sync { app: app.clone() })
+            .max_decoding_message_size(max_body),
+    )
+    .into_axum_router()
+}
+
+fn health_service()
+-> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        for name in [
+            "",
+            "flagd.evaluation.v1.Service",
+            "flagd.evaluation.v2.Service",
+            "schema.v1.Service",
+        ] {
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    });
+    service
+}
+
+/// grpc.health.v1 on the management port too (flagd serves it there).
+fn health_router() -> Router {
+    tonic::service::Routes::new(health_service()).into_axum_router()
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    let exposed = [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "connect-protocol-version",
+        "etag",
+    ]
+    .map(http::HeaderName::from_static);
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers(exposed),
+    )
+}
+
+fn with_cors(router: Router, cors: Option<CorsLayer>) -> Router {
+    match cors {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// Keeps the configuration gauges current.
+async fn track_config(live: Live) {
+    let mut rx = live.subscribe();
+    loop {
+        let (version, flags) = {
+            let p = rx.borrow_and_update();
+            (p.version, p.snapshot.len())
+        };
+        metrics::config(version, flags);
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
