@@ -87,15 +87,35 @@ fn explain(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
         }
         _ => None,
     };
-    let best = branches.and_then(|branches| {
-        branches.iter().filter(|b| !b.is_empty()).min_by_key(|b| {
-            let depth = b
-                .iter()
-                .map(|e| e.instance_path().as_str().matches('/').count())
-                .max()
-                .unwrap_or(0);
-            (std::cmp::Reverse(depth), b.len())
+    let here = error.instance_path().as_str();
+    // An alternative that fails on the type of the value itself does not apply at all (an array
+    // where a map of flags is expected); among the others, the one with the fewest errors, then the
+    // one that got deepest into the document, is what the author meant.
+    let applies = |b: &&Vec<ValidationError<'static>>| {
+        !b.iter().any(|e| {
+            matches!(e.kind(), ValidationErrorKind::Type { .. })
+                && e.instance_path().as_str() == here
         })
+    };
+    let rank = |b: &&Vec<ValidationError<'static>>| {
+        let depth = b
+            .iter()
+            .map(|e| e.instance_path().as_str().matches('/').count())
+            .max()
+            .unwrap_or(0);
+        (b.len(), std::cmp::Reverse(depth))
+    };
+    let best = branches.and_then(|branches| {
+        let candidates: Vec<&Vec<ValidationError<'static>>> =
+            branches.iter().filter(|b| !b.is_empty()).collect();
+        let applicable: Vec<&Vec<ValidationError<'static>>> =
+            candidates.iter().copied().filter(applies).collect();
+        let pool = if applicable.is_empty() {
+            candidates
+        } else {
+            applicable
+        };
+        pool.into_iter().min_by_key(rank)
     });
     match best {
         Some(branch) => branch.iter().for_each(|e| explain(e, out)),

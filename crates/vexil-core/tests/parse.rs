@@ -249,3 +249,24 @@ fn duplicate_keys_in_a_flag_array_keep_the_last() {
             .any(|w| w.message.contains("duplicate"))
     );
 }
+
+#[test]
+fn schema_warnings_point_at_the_real_problem() {
+    // A number flag with an unknown operator: the warning is about the targeting, not about the
+    // variants not being booleans (the first of the four flag types the schema tries).
+    let parsed = parse_json(
+        json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"nope": [1]}}}}),
+    );
+    let pointers: Vec<&str> = parsed.warnings.iter().map(|w| w.pointer.as_str()).collect();
+    assert_eq!(pointers, ["/flags/f/targeting"], "{:?}", parsed.warnings);
+    // A bad state on a flag in an array: reported on the flag, not as "not an object".
+    let parsed = parse_json(
+        json!({"flags": [{"key": "k", "state": "ON", "variants": {"a": true}, "defaultVariant": "a"}]}),
+    );
+    assert_eq!(
+        parsed.warnings[0].pointer, "/flags/0/state",
+        "{:?}",
+        parsed.warnings
+    );
+    assert_eq!(parsed.warnings[0].flag.as_deref(), Some("k"));
+}

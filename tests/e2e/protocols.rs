@@ -1,0 +1,810 @@
+//! Raw protocol tests against the built `vexil` binary: what OpenFeature clients do not exercise.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use vexil_e2e::{Scratch, Server};
+use vexil_proto::flagd::evaluation::{v1, v2};
+use vexil_proto::flagd::sync::v1 as sync;
+use vexil_proto::pbjson_types::{Struct, Value as PValue, value::Kind};
+use vexil_proto::schema::v1 as schema_v1;
+
+const FLAGS: &str = r#"{
+  "metadata": {"team": "core"},
+  "$evaluators": {"is_staff": {"ends_with": [{"var": "email"}, "@example.com"]}},
+  "flags": {
+    "bool": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+             "targeting": {"if": [{"$ref": "is_staff"}, "on", null]}, "metadata": {"owner": "ann"}},
+    "string": {"state": "ENABLED", "variants": {"a": "alpha", "b": "beta"}, "defaultVariant": "a"},
+    "half": {"state": "ENABLED", "variants": {"half": 0.5, "ten": 10}, "defaultVariant": "half"},
+    "object": {"state": "ENABLED", "variants": {"o": {"k": [1, "x"]}}, "defaultVariant": "o"},
+    "no-default": {"state": "ENABLED", "variants": {"a": 1}},
+    "disabled": {"state": "DISABLED", "variants": {"on": true}, "defaultVariant": "on"},
+    "broken": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"invalid": [1]}},
+    "unknown-variant": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a", "targeting": {"if": [true, "zzz", "a"]}},
+    "env": {"state": "ENABLED", "variants": {"prod": "prod", "other": "other"}, "defaultVariant": "other",
+            "targeting": {"if": [{"==": [{"var": "env"}, "prod"]}, "prod", "other"]}},
+    "region": {"state": "ENABLED", "variants": {"eu": "eu", "other": "other"}, "defaultVariant": "other",
+            "targeting": {"if": [{"==": [{"var": "region"}, "eu"]}, "eu", "other"]}}
+  }
+}"#;
+
+fn ctx(pairs: &[(&str, &str)]) -> Option<Struct> {
+    Some(Struct {
+        fields: pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    PValue {
+                        kind: Some(Kind::StringValue((*v).to_owned())),
+                    },
+                )
+            })
+            .collect(),
+    })
+}
+
+fn start(flags: &str, extra: &[&str]) -> (Server, Scratch) {
+    let dir = Scratch::new("proto");
+    let path = dir.write("flags.json", flags);
+    let uri = format!("file:{}", path.display());
+    let mut args = vec!["--uri", uri.as_str()];
+    args.extend_from_slice(extra);
+    (Server::start(&args), dir)
+}
+
+async fn v1_client(s: &Server) -> v1::service_client::ServiceClient<tonic::transport::Channel> {
+    v1::service_client::ServiceClient::connect(s.grpc_url())
+        .await
+        .unwrap()
+}
+
+fn with_selector<T>(message: T, selector: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("flagd-selector", MetadataValue::try_from(selector).unwrap());
+    r
+}
+
+#[tokio::test]
+async fn evaluation_v1_values_reasons_and_errors() {
+    let (s, _dir) = start(FLAGS, &[]);
+    let mut c = v1_client(&s).await;
+
+    let staff = c
+        .resolve_boolean(v1::ResolveBooleanRequest {
+            flag_key: "bool".into(),
+            context: ctx(&[("email", "ann@example.com")]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (staff.value, staff.reason.as_str(), staff.variant.as_str()),
+        (true, "TARGETING_MATCH", "on")
+    );
+    let metadata = staff.metadata.unwrap().fields;
+    assert!(
+        metadata.contains_key("owner") && metadata.contains_key("team"),
+        "flag and set metadata: {metadata:?}"
+    );
+    let other = c
+        .resolve_boolean(v1::ResolveBooleanRequest {
+            flag_key: "bool".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((other.value, other.reason.as_str()), (false, "DEFAULT"));
+
+    let s1 = c
+        .resolve_string(v1::ResolveStringRequest {
+            flag_key: "string".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s1.value.as_str(), s1.reason.as_str(), s1.variant.as_str()),
+        ("alpha", "STATIC", "a")
+    );
+    // Integers resolve as float64 and truncate, as in flagd.
+    let i = c
+        .resolve_int(v1::ResolveIntRequest {
+            flag_key: "half".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(i.value, 0);
+    let f = c
+        .resolve_float(v1::ResolveFloatRequest {
+            flag_key: "half".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f.value, 0.5);
+    let o = c
+        .resolve_object(v1::ResolveObjectRequest {
+            flag_key: "object".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(o.value.unwrap().fields.contains_key("k"));
+
+    let disabled = c
+        .resolve_boolean(v1::ResolveBooleanRequest {
+            flag_key: "disabled".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            disabled.value,
+            disabled.reason.as_str(),
+            disabled.variant.as_str()
+        ),
+        (false, "DISABLED", "")
+    );
+
+    let code =
+        |r: Result<tonic::Response<v1::ResolveIntResponse>, tonic::Status>| r.unwrap_err().code();
+    let int = |key: &str| v1::ResolveIntRequest {
+        flag_key: key.into(),
+        context: None,
+    };
+    assert_eq!(code(c.resolve_int(int("missing")).await), Code::NotFound);
+    assert_eq!(
+        code(c.resolve_int(int("no-default")).await),
+        Code::NotFound,
+        "v1 has no way to say 'code default'"
+    );
+    assert_eq!(code(c.resolve_int(int("broken")).await), Code::DataLoss);
+    assert_eq!(
+        code(c.resolve_int(int("unknown-variant")).await),
+        Code::Unknown
+    );
+    let mismatch = c
+        .resolve_boolean(v1::ResolveBooleanRequest {
+            flag_key: "string".into(),
+            context: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(mismatch.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn evaluation_v2_leaves_value_and_variant_unset_for_the_code_default() {
+    let (s, _dir) = start(FLAGS, &[]);
+    let mut c = v2::service_client::ServiceClient::connect(s.grpc_url())
+        .await
+        .unwrap();
+    let r = c
+        .resolve_int(v2::ResolveIntRequest {
+            flag_key: "no-default".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.value, r.variant, r.reason.as_str()),
+        (None, None, "DEFAULT")
+    );
+    let r = c
+        .resolve_boolean(v2::ResolveBooleanRequest {
+            flag_key: "disabled".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.value, r.variant, r.reason.as_str()),
+        (None, None, "DISABLED")
+    );
+    let r = c
+        .resolve_string(v2::ResolveStringRequest {
+            flag_key: "string".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.value.as_deref(), r.variant.as_deref()),
+        (Some("alpha"), Some("a"))
+    );
+    let err = c
+        .resolve_string(v2::ResolveStringRequest {
+            flag_key: "missing".into(),
+            context: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn schema_v1_is_served_and_reports_fallback() {
+    let (s, _dir) = start(FLAGS, &[]);
+    let mut c = schema_v1::service_client::ServiceClient::connect(s.grpc_url())
+        .await
+        .unwrap();
+    let r = c
+        .resolve_int(schema_v1::ResolveIntRequest {
+            flag_key: "no-default".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.value, r.reason.as_str()), (0, "FALLBACK"));
+    let all = c
+        .resolve_all(schema_v1::ResolveAllRequest { context: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.flags.contains_key("string"));
+}
+
+#[tokio::test]
+async fn resolve_all_uses_default_variant_types_and_skips_flags_without_one() {
+    let (s, _dir) = start(FLAGS, &[]);
+    let mut c = v1_client(&s).await;
+    let all = c
+        .resolve_all(v1::ResolveAllRequest {
+            context: ctx(&[("email", "bo@example.com")]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    use v1::any_flag::Value as V;
+    assert_eq!(all.flags["bool"].value, Some(V::BoolValue(true)));
+    assert_eq!(all.flags["half"].value, Some(V::DoubleValue(0.5)));
+    assert_eq!(all.flags["string"].reason, "STATIC");
+    assert!(!all.flags.contains_key("no-default") && !all.flags.contains_key("disabled"));
+    assert_eq!(all.flags["broken"].reason, "ERROR");
+    assert!(
+        all.flags["bool"]
+            .metadata
+            .as_ref()
+            .unwrap()
+            .fields
+            .contains_key("owner")
+    );
+}
+
+#[tokio::test]
+async fn selectors_pick_flag_sets_and_bad_ones_are_invalid_arguments() {
+    let dir = Scratch::new("selector");
+    let a = dir.write("a.json", r#"{"flags": {"f": {"state": "ENABLED", "variants": {"a": "from-a"}, "defaultVariant": "a"}}}"#);
+    let b = dir.write(
+        "b.json",
+        r#"{"metadata": {"flagSetId": "set-b"}, "flags": {"f": {"state": "ENABLED", "variants": {"b": "from-b"}, "defaultVariant": "b"}}}"#,
+    );
+    let (ua, ub) = (
+        format!("file:{}", a.display()),
+        format!("file:{}", b.display()),
+    );
+    let s = Server::start(&["-f", &ua, "-f", &ub]);
+    let mut c = v1_client(&s).await;
+    let get = |sel: Option<&str>| {
+        let msg = v1::ResolveStringRequest {
+            flag_key: "f".into(),
+            context: None,
+        };
+        match sel {
+            Some(sel) => with_selector(msg, sel),
+            None => tonic::Request::new(msg),
+        }
+    };
+    assert_eq!(
+        c.resolve_string(get(None))
+            .await
+            .unwrap()
+            .into_inner()
+            .value,
+        "from-b",
+        "later source wins"
+    );
+    assert_eq!(
+        c.resolve_string(get(Some("flagSetId=")))
+            .await
+            .unwrap()
+            .into_inner()
+            .value,
+        "from-a"
+    );
+    let in_set = c
+        .resolve_string(get(Some("flagSetId=set-b")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(in_set.value, "from-b");
+    assert_eq!(
+        in_set.metadata.unwrap().fields["flagSetId"].kind,
+        Some(Kind::StringValue("set-b".into()))
+    );
+    assert_eq!(
+        c.resolve_string(get(Some(&a.display().to_string())))
+            .await
+            .unwrap()
+            .into_inner()
+            .value,
+        "from-a"
+    );
+    assert_eq!(
+        c.resolve_string(get(Some("owner=me")))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn static_and_header_context() {
+    let (s, _dir) = start(FLAGS, &["-X", "env=prod", "-H", "X-Region=region"]);
+    let mut c = v1_client(&s).await;
+    let r = c
+        .resolve_string(v1::ResolveStringRequest {
+            flag_key: "env".into(),
+            context: ctx(&[("env", "dev")]),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r.into_inner().value,
+        "prod",
+        "-X wins over the request context"
+    );
+    let mut req = tonic::Request::new(v1::ResolveStringRequest {
+        flag_key: "region".into(),
+        context: None,
+    });
+    req.metadata_mut()
+        .insert("x-region", MetadataValue::from_static("eu"));
+    assert_eq!(
+        c.resolve_string(req).await.unwrap().into_inner().value,
+        "eu"
+    );
+}
+
+async fn next_event(
+    stream: &mut tonic::Streaming<v1::EventStreamResponse>,
+) -> v1::EventStreamResponse {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an event within 5 s")
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn event_stream_ready_change_and_shutdown() {
+    let (mut s, dir) = start(FLAGS, &[]);
+    let mut c = v1_client(&s).await;
+    let mut stream = c
+        .event_stream(v1::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut stream).await.r#type, "provider_ready");
+
+    let changed = FLAGS
+        .replace(r#""alpha""#, r#""ALPHA""#)
+        .replace(r#""object": "#, r#""object2": "#);
+    dir.write("flags.json", &changed);
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.r#type, "configuration_change");
+    let data = serde_json::to_value(event.data.unwrap()).unwrap();
+    assert_eq!(data["flags"]["string"]["type"], "update");
+    assert_eq!(data["flags"]["object"]["type"], "delete");
+    assert_eq!(data["flags"]["object2"]["type"], "write");
+    assert!(
+        data["flags"].get("bool").is_none(),
+        "unchanged flags are not listed: {data}"
+    );
+
+    let stopping = tokio::task::spawn_blocking(move || s.stop());
+    assert_eq!(next_event(&mut stream).await.r#type, "provider_shutdown");
+    assert!(stopping.await.unwrap(), "vexil exits cleanly on SIGTERM");
+}
+
+#[tokio::test]
+async fn sync_streams_the_full_configuration_then_every_change() {
+    let (s, dir) = start(FLAGS, &["-X", "env=prod"]);
+    let mut c = sync::flag_sync_service_client::FlagSyncServiceClient::connect(s.sync_url())
+        .await
+        .unwrap();
+    let mut stream = c
+        .sync_flags(sync::SyncFlagsRequest {
+            provider_id: "t".into(),
+            selector: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let config: Value = serde_json::from_str(&first.flag_configuration).unwrap();
+    assert_eq!(
+        config["flags"]["bool"]["targeting"]["if"][0],
+        json!({"ends_with": [{"var": "email"}, "@example.com"]}),
+        "$ref inlined"
+    );
+    assert_eq!(config["flags"]["no-default"]["defaultVariant"], "");
+    assert_eq!(config["flags"]["bool"]["metadata"]["team"], "core");
+    assert!(
+        config["flags"]["bool"]["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("flags.json")
+    );
+    assert_eq!(
+        serde_json::to_value(first.sync_context.unwrap()).unwrap(),
+        json!({"env": "prod"})
+    );
+
+    dir.write("flags.json", &FLAGS.replace(r#""beta""#, r#""BETA""#));
+    let second = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let config: Value = serde_json::from_str(&second.flag_configuration).unwrap();
+    assert_eq!(config["flags"]["string"]["variants"]["b"], "BETA");
+
+    let fetched = c
+        .fetch_all_flags(sync::FetchAllFlagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.flag_configuration, second.flag_configuration);
+    #[allow(deprecated)] // flagd deprecated GetMetadata; in-process providers still call it.
+    let meta = c
+        .get_metadata(sync::GetMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serde_json::to_value(meta.metadata.unwrap()).unwrap(),
+        json!({"env": "prod"})
+    );
+    let bad = c
+        .fetch_all_flags(sync::FetchAllFlagsRequest {
+            provider_id: String::new(),
+            selector: "x=y".into(),
+        })
+        .await;
+    assert_eq!(bad.unwrap_err().code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn sync_metadata_can_be_disabled() {
+    let (s, _dir) = start(FLAGS, &["--disable-sync-metadata"]);
+    let mut c = sync::flag_sync_service_client::FlagSyncServiceClient::connect(s.sync_url())
+        .await
+        .unwrap();
+    #[allow(deprecated)]
+    let r = c.get_metadata(sync::GetMetadataRequest {}).await;
+    assert_eq!(r.unwrap_err().code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn ofrep_single_bulk_etag_and_errors() {
+    let (s, _dir) = start(FLAGS, &["-B", "2000"]);
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: &str| {
+        http.post(s.ofrep_url(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+    };
+
+    let r = post(
+        "/ofrep/v1/evaluate/flags/bool",
+        r#"{"context": {"email": "x@example.com"}}"#,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            body["value"].clone(),
+            body["reason"].clone(),
+            body["variant"].clone()
+        ),
+        (json!(true), json!("TARGETING_MATCH"), json!("on"))
+    );
+
+    let r = post("/ofrep/v1/evaluate/flags/no-default", "")
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["reason"], "DEFAULT");
+    assert!(body.get("value").is_none() && body.get("variant").is_none());
+
+    let r = post("/ofrep/v1/evaluate/flags/missing", "{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["errorCode"],
+        "FLAG_NOT_FOUND"
+    );
+    let r = post("/ofrep/v1/evaluate/flags/broken", "{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap()["errorCode"].clone()
+        ),
+        (400, json!("PARSE_ERROR"))
+    );
+    let r = post("/ofrep/v1/evaluate/flags/bool", "{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap()["errorCode"].clone()
+        ),
+        (400, json!("INVALID_CONTEXT"))
+    );
+    let r = post(
+        "/ofrep/v1/evaluate/flags/bool",
+        &format!(r#"{{"context": {{"pad": "{}"}}}}"#, "x".repeat(5000)),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(
+        r.json::<Value>().await.unwrap()["errorDetails"]
+            .as_str()
+            .unwrap()
+            .contains("too large")
+    );
+    let r = post("/ofrep/v1/evaluate/flags/bool", "{}")
+        .header("flagd-selector", "nope=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    let bulk = post(
+        "/ofrep/v1/evaluate/flags",
+        r#"{"context": {"email": "x@example.com"}}"#,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(bulk.status(), 200);
+    let etag = bulk.headers()["etag"].to_str().unwrap().to_owned();
+    let body: Value = bulk.json().await.unwrap();
+    let flags = body["flags"].as_array().unwrap();
+    assert!(
+        flags
+            .iter()
+            .any(|f| f["key"] == "disabled" && f["reason"] == "DISABLED")
+    );
+    assert!(
+        flags
+            .iter()
+            .any(|f| f["key"] == "broken" && f["errorCode"] == "PARSE_ERROR")
+    );
+    let again = post(
+        "/ofrep/v1/evaluate/flags",
+        r#"{"context": {"email": "x@example.com"}}"#,
+    )
+    .header("if-none-match", &etag)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(again.status(), 304);
+    let other = post(
+        "/ofrep/v1/evaluate/flags",
+        r#"{"context": {"email": "x@other.org"}}"#,
+    )
+    .header("if-none-match", &etag)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(
+        other.status(),
+        200,
+        "a different result has a different ETag"
+    );
+}
+
+#[tokio::test]
+async fn health_and_reflection() {
+    let (s, _dir) = start(FLAGS, &[]);
+    let channel = tonic::transport::Endpoint::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "flagd.evaluation.v1.Service".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("a list of services");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "flagd.evaluation.v1.Service",
+        "flagd.evaluation.v2.Service",
+        "schema.v1.Service",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn grpc_web_over_http1() {
+    use prost::Message;
+    let (s, _dir) = start(FLAGS, &[]);
+    let request = v1::ResolveStringRequest {
+        flag_key: "string".into(),
+        context: None,
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&request);
+    let http = reqwest::Client::builder().http1_only().build().unwrap();
+    let r = http
+        .post(format!(
+            "{}/flagd.evaluation.v1.Service/ResolveString",
+            s.grpc_url()
+        ))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(frame)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body[0], 0, "a data frame first");
+    let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+    let response = v1::ResolveStringResponse::decode(&body[5..5 + len]).unwrap();
+    assert_eq!(response.value, "alpha");
+    let trailers = String::from_utf8_lossy(&body[5 + len + 5..]).to_ascii_lowercase();
+    assert_eq!(body[5 + len], 0x80, "then a trailers frame");
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+}
+
+#[tokio::test]
+async fn file_edits_are_served_within_a_second_and_invalid_ones_keep_the_last_good_flags() {
+    let (s, dir) = start(FLAGS, &["--stale-after", "1"]);
+    let http = reqwest::Client::new();
+    let value = || async {
+        let r = http
+            .post(s.ofrep_url("/ofrep/v1/evaluate/flags/string"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["value"].clone()
+    };
+    assert_eq!(value().await, "alpha");
+    let edited_at = Instant::now();
+    dir.write("flags.json", &FLAGS.replace(r#""alpha""#, r#""edited""#));
+    while value().await != "edited" {
+        assert!(
+            edited_at.elapsed() < Duration::from_secs(1),
+            "an edit is served within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dir.write(
+        "flags.json",
+        &FLAGS.replace(r#""defaultVariant": "a""#, r#""defaultVariant": "nope""#),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(value().await, "edited", "the last good flags keep serving");
+    assert_eq!(
+        s.http_status("/readyz"),
+        Some(200),
+        "ready within the grace period"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        s.http_status("/readyz"),
+        Some(412),
+        "not ready once the source has failed for longer than --stale-after"
+    );
+    dir.write("flags.json", FLAGS);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.http_status("/readyz"), Some(200));
+    assert_eq!(value().await, "alpha");
+}
+
+#[tokio::test]
+async fn not_ready_until_the_sources_load() {
+    let dir = Scratch::new("late");
+    let path = dir.0.join("late.json");
+    let uri = format!("file:{}", path.display());
+    let s = Server::start_unready(&["--uri", &uri]);
+    assert_eq!(s.http_status("/readyz"), Some(412));
+    dir.write("late.json", FLAGS);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.http_status("/readyz") != Some(200) {
+        assert!(Instant::now() < deadline, "ready once the file appears");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = reqwest::get(s.management_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("vexil_flags"), "{metrics}");
+}
+
+#[tokio::test]
+async fn starts_without_sources() {
+    let s = Server::start(&[]);
+    let mut c = v1_client(&s).await;
+    let all = c
+        .resolve_all(v1::ResolveAllRequest { context: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.flags.is_empty());
+}

@@ -1,0 +1,210 @@
+//! Test harness: runs the real `vexil` binary on loopback ports and stops it with SIGTERM.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The vendored flagd-testbed.
+pub fn testbed() -> PathBuf {
+    root().join("tests/conformance/flagd-testbed")
+}
+
+/// The `vexil` binary, built once per test process (a no-op when `cargo test --workspace` built it).
+pub fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "vexil-server", "--bin", "vexil"])
+            .current_dir(root())
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building vexil failed");
+        let target =
+            std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root().join("target"), PathBuf::from);
+        target.join("debug").join("vexil")
+    })
+}
+
+/// The four ports of one server.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub evaluation: u16,
+    pub management: u16,
+    pub sync: u16,
+    pub ofrep: u16,
+}
+
+fn free_ports() -> Ports {
+    let listeners: Vec<TcpListener> = (0..4)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let p: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    Ports {
+        evaluation: p[0],
+        management: p[1],
+        sync: p[2],
+        ofrep: p[3],
+    }
+}
+
+/// A running `vexil start`.
+#[derive(Debug)]
+pub struct Server {
+    child: Option<Child>,
+    pub ports: Ports,
+}
+
+impl Server {
+    /// Starts `vexil start <args>` on free ports and waits until `/readyz` answers 200.
+    pub fn start(args: &[&str]) -> Server {
+        let server = Server::spawn(args);
+        server.wait_until(|s| s.http_status("/readyz") == Some(200), "ready");
+        server
+    }
+
+    /// Starts `vexil start <args>` and waits only until `/healthz` answers.
+    pub fn start_unready(args: &[&str]) -> Server {
+        let server = Server::spawn(args);
+        server.wait_until(|s| s.http_status("/healthz") == Some(200), "up");
+        server
+    }
+
+    fn spawn(args: &[&str]) -> Server {
+        let ports = free_ports();
+        let p = |n: u16| n.to_string();
+        let child = Command::new(binary())
+            .arg("start")
+            .args([
+                "-p",
+                &p(ports.evaluation),
+                "-m",
+                &p(ports.management),
+                "-g",
+                &p(ports.sync),
+                "-r",
+                &p(ports.ofrep),
+            ])
+            .args(["--bind", "127.0.0.1", "--poll-interval-ms", "50"])
+            .args(args)
+            .env("VEXIL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("vexil starts");
+        Server {
+            child: Some(child),
+            ports,
+        }
+    }
+
+    fn wait_until(&self, ok: impl Fn(&Server) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if ok(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("vexil was not {what} within 30 s");
+    }
+
+    /// The status of `GET http://127.0.0.1:<management><path>`, if it answers.
+    pub fn http_status(&self, path: &str) -> Option<u16> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.ports.management)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.evaluation)
+    }
+
+    pub fn sync_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.sync)
+    }
+
+    pub fn ofrep_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports.ofrep)
+    }
+
+    pub fn management_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports.management)
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vexil-e2e-{}-{name}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// Writes `text` to `name` atomically (write + rename, as editors and ConfigMaps do).
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
