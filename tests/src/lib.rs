@@ -63,6 +63,12 @@ fn free_ports() -> Ports {
 pub struct Server {
     child: Option<Child>,
     pub ports: Ports,
+    cwd: Option<PathBuf>,
+    args: Vec<String>,
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
 }
 
 impl Server {
@@ -80,8 +86,41 @@ impl Server {
         server
     }
 
+    /// Starts `vexil start <args>` with working directory `dir` (source names are the paths as
+    /// given, so relative `--uri`s name sources like flagd's testbed does) and waits until ready.
+    pub fn start_in(dir: &Path, args: &[&str]) -> Server {
+        let mut server = Server {
+            child: None,
+            ports: free_ports(),
+            cwd: Some(dir.to_owned()),
+            args: owned(args),
+        };
+        server.launch();
+        server.wait_until(|s| s.http_status("/readyz") == Some(200), "ready");
+        server
+    }
+
+    /// Stops the server and starts it again with the same ports and arguments after `down`.
+    pub fn restart_after(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.launch();
+        self.wait_until(|s| s.http_status("/readyz") == Some(200), "ready again");
+    }
+
     fn spawn(args: &[&str]) -> Server {
-        let ports = free_ports();
+        let mut server = Server {
+            child: None,
+            ports: free_ports(),
+            cwd: None,
+            args: owned(args),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let ports = self.ports;
         let p = |n: u16| n.to_string();
         let child = Command::new(binary())
             .arg("start")
@@ -96,16 +135,17 @@ impl Server {
                 &p(ports.ofrep),
             ])
             .args(["--bind", "127.0.0.1", "--poll-interval-ms", "50"])
-            .args(args)
-            .env("VEXIL_LOG", "warn")
+            .args(&self.args)
+            .current_dir(self.cwd.clone().unwrap_or_else(root))
+            .env(
+                "VEXIL_LOG",
+                std::env::var("VEXIL_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("vexil starts");
-        Server {
-            child: Some(child),
-            ports,
-        }
+        self.child = Some(child);
     }
 
     fn wait_until(&self, ok: impl Fn(&Server) -> bool, what: &str) {
@@ -196,7 +236,8 @@ impl Scratch {
     /// Writes `text` to `name` atomically (write + rename, as editors and ConfigMaps do).
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.0.join(name);
-        let tmp = self.0.join(format!(".{name}.tmp"));
+        let file_name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let tmp = path.with_file_name(format!(".{file_name}.tmp"));
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
         path
