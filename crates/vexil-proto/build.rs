@@ -28,8 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_protoc_run()
         .compile_fds(fds.clone())?;
 
+    // flagd's Connect JSON codec: every field emitted (zero values too), unknown fields ignored.
     pbjson_build::Builder::new()
         .register_descriptors(&std::fs::read(&descriptor_path)?)?
+        .emit_fields()
+        .ignore_unknown_fields()
         .extern_path(".google.protobuf", "::pbjson_types")
         .build(&[".flagd", ".schema"])?;
     Ok(())

@@ -808,3 +808,208 @@ async fn starts_without_sources() {
         .into_inner();
     assert!(all.flags.is_empty());
 }
+
+#[tokio::test]
+async fn connect_json_unary_matches_grpc() {
+    let (s, _dir) = start(FLAGS, &["-X", "env=prod"]);
+    let http = reqwest::Client::new();
+    let call = |method: &str, body: Value| {
+        http.post(format!("{}/{method}", s.grpc_url()))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let r = call(
+        "flagd.evaluation.v1.Service/ResolveBoolean",
+        json!({"flagKey": "bool", "context": {"email": "a@example.com"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            body["value"].clone(),
+            body["reason"].clone(),
+            body["variant"].clone()
+        ),
+        (json!(true), json!("TARGETING_MATCH"), json!("on"))
+    );
+    assert_eq!(body["metadata"]["owner"], "ann");
+    // proto3 JSON: int64 as a string, zero values emitted, snake_case names accepted.
+    let body: Value = call(
+        "flagd.evaluation.v1.Service/ResolveInt",
+        json!({"flag_key": "half"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["value"], "0");
+    let body: Value = call(
+        "flagd.evaluation.v1.Service/ResolveString",
+        json!({"flagKey": "env"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["value"], "prod", "-X applies to Connect too");
+    let body: Value = call(
+        "flagd.evaluation.v2.Service/ResolveInt",
+        json!({"flagKey": "no-default"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["reason"], "DEFAULT");
+    assert!(
+        body.get("value").is_none_or(Value::is_null)
+            && body.get("variant").is_none_or(Value::is_null),
+        "{body}"
+    );
+    let all: Value = call("flagd.evaluation.v1.Service/ResolveAll", json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["flags"]["string"]["stringValue"], "alpha");
+
+    let r = call(
+        "flagd.evaluation.v1.Service/ResolveInt",
+        json!({"flagKey": "missing"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "not_found");
+    let r = call(
+        "flagd.evaluation.v1.Service/ResolveBoolean",
+        json!({"flagKey": "string"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap()["code"].clone()
+        ),
+        (400, json!("invalid_argument"))
+    );
+    let r = http
+        .post(format!(
+            "{}/flagd.evaluation.v1.Service/ResolveBoolean",
+            s.grpc_url()
+        ))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = call("flagd.evaluation.v1.Service/Nope", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 501);
+}
+
+#[tokio::test]
+async fn connect_proto_unary() {
+    use prost::Message;
+    let (s, _dir) = start(FLAGS, &[]);
+    let request = v1::ResolveStringRequest {
+        flag_key: "string".into(),
+        context: None,
+    }
+    .encode_to_vec();
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/flagd.evaluation.v1.Service/ResolveString",
+            s.grpc_url()
+        ))
+        .header("content-type", "application/proto")
+        .body(request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "application/proto");
+    let response = v1::ResolveStringResponse::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!(response.value, "alpha");
+}
+
+/// Reads Connect envelopes from a streaming response body.
+struct Envelopes {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl Envelopes {
+    async fn next(&mut self) -> Option<(u8, Value)> {
+        loop {
+            if self.buffer.len() >= 5 {
+                let len = u32::from_be_bytes(self.buffer[1..5].try_into().unwrap()) as usize;
+                if self.buffer.len() >= 5 + len {
+                    let flags = self.buffer[0];
+                    let payload: Value = serde_json::from_slice(&self.buffer[5..5 + len]).unwrap();
+                    self.buffer.drain(..5 + len);
+                    return Some((flags, payload));
+                }
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(5), self.response.chunk())
+                .await
+                .expect("a frame within 5 s")
+                .unwrap()?;
+            self.buffer.extend_from_slice(&chunk);
+        }
+    }
+}
+
+#[tokio::test]
+async fn connect_streaming_event_stream() {
+    let (mut s, dir) = start(FLAGS, &[]);
+    let mut request = vec![0u8, 0, 0, 0, 2];
+    request.extend_from_slice(b"{}");
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/flagd.evaluation.v1.Service/EventStream",
+            s.grpc_url()
+        ))
+        .header("content-type", "application/connect+json")
+        .body(request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/connect+json"
+    );
+    let mut frames = Envelopes {
+        response,
+        buffer: Vec::new(),
+    };
+    assert_eq!(
+        frames.next().await.unwrap(),
+        (0, json!({"type": "provider_ready", "data": {}}))
+    );
+    dir.write("flags.json", &FLAGS.replace(r#""alpha""#, r#""changed""#));
+    let (flags, change) = frames.next().await.unwrap();
+    assert_eq!(
+        (flags, change["type"].clone()),
+        (0, json!("configuration_change"))
+    );
+    assert_eq!(change["data"]["flags"]["string"]["type"], "update");
+    let stopping = tokio::task::spawn_blocking(move || s.stop());
+    assert_eq!(frames.next().await.unwrap().1["type"], "provider_shutdown");
+    let (flags, end) = frames.next().await.unwrap();
+    assert_eq!(
+        (flags, end),
+        (2, json!({})),
+        "an end-of-stream message closes the stream"
+    );
+    assert!(stopping.await.unwrap());
+}

@@ -2,7 +2,7 @@
 //!
 //! | port | serves |
 //! |---|---|
-//! | 8013 | `flagd.evaluation.v1`, `flagd.evaluation.v2`, `schema.v1` (gRPC and gRPC-web), `grpc.health.v1`, reflection |
+//! | 8013 | `flagd.evaluation.v1`, `flagd.evaluation.v2`, `schema.v1` (gRPC, gRPC-web and Connect), `grpc.health.v1`, reflection |
 //! | 8014 | `/healthz`, `/readyz`, `/metrics` |
 //! | 8015 | `flagd.sync.v1` |
 //! | 8016 | OFREP |
@@ -13,6 +13,7 @@
 
 pub mod app;
 pub mod config;
+mod connect;
 mod convert;
 mod error;
 mod flagd;
@@ -28,6 +29,7 @@ use anyhow::Context as _;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::flagd::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
@@ -137,9 +139,24 @@ fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
     .add_service(health_service())
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
-    Ok(routes
+    let grpc = routes
         .into_axum_router()
-        .layer(tonic_web::GrpcWebLayer::new()))
+        .layer(tonic_web::GrpcWebLayer::new());
+    // One port, three protocols: Connect requests are told apart by their content type; gRPC and
+    // gRPC-web go to tonic.
+    let app = app.clone();
+    let dispatch = tower::service_fn(move |request: axum::extract::Request| {
+        let (grpc, app) = (grpc.clone(), app.clone());
+        async move {
+            if connect::is_connect(request.headers()) {
+                let (parts, body) = request.into_parts();
+                Ok(connect::handle(app, parts.uri.path(), parts.headers, body).await)
+            } else {
+                grpc.oneshot(request).await
+            }
+        }
+    });
+    Ok(Router::new().fallback_service(dispatch))
 }
 
 /// 8015: flagd.sync.v1.

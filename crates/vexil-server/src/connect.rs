@@ -1,0 +1,477 @@
+//! The Connect protocol (connectrpc.com) on port 8013, as flagd's connect-go server speaks it: the
+//! flagd-web provider calls `flagd.evaluation.v1` ResolveAll and EventStream this way.
+//!
+//! - unary: `POST /<service>/<method>` with `application/json` (proto3 JSON) or `application/proto`;
+//!   errors are `{"code": "not_found", "message": "…"}` with the HTTP status Connect maps the code to;
+//! - server streaming: `application/connect+json` or `application/connect+proto`, the request and
+//!   every response message in a 5-byte envelope, then an end-of-stream envelope (flag `0x02`)
+//!   carrying `{"error": …}` when the stream failed.
+//!
+//! Requests are decoded and handed to the very same tonic service implementations the gRPC
+//! transport calls, so both protocols answer identically.
+
+use std::future::Future;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+use vexil_proto::flagd::evaluation::v1::service_server::Service as V1;
+use vexil_proto::flagd::evaluation::v2::service_server::Service as V2;
+use vexil_proto::flagd::evaluation::{v1, v2};
+use vexil_proto::schema::v1 as schema_v1;
+use vexil_proto::schema::v1::service_server::Service as SchemaV1Service;
+
+use crate::app::App;
+use crate::flagd::evaluation::{EvaluationV1, EvaluationV2, SchemaV1};
+
+/// Whether a request is Connect (rather than gRPC or gRPC-web), by its content type.
+pub fn is_connect(headers: &HeaderMap) -> bool {
+    content_type(headers).is_some()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Json,
+    Proto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unary,
+    Streaming,
+}
+
+fn content_type(headers: &HeaderMap) -> Option<(Kind, Codec)> {
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let ct = ct.split(';').next()?.trim().to_ascii_lowercase();
+    match ct.as_str() {
+        "application/json" => Some((Kind::Unary, Codec::Json)),
+        "application/proto" => Some((Kind::Unary, Codec::Proto)),
+        "application/connect+json" => Some((Kind::Streaming, Codec::Json)),
+        "application/connect+proto" => Some((Kind::Streaming, Codec::Proto)),
+        _ => None,
+    }
+}
+
+/// Connect's name of a status code.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "canceled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The HTTP status of a unary Connect error.
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_json(status: &Status) -> serde_json::Value {
+    json!({ "code": code_name(status.code()), "message": status.message() })
+}
+
+fn unary_error(status: &Status) -> Response {
+    (
+        http_status(status.code()),
+        [(header::CONTENT_TYPE, "application/json")],
+        error_json(status).to_string(),
+    )
+        .into_response()
+}
+
+fn decode<T: DeserializeOwned + Message + Default>(
+    codec: Codec,
+    bytes: &[u8],
+) -> Result<T, Status> {
+    match codec {
+        // An empty JSON body is the empty message.
+        Codec::Json if bytes.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
+        Codec::Json => serde_json::from_slice(bytes)
+            .map_err(|e| Status::invalid_argument(format!("invalid JSON request: {e}"))),
+        Codec::Proto => T::decode(bytes)
+            .map_err(|e| Status::invalid_argument(format!("invalid protobuf request: {e}"))),
+    }
+}
+
+fn encode<T: Serialize + Message>(codec: Codec, message: &T) -> Result<Vec<u8>, Status> {
+    match codec {
+        Codec::Json => serde_json::to_vec(message)
+            .map_err(|e| Status::internal(format!("encoding the response: {e}"))),
+        Codec::Proto => Ok(message.encode_to_vec()),
+    }
+}
+
+fn request<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
+    tonic::Request::from_parts(
+        MetadataMap::from_headers(headers.clone()),
+        Default::default(),
+        message,
+    )
+}
+
+fn content_type_header(kind: Kind, codec: Codec) -> HeaderValue {
+    HeaderValue::from_static(match (kind, codec) {
+        (Kind::Unary, Codec::Json) => "application/json",
+        (Kind::Unary, Codec::Proto) => "application/proto",
+        (Kind::Streaming, Codec::Json) => "application/connect+json",
+        (Kind::Streaming, Codec::Proto) => "application/connect+proto",
+    })
+}
+
+async fn unary<Req, Resp, F, Fut>(
+    codec: Codec,
+    headers: &HeaderMap,
+    body: &[u8],
+    call: F,
+) -> Response
+where
+    Req: DeserializeOwned + Message + Default,
+    Resp: Serialize + Message,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    let result = async {
+        let message = decode::<Req>(codec, body)?;
+        let response = call(request(headers, message)).await?;
+        encode(codec, response.get_ref())
+    }
+    .await;
+    match result {
+        Ok(bytes) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                content_type_header(Kind::Unary, codec),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(status) => unary_error(&status),
+    }
+}
+
+fn envelope(flags: u8, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + 5);
+    out.push(flags);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// The end-of-stream message: `{}` or `{"error": …}` (always JSON, whatever the codec).
+fn end_stream(error: Option<&Status>) -> Bytes {
+    let body = match error {
+        None => json!({}),
+        Some(status) => json!({ "error": error_json(status) }),
+    };
+    envelope(0x02, body.to_string().as_bytes())
+}
+
+/// The single enveloped request message of a streaming call.
+fn unwrap_envelope(body: &[u8]) -> Result<&[u8], Status> {
+    if body.is_empty() {
+        return Ok(body);
+    }
+    if body.len() < 5 {
+        return Err(Status::invalid_argument("truncated Connect envelope"));
+    }
+    if body[0] & 0x01 != 0 {
+        return Err(Status::unimplemented(
+            "compressed Connect messages are not supported",
+        ));
+    }
+    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+    body.get(5..5 + len)
+        .ok_or_else(|| Status::invalid_argument("truncated Connect envelope"))
+}
+
+async fn server_stream<Req, Resp, F, Fut, S>(
+    codec: Codec,
+    headers: &HeaderMap,
+    body: &[u8],
+    call: F,
+) -> Response
+where
+    Req: DeserializeOwned + Message + Default,
+    Resp: Serialize + Message + Send + 'static,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<S>, Status>>,
+    S: Stream<Item = Result<Resp, Status>> + Send + 'static,
+{
+    let started = async {
+        let message = decode::<Req>(codec, unwrap_envelope(body)?)?;
+        call(request(headers, message)).await
+    }
+    .await;
+    let frames: futures::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>> =
+        match started {
+            Ok(response) => {
+                let messages = response.into_inner();
+                // Each message in an envelope; the first error (or the end) closes the stream.
+                let stream = futures::stream::unfold(
+                    (Box::pin(messages), false),
+                    move |(mut messages, done)| async move {
+                        if done {
+                            return None;
+                        }
+                        match messages.next().await {
+                            Some(Ok(m)) => match encode(codec, &m) {
+                                Ok(bytes) => Some((envelope(0x00, &bytes), (messages, false))),
+                                Err(status) => Some((end_stream(Some(&status)), (messages, true))),
+                            },
+                            Some(Err(status)) => {
+                                Some((end_stream(Some(&status)), (messages, true)))
+                            }
+                            None => Some((end_stream(None), (messages, true))),
+                        }
+                    },
+                );
+                stream.map(Ok).boxed()
+            }
+            Err(status) => {
+                futures::stream::once(async move { Ok(end_stream(Some(&status))) }).boxed()
+            }
+        };
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            content_type_header(Kind::Streaming, codec),
+        )],
+        Body::from_stream(frames),
+    )
+        .into_response()
+}
+
+/// Answers a Connect request for flagd's evaluation services.
+pub async fn handle(app: App, path: &str, headers: HeaderMap, body: Body) -> Response {
+    let Some((kind, codec)) = content_type(&headers) else {
+        return unary_error(&Status::invalid_argument("unsupported content type"));
+    };
+    let body = match axum::body::to_bytes(body, app.max_body()).await {
+        Ok(b) => b,
+        Err(_) => {
+            return unary_error(&Status::resource_exhausted(format!(
+                "request body larger than {} bytes",
+                app.max_body()
+            )));
+        }
+    };
+    let (v1s, v2s, legacy) = (
+        EvaluationV1 { app: app.clone() },
+        EvaluationV2 { app: app.clone() },
+        SchemaV1 { app },
+    );
+    let (h, b) = (&headers, &body[..]);
+    match (kind, path) {
+        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveBoolean") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<v1::ResolveBooleanRequest>| v1s.resolve_boolean(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveString") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<v1::ResolveStringRequest>| v1s.resolve_string(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveFloat") => {
+            unary(codec, h, b, |r: tonic::Request<v1::ResolveFloatRequest>| {
+                v1s.resolve_float(r)
+            })
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveInt") => {
+            unary(codec, h, b, |r: tonic::Request<v1::ResolveIntRequest>| {
+                v1s.resolve_int(r)
+            })
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveObject") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<v1::ResolveObjectRequest>| v1s.resolve_object(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveAll") => {
+            unary(codec, h, b, |r: tonic::Request<v1::ResolveAllRequest>| {
+                v1s.resolve_all(r)
+            })
+            .await
+        }
+        (Kind::Streaming, "/flagd.evaluation.v1.Service/EventStream") => {
+            server_stream(codec, h, b, |r: tonic::Request<v1::EventStreamRequest>| {
+                v1s.event_stream(r)
+            })
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveBoolean") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<v2::ResolveBooleanRequest>| v2s.resolve_boolean(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveString") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<v2::ResolveStringRequest>| v2s.resolve_string(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveFloat") => {
+            unary(codec, h, b, |r: tonic::Request<v2::ResolveFloatRequest>| {
+                v2s.resolve_float(r)
+            })
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveInt") => {
+            unary(codec, h, b, |r: tonic::Request<v2::ResolveIntRequest>| {
+                v2s.resolve_int(r)
+            })
+            .await
+        }
+        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveObject") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<v2::ResolveObjectRequest>| v2s.resolve_object(r),
+            )
+            .await
+        }
+        (Kind::Streaming, "/flagd.evaluation.v2.Service/EventStream") => {
+            server_stream(codec, h, b, |r: tonic::Request<v2::EventStreamRequest>| {
+                v2s.event_stream(r)
+            })
+            .await
+        }
+        (Kind::Unary, "/schema.v1.Service/ResolveBoolean") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<schema_v1::ResolveBooleanRequest>| legacy.resolve_boolean(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/schema.v1.Service/ResolveString") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<schema_v1::ResolveStringRequest>| legacy.resolve_string(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/schema.v1.Service/ResolveFloat") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<schema_v1::ResolveFloatRequest>| legacy.resolve_float(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/schema.v1.Service/ResolveInt") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<schema_v1::ResolveIntRequest>| legacy.resolve_int(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/schema.v1.Service/ResolveObject") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<schema_v1::ResolveObjectRequest>| legacy.resolve_object(r),
+            )
+            .await
+        }
+        (Kind::Unary, "/schema.v1.Service/ResolveAll") => {
+            unary(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<schema_v1::ResolveAllRequest>| legacy.resolve_all(r),
+            )
+            .await
+        }
+        (Kind::Streaming, "/schema.v1.Service/EventStream") => {
+            server_stream(
+                codec,
+                h,
+                b,
+                |r: tonic::Request<schema_v1::EventStreamRequest>| legacy.event_stream(r),
+            )
+            .await
+        }
+        (Kind::Streaming, _) => {
+            let status = Status::unimplemented(format!("no streaming method {path}"));
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    content_type_header(Kind::Streaming, codec),
+                )],
+                end_stream(Some(&status)),
+            )
+                .into_response()
+        }
+        (Kind::Unary, _) => unary_error(&Status::unimplemented(format!("no method {path}"))),
+    }
+}
