@@ -1013,3 +1013,220 @@ async fn connect_streaming_event_stream() {
     );
     assert!(stopping.await.unwrap());
 }
+
+#[tokio::test]
+async fn tls_with_the_flagd_provider() {
+    use open_feature::EvaluationContext;
+    use open_feature::provider::FeatureProvider;
+    use open_feature_flagd::{FlagdOptions, FlagdProvider, ResolverType};
+
+    let dir = Scratch::new("tls");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_path = dir.write("cert.pem", &cert.cert.pem());
+    let key_path = dir.write("key.pem", &cert.signing_key.serialize_pem());
+    let flags = dir.write("flags.json", FLAGS);
+    let (uri, c, k) = (
+        format!("file:{}", flags.display()),
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let s = Server::start(&["--uri", &uri, "-c", &c, "-k", &k]);
+
+    for (resolver_type, port) in [
+        (ResolverType::Rpc, s.ports.evaluation),
+        (ResolverType::InProcess, s.ports.sync),
+    ] {
+        let options = FlagdOptions {
+            host: "localhost".into(),
+            port,
+            resolver_type: resolver_type.clone(),
+            tls: true,
+            cert_path: Some(c.clone()),
+            cache_settings: None,
+            deadline_ms: 3000,
+            ..Default::default()
+        };
+        let provider = FlagdProvider::new(options)
+            .await
+            .unwrap_or_else(|e| panic!("{resolver_type:?} over TLS: {e:?}"));
+        let r = provider
+            .resolve_string_value("string", &EvaluationContext::default())
+            .await
+            .unwrap();
+        assert_eq!(r.value, "alpha", "{resolver_type:?}");
+    }
+
+    // Plaintext HTTP/2 to a TLS port fails: nothing is served unencrypted.
+    let plain = v1::service_client::ServiceClient::connect(s.grpc_url()).await;
+    let failed = match plain {
+        Err(_) => true,
+        Ok(mut c) => c
+            .resolve_string(v1::ResolveStringRequest {
+                flag_key: "string".into(),
+                context: None,
+            })
+            .await
+            .is_err(),
+    };
+    assert!(failed);
+}
+
+#[test]
+fn tls_needs_both_files() {
+    let out = std::process::Command::new(vexil_e2e::binary())
+        .args(["start", "-c", "/nonexistent.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server-key-path"));
+    let out = std::process::Command::new(vexil_e2e::binary())
+        .args([
+            "start",
+            "-c",
+            "/nonexistent/cert.pem",
+            "-k",
+            "/nonexistent/key.pem",
+            "-p",
+            "0",
+            "-m",
+            "0",
+            "-g",
+            "0",
+            "-r",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cert.pem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn oversized_headers_are_rejected() {
+    let (s, _dir) = start(FLAGS, &["-R", "4096"]);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(s.ofrep_url("/ofrep/v1/evaluate/flags/string"))
+        .header("x-big", "x".repeat(16 * 1024))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let r = http
+        .post(s.ofrep_url("/ofrep/v1/evaluate/flags/string"))
+        .header("x-small", "x".repeat(512))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn metrics_count_evaluations_by_reason_and_streams() {
+    let (s, _dir) = start(FLAGS, &[]);
+    let mut c = v1_client(&s).await;
+    c.resolve_string(v1::ResolveStringRequest {
+        flag_key: "string".into(),
+        context: None,
+    })
+    .await
+    .unwrap();
+    let _ = c
+        .resolve_string(v1::ResolveStringRequest {
+            flag_key: "missing".into(),
+            context: None,
+        })
+        .await;
+    let mut stream = c
+        .event_stream(v1::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    next_event(&mut stream).await;
+    let text = reqwest::get(s.management_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let has = |needle: &str| text.lines().any(|l| l.starts_with(needle));
+    assert!(
+        has(r#"vexil_evaluations_total{protocol="flagd.evaluation.v1",reason="STATIC"} 1"#),
+        "{text}"
+    );
+    assert!(
+        has(r#"vexil_evaluations_total{protocol="flagd.evaluation.v1",reason="ERROR"} 1"#),
+        "{text}"
+    );
+    assert!(
+        has(r#"vexil_evaluation_duration_seconds_bucket{protocol="flagd.evaluation.v1""#),
+        "{text}"
+    );
+    assert!(has("vexil_config_version 0"), "{text}");
+    assert!(
+        has(r#"vexil_connected_streams{kind="event_stream"} 1"#),
+        "{text}"
+    );
+    assert!(has("vexil_flags 10"), "{text}");
+}
+
+#[tokio::test]
+async fn stream_deadline_ends_streams() {
+    let (s, _dir) = start(FLAGS, &["--stream-deadline", "1"]);
+    let mut c = v1_client(&s).await;
+    let mut stream = c
+        .event_stream(v1::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut stream).await.r#type, "provider_ready");
+    let started = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the deadline ends the stream");
+    assert_eq!(end.unwrap_err().code(), Code::DeadlineExceeded);
+    assert!(started.elapsed() >= Duration::from_millis(800));
+}
+
+#[tokio::test]
+async fn cors_for_browser_clients() {
+    let (s, _dir) = start(FLAGS, &["-C", "https://app.example.com"]);
+    let http = reqwest::Client::new();
+    for url in [
+        s.ofrep_url("/ofrep/v1/evaluate/flags"),
+        format!("{}/flagd.evaluation.v1.Service/ResolveAll", s.grpc_url()),
+    ] {
+        let r = http
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "content-type,flagd-selector",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{url}: {}", r.status());
+        assert_eq!(
+            r.headers()["access-control-allow-origin"],
+            "https://app.example.com",
+            "{url}"
+        );
+    }
+    let r = http
+        .post(s.ofrep_url("/ofrep/v1/evaluate/flags"))
+        .header("origin", "https://evil.example.org")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}

@@ -90,6 +90,22 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cors_origin: Vec<String>,
+    /// TLS certificate (PEM chain) for the evaluation, sync and OFREP ports; needs --server-key-path.
+    #[arg(
+        short = 'c',
+        long = "server-cert-path",
+        env = "VEXIL_SERVER_CERT_PATH",
+        requires = "server_key_path"
+    )]
+    pub server_cert_path: Option<std::path::PathBuf>,
+    /// TLS private key (PEM) matching --server-cert-path.
+    #[arg(
+        short = 'k',
+        long = "server-key-path",
+        env = "VEXIL_SERVER_KEY_PATH",
+        requires = "server_cert_path"
+    )]
+    pub server_key_path: Option<std::path::PathBuf>,
     /// End EventStream and SyncFlags streams after this many seconds (0: never).
     #[arg(long, env = "VEXIL_STREAM_DEADLINE", default_value = "0", value_parser = parse_seconds)]
     pub stream_deadline: Duration,
@@ -151,6 +167,8 @@ const FLAGD_ENV: &[(&str, &str)] = &[
     ("context_value", "FLAGD_CONTEXT_VALUE"),
     ("context_from_header", "FLAGD_CONTEXT_FROM_HEADER"),
     ("cors_origin", "FLAGD_CORS_ORIGIN"),
+    ("server_cert_path", "FLAGD_SERVER_CERT_PATH"),
+    ("server_key_path", "FLAGD_SERVER_KEY_PATH"),
     ("stream_deadline", "FLAGD_STREAM_DEADLINE"),
     ("max_request_body", "FLAGD_MAX_REQUEST_BODY"),
     ("max_request_header", "FLAGD_MAX_REQUEST_HEADER"),

@@ -20,6 +20,7 @@ mod flagd;
 mod management;
 mod metrics;
 mod ofrep;
+mod serve;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -27,7 +28,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
@@ -76,28 +76,34 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     let management = management::router(live.clone(), prometheus).merge(health_router());
     let ofrep = with_cors(ofrep::router(app.clone()), cors);
 
+    let tls = match (&args.server_cert_path, &args.server_key_path) {
+        (Some(cert), Some(key)) => Some(serve::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let limits = serve::Limits {
+        max_header_bytes: args.max_request_header,
+    };
     let bind = |port: u16| SocketAddr::new(args.bind, port);
+    // Management stays plain HTTP (probes and scrapers); the client-facing ports use TLS if given.
     let servers = [
-        ("evaluation", bind(args.port), evaluation),
-        ("management", bind(args.management_port), management),
-        ("sync", bind(args.sync_port), sync),
-        ("ofrep", bind(args.ofrep_port), ofrep),
+        ("evaluation", bind(args.port), evaluation, tls.clone()),
+        ("management", bind(args.management_port), management, None),
+        ("sync", bind(args.sync_port), sync, tls.clone()),
+        ("ofrep", bind(args.ofrep_port), ofrep, tls),
     ];
     let mut tasks = Vec::new();
-    for (name, addr, router) in servers {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the {name} port {addr}"))?;
-        tracing::info!(%addr, "{name} listening");
-        let mut stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-                .with_context(|| format!("{name} server"))
-        }));
+    for (name, addr, router, tls) in servers {
+        let listener = serve::bind(name, addr).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "{name} listening");
+        tasks.push(tokio::spawn(serve::serve(
+            name,
+            listener,
+            router,
+            tls,
+            limits,
+            shutdown.clone(),
+        )));
     }
     for task in tasks {
         task.await??;
