@@ -24,7 +24,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (flagd's `start` options work unchanged).
     #[command(alias = "start")]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check flag definition files (JSON or YAML) against the flagd schema and the targeting
     /// compiler; exits non-zero on any problem.
     Validate(ValidateArgs),
@@ -296,7 +296,7 @@ mod tests {
             .collect();
         let cli = Cli::parse_from_with_env(args.iter().copied(), |k| env.get(k).cloned());
         match cli.command {
-            Command::Serve(s) => s,
+            Command::Serve(s) => *s,
             Command::Validate(_) => panic!("not serve"),
         }
     }

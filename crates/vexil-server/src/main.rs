@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
                     tracing::info!("shutting down");
                     let _ = stop.send(true);
                 });
-                vexil_server::serve(args, shutdown).await
+                vexil_server::serve(*args, shutdown).await
             })
         }
     }
