@@ -1230,3 +1230,18 @@ async fn cors_for_browser_clients() {
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn yaml_sources_and_oversized_grpc_messages() {
+    let dir = Scratch::new("yaml");
+    let yaml = "flags:\n  greeting:\n    state: ENABLED\n    variants: {hi: hello, bye: goodbye}\n    defaultVariant: hi\n";
+    let path = dir.write("flags.yaml", yaml);
+    let uri = format!("file:{}", path.display());
+    let s = Server::start(&["--uri", &uri, "-B", "2048"]);
+    let mut c = v1_client(&s).await;
+    let r = c.resolve_string(v1::ResolveStringRequest { flag_key: "greeting".into(), context: None }).await.unwrap();
+    assert_eq!(r.into_inner().value, "hello");
+    let big = ctx(&[("pad", &"x".repeat(10_000))]);
+    let err = c.resolve_string(v1::ResolveStringRequest { flag_key: "greeting".into(), context: big }).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+}

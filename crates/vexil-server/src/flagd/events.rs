@@ -80,3 +80,43 @@ where
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+    use tokio_stream::StreamExt;
+    use vexil_core::{FractionalMode, Selector};
+    use vexil_service::{Live, LiveConfig, StaticContext};
+
+    use super::*;
+    use crate::app::{App, AppConfig};
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_after_twenty_seconds_of_silence_then_shutdown() {
+        let live = Live::load(&LiveConfig {
+            sources: Vec::new(),
+            fractional: FractionalMode::V3,
+            poll_interval: Duration::from_secs(1),
+            stale_after: None,
+        });
+        let (stop, shutdown) = watch::channel(false);
+        let app = App::new(AppConfig {
+            live,
+            statics: StaticContext::default(),
+            stream_deadline: None,
+            disable_sync_metadata: false,
+            max_body: 1024,
+            shutdown,
+        });
+        let mut events = stream(&app, Selector::All, |kind, data| (kind, data.is_some()));
+        assert_eq!(events.next().await.unwrap().unwrap(), ("provider_ready", true));
+        let started = Instant::now();
+        assert_eq!(events.next().await.unwrap().unwrap(), ("keep_alive", false));
+        assert_eq!(started.elapsed(), KEEP_ALIVE, "exactly after 20 s of silence (paused clock)");
+        stop.send(true).unwrap();
+        assert_eq!(events.next().await.unwrap().unwrap(), ("provider_shutdown", true));
+        assert!(events.next().await.is_none(), "the stream ends after provider_shutdown");
+    }
+}
