@@ -57,9 +57,7 @@ fn start(flags: &str, extra: &[&str]) -> (Server, Scratch) {
 }
 
 async fn v1_client(s: &Server) -> v1::service_client::ServiceClient<tonic::transport::Channel> {
-    v1::service_client::ServiceClient::connect(s.grpc_url())
-        .await
-        .unwrap()
+    v1::service_client::ServiceClient::connect(s.grpc_url()).await.unwrap()
 }
 
 fn with_selector<T>(message: T, selector: &str) -> tonic::Request<T> {
@@ -151,16 +149,11 @@ async fn evaluation_v1_values_reasons_and_errors() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (
-            disabled.value,
-            disabled.reason.as_str(),
-            disabled.variant.as_str()
-        ),
+        (disabled.value, disabled.reason.as_str(), disabled.variant.as_str()),
         (false, "DISABLED", "")
     );
 
-    let code =
-        |r: Result<tonic::Response<v1::ResolveIntResponse>, tonic::Status>| r.unwrap_err().code();
+    let code = |r: Result<tonic::Response<v1::ResolveIntResponse>, tonic::Status>| r.unwrap_err().code();
     let int = |key: &str| v1::ResolveIntRequest {
         flag_key: key.into(),
         context: None,
@@ -172,10 +165,7 @@ async fn evaluation_v1_values_reasons_and_errors() {
         "v1 has no way to say 'code default'"
     );
     assert_eq!(code(c.resolve_int(int("broken")).await), Code::DataLoss);
-    assert_eq!(
-        code(c.resolve_int(int("unknown-variant")).await),
-        Code::Unknown
-    );
+    assert_eq!(code(c.resolve_int(int("unknown-variant")).await), Code::Unknown);
     let mismatch = c
         .resolve_boolean(v1::ResolveBooleanRequest {
             flag_key: "string".into(),
@@ -189,9 +179,7 @@ async fn evaluation_v1_values_reasons_and_errors() {
 #[tokio::test]
 async fn evaluation_v2_leaves_value_and_variant_unset_for_the_code_default() {
     let (s, _dir) = start(FLAGS, &[]);
-    let mut c = v2::service_client::ServiceClient::connect(s.grpc_url())
-        .await
-        .unwrap();
+    let mut c = v2::service_client::ServiceClient::connect(s.grpc_url()).await.unwrap();
     let r = c
         .resolve_int(v2::ResolveIntRequest {
             flag_key: "no-default".into(),
@@ -200,10 +188,7 @@ async fn evaluation_v2_leaves_value_and_variant_unset_for_the_code_default() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (r.value, r.variant, r.reason.as_str()),
-        (None, None, "DEFAULT")
-    );
+    assert_eq!((r.value, r.variant, r.reason.as_str()), (None, None, "DEFAULT"));
     let r = c
         .resolve_boolean(v2::ResolveBooleanRequest {
             flag_key: "disabled".into(),
@@ -212,10 +197,7 @@ async fn evaluation_v2_leaves_value_and_variant_unset_for_the_code_default() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (r.value, r.variant, r.reason.as_str()),
-        (None, None, "DISABLED")
-    );
+    assert_eq!((r.value, r.variant, r.reason.as_str()), (None, None, "DISABLED"));
     let r = c
         .resolve_string(v2::ResolveStringRequest {
             flag_key: "string".into(),
@@ -224,10 +206,7 @@ async fn evaluation_v2_leaves_value_and_variant_unset_for_the_code_default() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (r.value.as_deref(), r.variant.as_deref()),
-        (Some("alpha"), Some("a"))
-    );
+    assert_eq!((r.value.as_deref(), r.variant.as_deref()), (Some("alpha"), Some("a")));
     let err = c
         .resolve_string(v2::ResolveStringRequest {
             flag_key: "missing".into(),
@@ -291,15 +270,15 @@ async fn resolve_all_uses_default_variant_types_and_skips_flags_without_one() {
 #[tokio::test]
 async fn selectors_pick_flag_sets_and_bad_ones_are_invalid_arguments() {
     let dir = Scratch::new("selector");
-    let a = dir.write("a.json", r#"{"flags": {"f": {"state": "ENABLED", "variants": {"a": "from-a"}, "defaultVariant": "a"}}}"#);
+    let a = dir.write(
+        "a.json",
+        r#"{"flags": {"f": {"state": "ENABLED", "variants": {"a": "from-a"}, "defaultVariant": "a"}}}"#,
+    );
     let b = dir.write(
         "b.json",
         r#"{"metadata": {"flagSetId": "set-b"}, "flags": {"f": {"state": "ENABLED", "variants": {"b": "from-b"}, "defaultVariant": "b"}}}"#,
     );
-    let (ua, ub) = (
-        format!("file:{}", a.display()),
-        format!("file:{}", b.display()),
-    );
+    let (ua, ub) = (format!("file:{}", a.display()), format!("file:{}", b.display()));
     let s = Server::start(&["-f", &ua, "-f", &ub]);
     let mut c = v1_client(&s).await;
     let get = |sel: Option<&str>| {
@@ -313,11 +292,7 @@ async fn selectors_pick_flag_sets_and_bad_ones_are_invalid_arguments() {
         }
     };
     assert_eq!(
-        c.resolve_string(get(None))
-            .await
-            .unwrap()
-            .into_inner()
-            .value,
+        c.resolve_string(get(None)).await.unwrap().into_inner().value,
         "from-b",
         "later source wins"
     );
@@ -348,10 +323,7 @@ async fn selectors_pick_flag_sets_and_bad_ones_are_invalid_arguments() {
         "from-a"
     );
     assert_eq!(
-        c.resolve_string(get(Some("owner=me")))
-            .await
-            .unwrap_err()
-            .code(),
+        c.resolve_string(get(Some("owner=me"))).await.unwrap_err().code(),
         Code::InvalidArgument
     );
 }
@@ -367,26 +339,16 @@ async fn static_and_header_context() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        r.into_inner().value,
-        "prod",
-        "-X wins over the request context"
-    );
+    assert_eq!(r.into_inner().value, "prod", "-X wins over the request context");
     let mut req = tonic::Request::new(v1::ResolveStringRequest {
         flag_key: "region".into(),
         context: None,
     });
-    req.metadata_mut()
-        .insert("x-region", MetadataValue::from_static("eu"));
-    assert_eq!(
-        c.resolve_string(req).await.unwrap().into_inner().value,
-        "eu"
-    );
+    req.metadata_mut().insert("x-region", MetadataValue::from_static("eu"));
+    assert_eq!(c.resolve_string(req).await.unwrap().into_inner().value, "eu");
 }
 
-async fn next_event(
-    stream: &mut tonic::Streaming<v1::EventStreamResponse>,
-) -> v1::EventStreamResponse {
+async fn next_event(stream: &mut tonic::Streaming<v1::EventStreamResponse>) -> v1::EventStreamResponse {
     tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
         .expect("an event within 5 s")
@@ -398,11 +360,7 @@ async fn next_event(
 async fn event_stream_ready_change_and_shutdown() {
     let (mut s, dir) = start(FLAGS, &[]);
     let mut c = v1_client(&s).await;
-    let mut stream = c
-        .event_stream(v1::EventStreamRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = c.event_stream(v1::EventStreamRequest {}).await.unwrap().into_inner();
     assert_eq!(next_event(&mut stream).await.r#type, "provider_ready");
 
     let changed = FLAGS
@@ -479,11 +437,7 @@ async fn sync_streams_the_full_configuration_then_every_change() {
         .into_inner();
     assert_eq!(fetched.flag_configuration, second.flag_configuration);
     #[allow(deprecated)] // flagd deprecated GetMetadata; in-process providers still call it.
-    let meta = c
-        .get_metadata(sync::GetMetadataRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let meta = c.get_metadata(sync::GetMetadataRequest {}).await.unwrap().into_inner();
     assert_eq!(
         serde_json::to_value(meta.metadata.unwrap()).unwrap(),
         json!({"env": "prod"})
@@ -528,35 +482,19 @@ async fn ofrep_single_bulk_etag_and_errors() {
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(
-        (
-            body["value"].clone(),
-            body["reason"].clone(),
-            body["variant"].clone()
-        ),
+        (body["value"].clone(), body["reason"].clone(), body["variant"].clone()),
         (json!(true), json!("TARGETING_MATCH"), json!("on"))
     );
 
-    let r = post("/ofrep/v1/evaluate/flags/no-default", "")
-        .send()
-        .await
-        .unwrap();
+    let r = post("/ofrep/v1/evaluate/flags/no-default", "").send().await.unwrap();
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["reason"], "DEFAULT");
     assert!(body.get("value").is_none() && body.get("variant").is_none());
 
-    let r = post("/ofrep/v1/evaluate/flags/missing", "{}")
-        .send()
-        .await
-        .unwrap();
+    let r = post("/ofrep/v1/evaluate/flags/missing", "{}").send().await.unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["errorCode"],
-        "FLAG_NOT_FOUND"
-    );
-    let r = post("/ofrep/v1/evaluate/flags/broken", "{}")
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["errorCode"], "FLAG_NOT_FOUND");
+    let r = post("/ofrep/v1/evaluate/flags/broken", "{}").send().await.unwrap();
     assert_eq!(
         (
             r.status().as_u16(),
@@ -564,10 +502,7 @@ async fn ofrep_single_bulk_etag_and_errors() {
         ),
         (400, json!("PARSE_ERROR"))
     );
-    let r = post("/ofrep/v1/evaluate/flags/bool", "{not json")
-        .send()
-        .await
-        .unwrap();
+    let r = post("/ofrep/v1/evaluate/flags/bool", "{not json").send().await.unwrap();
     assert_eq!(
         (
             r.status().as_u16(),
@@ -596,13 +531,10 @@ async fn ofrep_single_bulk_etag_and_errors() {
         .unwrap();
     assert_eq!(r.status(), 400);
 
-    let bulk = post(
-        "/ofrep/v1/evaluate/flags",
-        r#"{"context": {"email": "x@example.com"}}"#,
-    )
-    .send()
-    .await
-    .unwrap();
+    let bulk = post("/ofrep/v1/evaluate/flags", r#"{"context": {"email": "x@example.com"}}"#)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bulk.status(), 200);
     let etag = bulk.headers()["etag"].to_str().unwrap().to_owned();
     let body: Value = bulk.json().await.unwrap();
@@ -617,28 +549,18 @@ async fn ofrep_single_bulk_etag_and_errors() {
             .iter()
             .any(|f| f["key"] == "broken" && f["errorCode"] == "PARSE_ERROR")
     );
-    let again = post(
-        "/ofrep/v1/evaluate/flags",
-        r#"{"context": {"email": "x@example.com"}}"#,
-    )
-    .header("if-none-match", &etag)
-    .send()
-    .await
-    .unwrap();
+    let again = post("/ofrep/v1/evaluate/flags", r#"{"context": {"email": "x@example.com"}}"#)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 304);
-    let other = post(
-        "/ofrep/v1/evaluate/flags",
-        r#"{"context": {"email": "x@other.org"}}"#,
-    )
-    .header("if-none-match", &etag)
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(
-        other.status(),
-        200,
-        "a different result has a different ETag"
-    );
+    let other = post("/ofrep/v1/evaluate/flags", r#"{"context": {"email": "x@other.org"}}"#)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200, "a different result has a different ETag");
 }
 
 #[tokio::test]
@@ -687,10 +609,7 @@ async fn health_and_reflection() {
         "schema.v1.Service",
         "grpc.health.v1.Health",
     ] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} in {names:?}"
-        );
+        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
     }
 }
 
@@ -708,10 +627,7 @@ async fn grpc_web_over_http1() {
     frame.extend_from_slice(&request);
     let http = reqwest::Client::builder().http1_only().build().unwrap();
     let r = http
-        .post(format!(
-            "{}/flagd.evaluation.v1.Service/ResolveString",
-            s.grpc_url()
-        ))
+        .post(format!("{}/flagd.evaluation.v1.Service/ResolveString", s.grpc_url()))
         .header("content-type", "application/grpc-web+proto")
         .header("x-grpc-web", "1")
         .body(frame)
@@ -758,11 +674,7 @@ async fn file_edits_are_served_within_a_second_and_invalid_ones_keep_the_last_go
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(value().await, "edited", "the last good flags keep serving");
-    assert_eq!(
-        s.http_status("/readyz"),
-        Some(200),
-        "ready within the grace period"
-    );
+    assert_eq!(s.http_status("/readyz"), Some(200), "ready within the grace period");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         s.http_status("/readyz"),
@@ -828,34 +740,24 @@ async fn connect_json_unary_matches_grpc() {
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(
-        (
-            body["value"].clone(),
-            body["reason"].clone(),
-            body["variant"].clone()
-        ),
+        (body["value"].clone(), body["reason"].clone(), body["variant"].clone()),
         (json!(true), json!("TARGETING_MATCH"), json!("on"))
     );
     assert_eq!(body["metadata"]["owner"], "ann");
     // proto3 JSON: int64 as a string, zero values emitted, snake_case names accepted.
-    let body: Value = call(
-        "flagd.evaluation.v1.Service/ResolveInt",
-        json!({"flag_key": "half"}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let body: Value = call("flagd.evaluation.v1.Service/ResolveInt", json!({"flag_key": "half"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["value"], "0");
-    let body: Value = call(
-        "flagd.evaluation.v1.Service/ResolveString",
-        json!({"flagKey": "env"}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let body: Value = call("flagd.evaluation.v1.Service/ResolveString", json!({"flagKey": "env"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["value"], "prod", "-X applies to Connect too");
     let body: Value = call(
         "flagd.evaluation.v2.Service/ResolveInt",
@@ -868,8 +770,7 @@ async fn connect_json_unary_matches_grpc() {
     .unwrap();
     assert_eq!(body["reason"], "DEFAULT");
     assert!(
-        body.get("value").is_none_or(Value::is_null)
-            && body.get("variant").is_none_or(Value::is_null),
+        body.get("value").is_none_or(Value::is_null) && body.get("variant").is_none_or(Value::is_null),
         "{body}"
     );
     let all: Value = call("flagd.evaluation.v1.Service/ResolveAll", json!({}))
@@ -880,12 +781,9 @@ async fn connect_json_unary_matches_grpc() {
         .unwrap();
     assert_eq!(all["flags"]["string"]["stringValue"], "alpha");
 
-    let r = call(
-        "flagd.evaluation.v1.Service/ResolveInt",
-        json!({"flagKey": "missing"}),
-    )
-    .await
-    .unwrap();
+    let r = call("flagd.evaluation.v1.Service/ResolveInt", json!({"flagKey": "missing"}))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "not_found");
     let r = call(
@@ -895,26 +793,18 @@ async fn connect_json_unary_matches_grpc() {
     .await
     .unwrap();
     assert_eq!(
-        (
-            r.status().as_u16(),
-            r.json::<Value>().await.unwrap()["code"].clone()
-        ),
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()["code"].clone()),
         (400, json!("invalid_argument"))
     );
     let r = http
-        .post(format!(
-            "{}/flagd.evaluation.v1.Service/ResolveBoolean",
-            s.grpc_url()
-        ))
+        .post(format!("{}/flagd.evaluation.v1.Service/ResolveBoolean", s.grpc_url()))
         .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let r = call("flagd.evaluation.v1.Service/Nope", json!({}))
-        .await
-        .unwrap();
+    let r = call("flagd.evaluation.v1.Service/Nope", json!({})).await.unwrap();
     assert_eq!(r.status(), 501);
 }
 
@@ -928,10 +818,7 @@ async fn connect_proto_unary() {
     }
     .encode_to_vec();
     let r = reqwest::Client::new()
-        .post(format!(
-            "{}/flagd.evaluation.v1.Service/ResolveString",
-            s.grpc_url()
-        ))
+        .post(format!("{}/flagd.evaluation.v1.Service/ResolveString", s.grpc_url()))
         .header("content-type", "application/proto")
         .body(request)
         .send()
@@ -975,19 +862,13 @@ async fn connect_streaming_event_stream() {
     let mut request = vec![0u8, 0, 0, 0, 2];
     request.extend_from_slice(b"{}");
     let response = reqwest::Client::new()
-        .post(format!(
-            "{}/flagd.evaluation.v1.Service/EventStream",
-            s.grpc_url()
-        ))
+        .post(format!("{}/flagd.evaluation.v1.Service/EventStream", s.grpc_url()))
         .header("content-type", "application/connect+json")
         .body(request)
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/connect+json"
-    );
+    assert_eq!(response.headers()["content-type"], "application/connect+json");
     let mut frames = Envelopes {
         response,
         buffer: Vec::new(),
@@ -998,10 +879,7 @@ async fn connect_streaming_event_stream() {
     );
     dir.write("flags.json", &FLAGS.replace(r#""alpha""#, r#""changed""#));
     let (flags, change) = frames.next().await.unwrap();
-    assert_eq!(
-        (flags, change["type"].clone()),
-        (0, json!("configuration_change"))
-    );
+    assert_eq!((flags, change["type"].clone()), (0, json!("configuration_change")));
     assert_eq!(change["data"]["flags"]["string"]["type"], "update");
     let stopping = tokio::task::spawn_blocking(move || s.stop());
     assert_eq!(frames.next().await.unwrap().1["type"], "provider_shutdown");
@@ -1021,8 +899,7 @@ async fn tls_with_the_flagd_provider() {
     use open_feature_flagd::{FlagdOptions, FlagdProvider, ResolverType};
 
     let dir = Scratch::new("tls");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let cert_path = dir.write("cert.pem", &cert.cert.pem());
     let key_path = dir.write("key.pem", &cert.signing_key.serialize_pem());
     let flags = dir.write("flags.json", FLAGS);
@@ -1144,11 +1021,7 @@ async fn metrics_count_evaluations_by_reason_and_streams() {
             context: None,
         })
         .await;
-    let mut stream = c
-        .event_stream(v1::EventStreamRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = c.event_stream(v1::EventStreamRequest {}).await.unwrap().into_inner();
     next_event(&mut stream).await;
     let text = reqwest::get(s.management_url("/metrics"))
         .await
@@ -1170,10 +1043,7 @@ async fn metrics_count_evaluations_by_reason_and_streams() {
         "{text}"
     );
     assert!(has("vexil_config_version 0"), "{text}");
-    assert!(
-        has(r#"vexil_connected_streams{kind="event_stream"} 1"#),
-        "{text}"
-    );
+    assert!(has(r#"vexil_connected_streams{kind="event_stream"} 1"#), "{text}");
     assert!(has("vexil_flags 10"), "{text}");
 }
 
@@ -1181,11 +1051,7 @@ async fn metrics_count_evaluations_by_reason_and_streams() {
 async fn stream_deadline_ends_streams() {
     let (s, _dir) = start(FLAGS, &["--stream-deadline", "1"]);
     let mut c = v1_client(&s).await;
-    let mut stream = c
-        .event_stream(v1::EventStreamRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = c.event_stream(v1::EventStreamRequest {}).await.unwrap().into_inner();
     assert_eq!(next_event(&mut stream).await.r#type, "provider_ready");
     let started = Instant::now();
     let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
@@ -1207,10 +1073,7 @@ async fn cors_for_browser_clients() {
             .request(reqwest::Method::OPTIONS, &url)
             .header("origin", "https://app.example.com")
             .header("access-control-request-method", "POST")
-            .header(
-                "access-control-request-headers",
-                "content-type,flagd-selector",
-            )
+            .header("access-control-request-headers", "content-type,flagd-selector")
             .send()
             .await
             .unwrap();
@@ -1234,14 +1097,27 @@ async fn cors_for_browser_clients() {
 #[tokio::test]
 async fn yaml_sources_and_oversized_grpc_messages() {
     let dir = Scratch::new("yaml");
-    let yaml = "flags:\n  greeting:\n    state: ENABLED\n    variants: {hi: hello, bye: goodbye}\n    defaultVariant: hi\n";
+    let yaml =
+        "flags:\n  greeting:\n    state: ENABLED\n    variants: {hi: hello, bye: goodbye}\n    defaultVariant: hi\n";
     let path = dir.write("flags.yaml", yaml);
     let uri = format!("file:{}", path.display());
     let s = Server::start(&["--uri", &uri, "-B", "2048"]);
     let mut c = v1_client(&s).await;
-    let r = c.resolve_string(v1::ResolveStringRequest { flag_key: "greeting".into(), context: None }).await.unwrap();
+    let r = c
+        .resolve_string(v1::ResolveStringRequest {
+            flag_key: "greeting".into(),
+            context: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(r.into_inner().value, "hello");
     let big = ctx(&[("pad", &"x".repeat(10_000))]);
-    let err = c.resolve_string(v1::ResolveStringRequest { flag_key: "greeting".into(), context: big }).await.unwrap_err();
+    let err = c
+        .resolve_string(v1::ResolveStringRequest {
+            flag_key: "greeting".into(),
+            context: big,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 }

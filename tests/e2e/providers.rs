@@ -23,19 +23,21 @@
 //! with the reason; the run fails on any other failure, and on a listed scenario that passes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cucumber::gherkin::Step;
+
+#[path = "../support/testbed.rs"]
+mod support;
 use cucumber::{World, given, then, when};
 use futures::FutureExt;
 use open_feature::provider::FeatureProvider;
-use open_feature::{
-    EvaluationContext, EvaluationContextFieldValue, EvaluationReason, StructValue, Value as OfValue,
-};
+use open_feature::{EvaluationContext, EvaluationContextFieldValue, EvaluationReason, StructValue, Value as OfValue};
 use open_feature_flagd::{FlagdOptions, FlagdProvider, ResolverType};
 use serde_json::{Value, json};
+use support::{all_flags, load, prepare_features};
 use vexil_e2e::{Scratch, Server, testbed};
 use vexil_proto::flagd::evaluation::v1 as eval_v1;
 use vexil_proto::flagd::sync::v1 as sync_v1;
@@ -87,9 +89,7 @@ fn client_limitation(mode: Mode, steps: &[String], documents: &[Value]) -> Optio
                 );
             }
             if any("error-code should be \"PARSE_ERROR\"") {
-                return Some(
-                    "open-feature-flagd 0.3 (RPC) maps gRPC DATA_LOSS (flagd's PARSE_ERROR) to GENERAL",
-                );
+                return Some("open-feature-flagd 0.3 (RPC) maps gRPC DATA_LOSS (flagd's PARSE_ERROR) to GENERAL");
             }
             if any("option \"selector\"") {
                 return Some("open-feature-flagd 0.3 (RPC) does not send the selector");
@@ -97,22 +97,15 @@ fn client_limitation(mode: Mode, steps: &[String], documents: &[Value]) -> Optio
         }
         Mode::Rest => {
             if structured_context {
-                return Some(
-                    "open-feature-ofrep 0.1.2 sends nested and object context values as Rust Debug strings",
-                );
+                return Some("open-feature-ofrep 0.1.2 sends nested and object context values as Rust Debug strings");
             }
             if steps
                 .iter()
                 .any(|s| s.starts_with("the reason should be") && !s.contains("\"STATIC\""))
             {
-                return Some(
-                    "open-feature-ofrep 0.1.2 reports every successful evaluation with reason STATIC",
-                );
+                return Some("open-feature-ofrep 0.1.2 reports every successful evaluation with reason STATIC");
             }
-            if any("error-code should be \"")
-                && !any("error-code should be \"\"")
-                && !any("FLAG_NOT_FOUND")
-            {
+            if any("error-code should be \"") && !any("error-code should be \"\"") && !any("FLAG_NOT_FOUND") {
                 return Some("open-feature-ofrep 0.1.2 maps every HTTP 400 to INVALID_CONTEXT");
             }
             if any("resolved metadata") {
@@ -158,9 +151,9 @@ fn client_limitation(mode: Mode, steps: &[String], documents: &[Value]) -> Optio
                 );
             }
             if any("with type \"Object\"")
-                && steps.iter().any(|s| {
-                    s.contains("with type \"Object\"") && (s.contains('[') || s.contains("null"))
-                })
+                && steps
+                    .iter()
+                    .any(|s| s.contains("with type \"Object\"") && (s.contains('[') || s.contains("null")))
             {
                 return Some(
                     "flagd-evaluation-engine 0.1 hashes arrays and nulls inside objects differently from fractional v3's deterministic CBOR",
@@ -189,10 +182,7 @@ type Outcome = (Mode, String, String, Vec<String>, bool);
 static RESULTS: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
 
 fn env() -> (Mode, Arc<Env>) {
-    ENV.lock()
-        .unwrap()
-        .clone()
-        .expect("environment set before the run")
+    ENV.lock().unwrap().clone().expect("environment set before the run")
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -299,11 +289,7 @@ impl ProviderWorld {
             deadline_ms: 2000,
             ..Default::default()
         };
-        let provider = Arc::new(
-            FlagdProvider::new(options)
-                .await
-                .expect("the provider connects"),
-        );
+        let provider = Arc::new(FlagdProvider::new(options).await.expect("the provider connects"));
         self.provider = Some(provider.clone());
         provider
     }
@@ -328,12 +314,7 @@ fn of_to_json(v: &OfValue) -> Value {
         OfValue::Float(f) => json!(f),
         OfValue::String(s) => json!(s),
         OfValue::Array(items) => Value::Array(items.iter().map(of_to_json).collect()),
-        OfValue::Struct(s) => Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), of_to_json(v)))
-                .collect(),
-        ),
+        OfValue::Struct(s) => Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), of_to_json(v))).collect()),
     }
 }
 
@@ -403,9 +384,7 @@ fn cache_option(_world: &mut ProviderWorld, cache: String) {
     assert_eq!(cache, "disabled");
 }
 
-#[given(
-    regex = r#"^a (Boolean|String|Integer|Float|Object)-flag with key "(.*)" and a default value "(.*)"$"#
-)]
+#[given(regex = r#"^a (Boolean|String|Integer|Float|Object)-flag with key "(.*)" and a default value "(.*)"$"#)]
 fn flag_step(world: &mut ProviderWorld, ty: String, key: String, default: String) {
     world.flag = Some((ty, key, default));
 }
@@ -414,9 +393,7 @@ fn flag_step(world: &mut ProviderWorld, ty: String, key: String, default: String
 fn context_key(world: &mut ProviderWorld, key: String, ty: String, value: String) {
     let field = match typed(&ty, &value) {
         Value::Bool(b) => EvaluationContextFieldValue::Bool(b),
-        Value::Number(n) if n.is_i64() => {
-            EvaluationContextFieldValue::Int(n.as_i64().unwrap_or_default())
-        }
+        Value::Number(n) if n.is_i64() => EvaluationContextFieldValue::Int(n.as_i64().unwrap_or_default()),
         Value::Number(n) => EvaluationContextFieldValue::Float(n.as_f64().unwrap_or_default()),
         Value::String(s) => EvaluationContextFieldValue::String(s),
         other => {
@@ -492,8 +469,8 @@ async fn evaluate(world: &mut ProviderWorld) {
         Ok((value, reason, variant, metadata)) => {
             let reason_text = reason_name(reason.as_ref());
             // DISABLED and DEFAULT without a variant mean "use the code default" (flagd providers).
-            let code_default = matches!(reason_text.as_str(), "DISABLED" | "DEFAULT")
-                && variant.as_deref().unwrap_or("").is_empty();
+            let code_default =
+                matches!(reason_text.as_str(), "DISABLED" | "DEFAULT") && variant.as_deref().unwrap_or("").is_empty();
             let metadata = metadata
                 .map(|m| {
                     m.values
@@ -598,9 +575,10 @@ async fn watch_events(mode: Mode, env: Arc<Env>, events: Arc<Events>) {
         let outcome: Result<(), String> = async {
             match mode {
                 Mode::InProcess => {
-                    let mut c = sync_v1::flag_sync_service_client::FlagSyncServiceClient::connect(
-                        format!("http://127.0.0.1:{}", ports.sync),
-                    )
+                    let mut c = sync_v1::flag_sync_service_client::FlagSyncServiceClient::connect(format!(
+                        "http://127.0.0.1:{}",
+                        ports.sync
+                    ))
                     .await
                     .map_err(|e| e.to_string())?;
                     let mut stream = c
@@ -610,8 +588,7 @@ async fn watch_events(mode: Mode, env: Arc<Env>, events: Arc<Events>) {
                         .into_inner();
                     let mut previous: Option<Value> = None;
                     while let Some(msg) = stream.message().await.map_err(|e| e.to_string())? {
-                        let config: Value = serde_json::from_str(&msg.flag_configuration)
-                            .map_err(|e| e.to_string())?;
+                        let config: Value = serde_json::from_str(&msg.flag_configuration).map_err(|e| e.to_string())?;
                         match &previous {
                             None => {
                                 broken_since = None;
@@ -653,8 +630,7 @@ async fn watch_events(mode: Mode, env: Arc<Env>, events: Arc<Events>) {
                                 log(Event::Ready);
                             }
                             "configuration_change" => {
-                                let data = serde_json::to_value(msg.data.unwrap_or_default())
-                                    .unwrap_or_default();
+                                let data = serde_json::to_value(msg.data.unwrap_or_default()).unwrap_or_default();
                                 let keys = data["flags"]
                                     .as_object()
                                     .map(|m| m.keys().cloned().collect())
@@ -707,12 +683,7 @@ fn handler(world: &mut ProviderWorld, _kind: String) {
     }
 }
 
-async fn wait_for_event(
-    world: &ProviderWorld,
-    kind: &str,
-    since: Instant,
-    within: Duration,
-) -> Option<Event> {
+async fn wait_for_event(world: &ProviderWorld, kind: &str, since: Instant, within: Duration) -> Option<Event> {
     let events = world.events.as_ref().expect("an event handler");
     let matches = event_kind(kind);
     let deadline = Instant::now() + within;
@@ -750,13 +721,9 @@ async fn event_fired(world: &mut ProviderWorld, kind: String) {
 
 static CHANGED: Mutex<Option<Vec<String>>> = Mutex::new(None);
 
-#[then(
-    regex = r#"^the (ready|stale|error|change) event handler should have been executed(?: within (\d+)ms)?$"#
-)]
+#[then(regex = r#"^the (ready|stale|error|change) event handler should have been executed(?: within (\d+)ms)?$"#)]
 async fn handler_executed(world: &mut ProviderWorld, kind: String, within: String) {
-    let within = within
-        .parse()
-        .map_or(Duration::from_secs(15), Duration::from_millis);
+    let within = within.parse().map_or(Duration::from_secs(15), Duration::from_millis);
     let since = world.handlers_since.expect("an event handler");
     let at = wait_for_event_at(world, &kind, since, within).await;
     assert!(at.is_some(), "the {kind} handler did not run");
@@ -764,12 +731,7 @@ async fn handler_executed(world: &mut ProviderWorld, kind: String, within: Strin
     world.handlers_since = at;
 }
 
-async fn wait_for_event_at(
-    world: &ProviderWorld,
-    kind: &str,
-    since: Instant,
-    within: Duration,
-) -> Option<Instant> {
+async fn wait_for_event_at(world: &ProviderWorld, kind: &str, since: Instant, within: Duration) -> Option<Instant> {
     let events = world.events.as_ref().expect("an event handler");
     let matches = event_kind(kind);
     let deadline = Instant::now() + within;
@@ -820,11 +782,7 @@ async fn connection_lost(world: &mut ProviderWorld, seconds: String) {
 async fn flag_modified(world: &mut ProviderWorld) {
     let mut all = world.env.all_flags.lock().unwrap();
     let flag = &mut all["flags"]["changing-flag"];
-    let next = if flag["defaultVariant"] == "foo" {
-        "bar"
-    } else {
-        "foo"
-    };
+    let next = if flag["defaultVariant"] == "foo" { "bar" } else { "foo" };
     flag["defaultVariant"] = json!(next);
     world.env.dir.write("flags/allFlags.json", &all.to_string());
 }
@@ -838,43 +796,11 @@ fn flag_in_payload(world: &mut ProviderWorld) {
 
 // --- running -------------------------------------------------------------------------------------
 
-fn load(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// The testbed launchpad's `allFlags.json`.
-fn all_flags() -> Value {
-    let mut merged = json!({ "flags": {}, "$evaluators": {} });
-    let mut files: Vec<PathBuf> = std::fs::read_dir(testbed().join("flags"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            !p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("selector-")
-        })
-        .collect();
-    files.sort();
-    for file in files {
-        let doc = load(&file);
-        for section in ["flags", "$evaluators"] {
-            if let Some(Value::Object(items)) = doc.get(section) {
-                merged[section]
-                    .as_object_mut()
-                    .unwrap()
-                    .extend(items.clone());
-            }
-        }
-    }
-    merged
-}
-
 fn environment(mode: Mode, fractional: &str) -> Env {
     let dir = Scratch::new("testbed");
     std::fs::create_dir_all(dir.0.join("flags")).unwrap();
     std::fs::create_dir_all(dir.0.join("rawflags")).unwrap();
-    let mut all = all_flags();
+    let mut all = all_flags(&testbed());
     if mode == Mode::InProcess {
         // The in-process engine rejects the whole payload if one flag has an unresolved $ref.
         let known: Vec<String> = all["$evaluators"]
@@ -886,17 +812,11 @@ fn environment(mode: Mode, fractional: &str) -> Env {
         all["flags"].as_object_mut().unwrap().retain(|_, f| {
             let t = f["targeting"].to_string();
             let refs = t.matches("\"$ref\"").count();
-            refs == known
-                .iter()
-                .map(|k| t.matches(k.as_str()).count())
-                .sum::<usize>()
+            refs == known.iter().map(|k| t.matches(k.as_str()).count()).sum::<usize>()
         });
     }
     dir.write("flags/allFlags.json", &all.to_string());
-    for name in [
-        "selector-flags.json",
-        "selector-flag-combined-metadata.json",
-    ] {
+    for name in ["selector-flags.json", "selector-flag-combined-metadata.json"] {
         dir.write(
             &format!("rawflags/{name}"),
             &std::fs::read_to_string(testbed().join("flags").join(name)).unwrap(),
@@ -1009,7 +929,21 @@ async fn run(mode: Mode, fractional: &'static str, features: &Path) {
 }
 
 fn main() {
-    let features = prepared_features();
+    // The provider features that apply to a server.
+    let features = prepare_features(
+        &testbed().join("gherkin"),
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-features"),
+        &[
+            "evaluation",
+            "targeting",
+            "metadata",
+            "disabled",
+            "selector",
+            "contextEnrichment",
+            "sync-payload",
+            "events",
+        ],
+    );
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // `VEXIL_E2E_MODES=rpc,rest,in-process` narrows a run while developing.
     let modes = std::env::var("VEXIL_E2E_MODES").unwrap_or_else(|_| "rpc,rest,in-process".into());
@@ -1030,7 +964,7 @@ fn main() {
 
     let results = RESULTS.lock().unwrap().clone();
     let documents = [
-        all_flags(),
+        all_flags(&testbed()),
         load(&testbed().join("flags/selector-flags.json")),
         load(&testbed().join("flags/selector-flag-combined-metadata.json")),
     ];
@@ -1069,56 +1003,4 @@ fn main() {
     if !failures.is_empty() || results.is_empty() {
         std::process::exit(1);
     }
-}
-
-/// The provider features that apply to a server, with table-cell escapes the gherkin crate accepts
-/// (see `crates/vexil-core/tests/testbed.rs`).
-fn prepared_features() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-features");
-    std::fs::create_dir_all(&out).unwrap();
-    for name in [
-        "evaluation",
-        "targeting",
-        "metadata",
-        "disabled",
-        "selector",
-        "contextEnrichment",
-        "sync-payload",
-        "events",
-    ] {
-        let text =
-            std::fs::read_to_string(testbed().join(format!("gherkin/{name}.feature"))).unwrap();
-        let fixed: Vec<String> = text
-            .lines()
-            .map(|l| {
-                if l.trim_start().starts_with('|') {
-                    escape_cell_text(l)
-                } else {
-                    l.to_owned()
-                }
-            })
-            .collect();
-        std::fs::write(out.join(format!("{name}.feature")), fixed.join("\n") + "\n").unwrap();
-    }
-    out
-}
-
-fn escape_cell_text(line: &str) -> String {
-    let mut out = String::with_capacity(line.len() + 8);
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.peek() {
-            Some(&next @ ('|' | '\\' | 'n')) => {
-                out.push(c);
-                out.push(next);
-                chars.next();
-            }
-            _ => out.push_str("\\\\"),
-        }
-    }
-    out
 }

@@ -27,8 +27,7 @@ pub fn binary() -> &'static Path {
             .status()
             .expect("cargo build runs");
         assert!(status.success(), "building vexil failed");
-        let target =
-            std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root().join("target"), PathBuf::from);
+        let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root().join("target"), PathBuf::from);
         target.join("debug").join("vexil")
     })
 }
@@ -46,10 +45,7 @@ fn free_ports() -> Ports {
     let listeners: Vec<TcpListener> = (0..4)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();
-    let p: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
+    let p: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
     Ports {
         evaluation: p[0],
         management: p[1],
@@ -195,9 +191,7 @@ impl Server {
         let Some(mut child) = self.child.take() else {
             return true;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {

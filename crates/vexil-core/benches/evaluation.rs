@@ -109,23 +109,15 @@ mod native {
 
     pub fn targeting<'v>(ctx: &Map<String, Value>, on: &'v Value, off: &'v Value) -> &'v Value {
         let email = ctx.get("email").and_then(Value::as_str).unwrap_or("");
-        if email.contains("@example.com") || ctx.get("plan").and_then(Value::as_str) == Some("pro")
-        {
+        if email.contains("@example.com") || ctx.get("plan").and_then(Value::as_str) == Some("pro") {
             on
         } else {
             off
         }
     }
 
-    pub fn fractional<'v>(
-        ctx: &Map<String, Value>,
-        flag_key: &str,
-        variants: &'v [Value; 3],
-    ) -> &'v Value {
-        let key = ctx
-            .get("targetingKey")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+    pub fn fractional<'v>(ctx: &Map<String, Value>, flag_key: &str, variants: &'v [Value; 3]) -> &'v Value {
+        let key = ctx.get("targetingKey").and_then(Value::as_str).unwrap_or("");
         // Deterministic CBOR of [flagKey, targetingKey] (both short text strings), then v2 bucketing.
         let mut buf = Vec::with_capacity(2 + flag_key.len() + key.len() + 8);
         buf.push(0x82);
@@ -146,12 +138,7 @@ mod native {
         }
     }
 
-    pub fn sem_ver<'v>(
-        ctx: &Map<String, Value>,
-        min: &semver::Version,
-        on: &'v Value,
-        off: &'v Value,
-    ) -> &'v Value {
+    pub fn sem_ver<'v>(ctx: &Map<String, Value>, min: &semver::Version, on: &'v Value, off: &'v Value) -> &'v Value {
         let version = ctx
             .get("version")
             .and_then(Value::as_str)
@@ -216,79 +203,35 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("evaluate");
     g.bench_function("static/engine", |b| {
-        b.iter(|| {
-            black_box(snap.evaluate(black_box("static"), &Selector::All, ctx, ValueType::Boolean))
-        })
+        b.iter(|| black_box(snap.evaluate(black_box("static"), &Selector::All, ctx, ValueType::Boolean)))
     });
     g.bench_function("static/native", |b| b.iter(|| black_box(&on)));
     g.bench_function("targeting/engine", |b| {
-        b.iter(|| {
-            black_box(snap.evaluate(
-                black_box("targeting"),
-                &Selector::All,
-                ctx,
-                ValueType::Boolean,
-            ))
-        })
+        b.iter(|| black_box(snap.evaluate(black_box("targeting"), &Selector::All, ctx, ValueType::Boolean)))
     });
     g.bench_function("targeting/native", |b| {
         b.iter(|| black_box(native::targeting(black_box(&attrs), &on, &off)))
     });
     g.bench_function("fractional/engine", |b| {
-        b.iter(|| {
-            black_box(snap.evaluate(
-                black_box("fractional"),
-                &Selector::All,
-                ctx,
-                ValueType::String,
-            ))
-        })
+        b.iter(|| black_box(snap.evaluate(black_box("fractional"), &Selector::All, ctx, ValueType::String)))
     });
     g.bench_function("fractional-v2/engine", |b| {
-        b.iter(|| {
-            black_box(snap_v2.evaluate(
-                black_box("fractional"),
-                &Selector::All,
-                ctx,
-                ValueType::String,
-            ))
-        })
+        b.iter(|| black_box(snap_v2.evaluate(black_box("fractional"), &Selector::All, ctx, ValueType::String)))
     });
     g.bench_function("fractional/native", |b| {
         b.iter(|| black_box(native::fractional(black_box(&attrs), "fractional", &abc)))
     });
     g.bench_function("sem_ver/engine", |b| {
-        b.iter(|| {
-            black_box(snap.evaluate(
-                black_box("sem_ver"),
-                &Selector::All,
-                ctx,
-                ValueType::Boolean,
-            ))
-        })
+        b.iter(|| black_box(snap.evaluate(black_box("sem_ver"), &Selector::All, ctx, ValueType::Boolean)))
     });
     g.bench_function("sem_ver/native", |b| {
         b.iter(|| black_box(native::sem_ver(black_box(&attrs), &min, &on, &off)))
     });
     g.bench_function("ten_rules/engine", |b| {
-        b.iter(|| {
-            black_box(snap.evaluate(
-                black_box("ten_rules"),
-                &Selector::All,
-                ctx,
-                ValueType::Integer,
-            ))
-        })
+        b.iter(|| black_box(snap.evaluate(black_box("ten_rules"), &Selector::All, ctx, ValueType::Integer)))
     });
     g.bench_function("ten_rules/native", |b| {
-        b.iter(|| {
-            black_box(native::ten_rules(
-                black_box(&attrs),
-                &names,
-                &expected,
-                &values,
-            ))
-        })
+        b.iter(|| black_box(native::ten_rules(black_box(&attrs), &names, &expected, &values)))
     });
     g.finish();
 }

@@ -200,17 +200,11 @@ impl CompiledFlag {
 
     /// The type of the default variant's value (what flagd's ResolveAll resolves the flag as).
     pub fn default_type(&self) -> Option<ValueType> {
-        self.default_index
-            .and_then(|i| ValueType::of(&self.flag.variants[i].1))
+        self.default_index.and_then(|i| ValueType::of(&self.flag.variants[i].1))
     }
 
     /// Evaluates the flag for `context`, asking for a value of type `ty`.
-    pub fn evaluate<'s>(
-        &'s self,
-        engine: &Engine,
-        context: Context<'_>,
-        ty: ValueType,
-    ) -> Resolution<'s> {
+    pub fn evaluate<'s>(&'s self, engine: &Engine, context: Context<'_>, ty: ValueType) -> Resolution<'s> {
         let metadata = Some(&self.flag.metadata);
         if self.flag.state == FlagState::Disabled {
             return Resolution {
@@ -224,10 +218,7 @@ impl CompiledFlag {
         let (index, reason) = match &self.targeting {
             Targeting::None => (self.default_index, Reason::Static),
             Targeting::Invalid(e) => {
-                return self.failed(
-                    ErrorCode::ParseError,
-                    format!("targeting does not compile: {e}"),
-                );
+                return self.failed(ErrorCode::ParseError, format!("targeting does not compile: {e}"));
             }
             Targeting::Rule(rule) => {
                 match targeting::evaluate(
@@ -247,8 +238,7 @@ impl CompiledFlag {
                         );
                     }
                     Outcome::Failed(e) => {
-                        return self
-                            .failed(ErrorCode::ParseError, format!("targeting failed: {e}"));
+                        return self.failed(ErrorCode::ParseError, format!("targeting failed: {e}"));
                     }
                 }
             }

@@ -50,10 +50,7 @@ pub struct Flag {
 impl Flag {
     /// The value of the named variant.
     pub fn variant(&self, name: &str) -> Option<&Value> {
-        self.variants
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
+        self.variants.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     /// The flag set this flag belongs to: `metadata.flagSetId` when it is a string.

@@ -79,11 +79,7 @@ impl fmt::Display for Diagnostic {
             Severity::Warning => "warning",
             Severity::Error => "error",
         };
-        let at = if self.pointer.is_empty() {
-            "/"
-        } else {
-            &self.pointer
-        };
+        let at = if self.pointer.is_empty() { "/" } else { &self.pointer };
         match &self.flag {
             Some(flag) => write!(f, "{level}: flag `{flag}` at {at}: {}", self.message),
             None => write!(f, "{level}: at {at}: {}", self.message),
@@ -119,12 +115,13 @@ pub struct Parsed {
 
 /// Parses a flag document from text.
 pub fn parse_str(text: &str, format: Format, strictness: Strictness) -> Result<Parsed, ParseError> {
-    let document = match format {
-        Format::Json => serde_json::from_str::<Value>(text)
-            .map_err(|e| single_error(None, "", format!("not valid JSON: {e}")))?,
-        Format::Yaml => serde_yaml::from_str::<Value>(text)
-            .map_err(|e| single_error(None, "", format!("not valid YAML: {e}")))?,
-    };
+    let document =
+        match format {
+            Format::Json => serde_json::from_str::<Value>(text)
+                .map_err(|e| single_error(None, "", format!("not valid JSON: {e}")))?,
+            Format::Yaml => serde_yaml::from_str::<Value>(text)
+                .map_err(|e| single_error(None, "", format!("not valid YAML: {e}")))?,
+        };
     parse_value(&document, strictness)
 }
 
@@ -144,10 +141,7 @@ pub fn parse_value(document: &Value, strictness: Strictness) -> Result<Parsed, P
     if list.iter().any(|d| d.severity == Severity::Error) {
         return Err(ParseError { diagnostics: list });
     }
-    Ok(Parsed {
-        config,
-        warnings: list,
-    })
+    Ok(Parsed { config, warnings: list })
 }
 
 fn single_error(flag: Option<String>, pointer: &str, message: String) -> ParseError {
@@ -270,11 +264,7 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
         Some(Value::Array(items)) => {
             for (index, raw) in items.iter().enumerate() {
                 let pointer = format!("/flags/{index}");
-                let Some(key) = raw
-                    .get("key")
-                    .and_then(Value::as_str)
-                    .filter(|k| !k.is_empty())
-                else {
+                let Some(key) = raw.get("key").and_then(Value::as_str).filter(|k| !k.is_empty()) else {
                     out.error(
                         None,
                         pointer,
@@ -300,10 +290,7 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
             out.error(
                 None,
                 "/flags".into(),
-                format!(
-                    "`flags` must be an object or an array, found {}",
-                    kind(other)
-                ),
+                format!("`flags` must be an object or an array, found {}", kind(other)),
             );
         }
     }
@@ -323,11 +310,7 @@ fn build_flag(
     evaluators: &Map<String, Value>,
     out: &mut Diagnostics,
 ) -> Option<Flag> {
-    let errors_before = out
-        .list
-        .iter()
-        .filter(|d| d.severity == Severity::Error)
-        .count();
+    let errors_before = out.list.iter().filter(|d| d.severity == Severity::Error).count();
     let flag = Some(key);
     let Some(obj) = raw.as_object() else {
         out.error(
@@ -385,10 +368,7 @@ fn build_flag(
             out.error(
                 flag,
                 format!("{pointer}/defaultVariant"),
-                format!(
-                    "`defaultVariant` must be a string or null, found {}",
-                    kind(other)
-                ),
+                format!("`defaultVariant` must be a string or null, found {}", kind(other)),
             );
             None
         }
@@ -434,11 +414,7 @@ fn build_flag(
     // flagd drops null metadata values when it reports them.
     metadata.retain(|_, v| !v.is_null());
 
-    let errors_after = out
-        .list
-        .iter()
-        .filter(|d| d.severity == Severity::Error)
-        .count();
+    let errors_after = out.list.iter().filter(|d| d.severity == Severity::Error).count();
     (errors_after == errors_before).then(|| Flag {
         key: key.to_owned(),
         state,
@@ -450,12 +426,7 @@ fn build_flag(
 }
 
 /// Reports variants whose values are not all of one type (a schema rule flagd only warns about).
-fn check_variant_types(
-    key: &str,
-    variants: &[(String, Value)],
-    pointer: &str,
-    out: &mut Diagnostics,
-) {
+fn check_variant_types(key: &str, variants: &[(String, Value)], pointer: &str, out: &mut Diagnostics) {
     let mut first: Option<(&str, ValueType)> = None;
     for (name, value) in variants {
         let Some(ty) = ValueType::of(value) else {
@@ -487,12 +458,7 @@ fn check_variant_types(
 /// Replaces every `{"$ref": "<name>"}` object in `rule` with a copy of `$evaluators[name]`,
 /// following refs inside evaluators up to [`MAX_REF_DEPTH`]. Unknown names are left in place (they
 /// evaluate as an unknown operator, which flagd reports as a parse error) and collected.
-fn inline_refs(
-    rule: &mut Value,
-    evaluators: &Map<String, Value>,
-    depth: usize,
-    unknown: &mut Vec<String>,
-) {
+fn inline_refs(rule: &mut Value, evaluators: &Map<String, Value>, depth: usize, unknown: &mut Vec<String>) {
     match rule {
         Value::Object(map) => {
             if map.len() == 1
@@ -504,9 +470,7 @@ fn inline_refs(
                         inline_refs(&mut target, evaluators, depth + 1, unknown);
                         *rule = target;
                     }
-                    Some(_) => {
-                        unknown.push(format!("{name} (nested too deeply: is it recursive?)"))
-                    }
+                    Some(_) => unknown.push(format!("{name} (nested too deeply: is it recursive?)")),
                     None => unknown.push(name.clone()),
                 }
                 return;

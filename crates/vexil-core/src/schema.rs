@@ -21,12 +21,7 @@ static REGISTRY: LazyLock<Registry<'static>> = LazyLock::new(|| {
     Registry::new()
         .add(FLAGS_URI, schema(include_str!("../schemas/flags.json")))
         .and_then(|r| r.add(FLAGD_URI, schema(include_str!("../schemas/flagd.json"))))
-        .and_then(|r| {
-            r.add(
-                TARGETING_URI,
-                schema(include_str!("../schemas/targeting.json")),
-            )
-        })
+        .and_then(|r| r.add(TARGETING_URI, schema(include_str!("../schemas/targeting.json"))))
         .and_then(|r| r.prepare())
         .expect("vendored flagd schemas form a valid registry")
 });
@@ -82,9 +77,7 @@ pub fn check(schema: Schema, document: &Value) -> Vec<Violation> {
 /// the document, fewest errors first, instead of "not valid under any of the schemas".
 fn explain(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
     let branches = match error.kind() {
-        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
-            Some(context)
-        }
+        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => Some(context),
         _ => None,
     };
     let here = error.instance_path().as_str();
@@ -92,10 +85,8 @@ fn explain(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
     // where a map of flags is expected); among the others, the one with the fewest errors, then the
     // one that got deepest into the document, is what the author meant.
     let applies = |b: &&Vec<ValidationError<'static>>| {
-        !b.iter().any(|e| {
-            matches!(e.kind(), ValidationErrorKind::Type { .. })
-                && e.instance_path().as_str() == here
-        })
+        !b.iter()
+            .any(|e| matches!(e.kind(), ValidationErrorKind::Type { .. }) && e.instance_path().as_str() == here)
     };
     let rank = |b: &&Vec<ValidationError<'static>>| {
         let depth = b
@@ -106,15 +97,9 @@ fn explain(error: &ValidationError<'_>, out: &mut Vec<Violation>) {
         (b.len(), std::cmp::Reverse(depth))
     };
     let best = branches.and_then(|branches| {
-        let candidates: Vec<&Vec<ValidationError<'static>>> =
-            branches.iter().filter(|b| !b.is_empty()).collect();
-        let applicable: Vec<&Vec<ValidationError<'static>>> =
-            candidates.iter().copied().filter(applies).collect();
-        let pool = if applicable.is_empty() {
-            candidates
-        } else {
-            applicable
-        };
+        let candidates: Vec<&Vec<ValidationError<'static>>> = branches.iter().filter(|b| !b.is_empty()).collect();
+        let applicable: Vec<&Vec<ValidationError<'static>>> = candidates.iter().copied().filter(applies).collect();
+        let pool = if applicable.is_empty() { candidates } else { applicable };
         pool.into_iter().min_by_key(rank)
     });
     match best {

@@ -142,9 +142,7 @@ impl Snapshot {
                         severity: Severity::Warning,
                         flag: Some(compiled.key().to_owned()),
                         pointer: format!("/flags/{}/targeting", compiled.key()),
-                        message: format!(
-                            "targeting does not compile, evaluations will fail: {problem}"
-                        ),
+                        message: format!("targeting does not compile, evaluations will fail: {problem}"),
                     });
                 }
                 let entry = Entry {
@@ -215,10 +213,7 @@ impl Snapshot {
     }
 
     /// Every flag `selector` sees, one per key, sorted by key.
-    pub fn flags<'s, 'q>(
-        &'s self,
-        selector: &'q Selector,
-    ) -> impl Iterator<Item = &'s CompiledFlag> + use<'s, 'q> {
+    pub fn flags<'s, 'q>(&'s self, selector: &'q Selector) -> impl Iterator<Item = &'s CompiledFlag> + use<'s, 'q> {
         self.winners.iter().filter_map(move |&i| match selector {
             Selector::All => Some(&self.entries[i].flag),
             _ => self.get(self.entries[i].flag.key(), selector),
@@ -301,8 +296,7 @@ impl Snapshot {
                         before.next().unwrap_or_else(|| unreachable!()),
                         after.next().unwrap_or_else(|| unreachable!()),
                     );
-                    let moved =
-                        old.source_of(b.key(), selector) != self.source_of(a.key(), selector);
+                    let moved = old.source_of(b.key(), selector) != self.source_of(a.key(), selector);
                     if b.flag() != a.flag() || moved {
                         out.push((a.key().to_owned(), Change::Update));
                     }

@@ -32,7 +32,8 @@ fn flags_as_map_and_as_array_are_the_same() {
 
 #[test]
 fn yaml_documents_parse_like_json() {
-    let yaml = "flags:\n  a:\n    state: ENABLED\n    variants:\n      on: true\n      off: false\n    defaultVariant: 'on'\n";
+    let yaml =
+        "flags:\n  a:\n    state: ENABLED\n    variants:\n      on: true\n      off: false\n    defaultVariant: 'on'\n";
     let parsed = parse::parse_str(yaml, Format::Yaml, Strictness::Strict).unwrap();
     let json = parse_json(
         json!({"flags": {"a": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}}}),
@@ -76,15 +77,10 @@ fn unknown_and_recursive_refs_are_reported_and_left_in_place() {
         }
     }));
     let f = &parsed.config.flags[0];
-    assert_eq!(
-        f.targeting.as_ref().unwrap()["if"][0],
-        json!({"$ref": "nope"})
-    );
+    assert_eq!(f.targeting.as_ref().unwrap()["if"][0], json!({"$ref": "nope"}));
     let messages: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
     assert!(
-        messages
-            .iter()
-            .any(|m| m.contains("flag `f`") && m.contains("`nope`")),
+        messages.iter().any(|m| m.contains("flag `f`") && m.contains("`nope`")),
         "{messages:?}"
     );
     assert!(
@@ -107,11 +103,7 @@ fn set_metadata_is_merged_and_the_flag_wins() {
     let a = &parsed.config.flags[0];
     assert_eq!(a.metadata.get("team"), Some(&json!("growth")));
     assert_eq!(a.metadata.get("version"), Some(&json!("1")));
-    assert_eq!(
-        a.metadata.get("owner"),
-        None,
-        "null metadata values are dropped"
-    );
+    assert_eq!(a.metadata.get("owner"), None, "null metadata values are dropped");
     assert_eq!(a.flag_set_id(), Some("set-1"));
     assert_eq!(parsed.config.flags[1].flag_set_id(), Some("other"));
 }
@@ -122,13 +114,7 @@ fn default_variant_may_be_null_or_absent_but_not_unknown() {
         "null": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": null},
         "absent": {"state": "ENABLED", "variants": {"a": 1}}
     }}));
-    assert!(
-        parsed
-            .config
-            .flags
-            .iter()
-            .all(|f| f.default_variant.is_none())
-    );
+    assert!(parsed.config.flags.iter().all(|f| f.default_variant.is_none()));
 
     let err = parse::parse_value(
         &json!({"flags": {"bad": {"state": "ENABLED", "variants": {"a": 1, "b": 2}, "defaultVariant": "c"}}}),
@@ -137,9 +123,7 @@ fn default_variant_may_be_null_or_absent_but_not_unknown() {
     .unwrap_err();
     assert_eq!(
         errors(&err),
-        vec![
-            "error: flag `bad` at /flags/bad/defaultVariant: default variant `c` is not one of the variants (a, b)"
-        ]
+        vec!["error: flag `bad` at /flags/bad/defaultVariant: default variant `c` is not one of the variants (a, b)"]
     );
 }
 
@@ -171,14 +155,9 @@ fn schema_violations_warn_in_flagd_mode_and_fail_in_strict_mode() {
 
     let err = parse::parse_value(&doc, Strictness::Strict).unwrap_err();
     let messages = errors(&err);
+    assert!(messages.iter().any(|m| m.contains("/flags/f/state")), "{messages:?}");
     assert!(
-        messages.iter().any(|m| m.contains("/flags/f/state")),
-        "{messages:?}"
-    );
-    assert!(
-        messages
-            .iter()
-            .any(|m| m.contains("all variants must have one type")),
+        messages.iter().any(|m| m.contains("all variants must have one type")),
         "{messages:?}"
     );
 }
@@ -186,10 +165,7 @@ fn schema_violations_warn_in_flagd_mode_and_fail_in_strict_mode() {
 #[test]
 fn wrong_shapes_are_errors_naming_the_flag_and_path() {
     let cases = [
-        (
-            json!([]),
-            "at /: expected an object with `flags`, found an array",
-        ),
+        (json!([]), "at /: expected an object with `flags`, found an array"),
         (
             json!({"flags": 3}),
             "at /flags: `flags` must be an object or an array, found a number",
@@ -218,17 +194,13 @@ fn wrong_shapes_are_errors_naming_the_flag_and_path() {
     for (doc, expected) in cases {
         let err = parse::parse_value(&doc, Strictness::Flagd).unwrap_err();
         let messages = errors(&err);
-        assert!(
-            messages.iter().any(|m| m.ends_with(expected)),
-            "{doc}: {messages:?}"
-        );
+        assert!(messages.iter().any(|m| m.ends_with(expected)), "{doc}: {messages:?}");
     }
 }
 
 #[test]
 fn syntax_errors_say_where() {
-    let err =
-        parse::parse_str("{\"flags\": {\n  \"a\": }", Format::Json, Strictness::Flagd).unwrap_err();
+    let err = parse::parse_str("{\"flags\": {\n  \"a\": }", Format::Json, Strictness::Flagd).unwrap_err();
     assert!(errors(&err)[0].contains("line 2"), "{err}");
     let err = parse::parse_str("flags: [unclosed", Format::Yaml, Strictness::Flagd).unwrap_err();
     assert!(errors(&err)[0].contains("not valid YAML"), "{err}");
@@ -242,12 +214,7 @@ fn duplicate_keys_in_a_flag_array_keep_the_last() {
     ]}));
     assert_eq!(parsed.config.flags.len(), 1);
     assert_eq!(parsed.config.flags[0].state, FlagState::Disabled);
-    assert!(
-        parsed
-            .warnings
-            .iter()
-            .any(|w| w.message.contains("duplicate"))
-    );
+    assert!(parsed.warnings.iter().any(|w| w.message.contains("duplicate")));
 }
 
 #[test]
@@ -260,13 +227,8 @@ fn schema_warnings_point_at_the_real_problem() {
     let pointers: Vec<&str> = parsed.warnings.iter().map(|w| w.pointer.as_str()).collect();
     assert_eq!(pointers, ["/flags/f/targeting"], "{:?}", parsed.warnings);
     // A bad state on a flag in an array: reported on the flag, not as "not an object".
-    let parsed = parse_json(
-        json!({"flags": [{"key": "k", "state": "ON", "variants": {"a": true}, "defaultVariant": "a"}]}),
-    );
-    assert_eq!(
-        parsed.warnings[0].pointer, "/flags/0/state",
-        "{:?}",
-        parsed.warnings
-    );
+    let parsed =
+        parse_json(json!({"flags": [{"key": "k", "state": "ON", "variants": {"a": true}, "defaultVariant": "a"}]}));
+    assert_eq!(parsed.warnings[0].pointer, "/flags/0/state", "{:?}", parsed.warnings);
     assert_eq!(parsed.warnings[0].flag.as_deref(), Some("k"));
 }

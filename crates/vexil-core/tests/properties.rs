@@ -6,9 +6,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use vexil_core::parse::{self, Format, Strictness};
-use vexil_core::{
-    Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType,
-};
+use vexil_core::{Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType};
 
 const MODES: [FractionalMode; 3] = [FractionalMode::V1, FractionalMode::V2, FractionalMode::V3];
 
@@ -49,10 +47,7 @@ fn pick(snap: &Snapshot, key: &str) -> (Reason, String) {
         },
         ValueType::String,
     );
-    (
-        r.reason,
-        r.value.and_then(Value::as_str).unwrap_or("").to_owned(),
-    )
+    (r.reason, r.value.and_then(Value::as_str).unwrap_or("").to_owned())
 }
 
 /// SplitMix64: a deterministic key stream from a seed.
@@ -244,10 +239,8 @@ fn json_value() -> impl Strategy<Value = Value> {
         ];
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            (op, prop::collection::vec(inner.clone(), 0..4))
-                .prop_map(|(op, args)| json!({ op: args })),
-            prop::collection::btree_map("[a-z]{1,4}", inner, 0..3)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            (op, prop::collection::vec(inner.clone(), 0..4)).prop_map(|(op, args)| json!({ op: args })),
+            prop::collection::btree_map("[a-z]{1,4}", inner, 0..3).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -255,26 +248,16 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// Objects shaped more or less like flags.
 fn flag_like() -> impl Strategy<Value = Value> {
     (
-        prop_oneof![
-            Just(json!("ENABLED")),
-            Just(json!("DISABLED")),
-            json_value()
-        ],
+        prop_oneof![Just(json!("ENABLED")), Just(json!("DISABLED")), json_value()],
         prop::collection::btree_map("[a-c]{1,2}", json_value(), 0..4),
-        prop::option::of(prop_oneof![
-            "[a-c]{1,2}".prop_map(Value::String),
-            json_value()
-        ]),
+        prop::option::of(prop_oneof!["[a-c]{1,2}".prop_map(Value::String), json_value()]),
         prop::option::of(json_value()),
         prop::option::of(json_value()),
     )
         .prop_map(|(state, variants, default, targeting, metadata)| {
             let mut flag = Map::new();
             flag.insert("state".into(), state);
-            flag.insert(
-                "variants".into(),
-                Value::Object(variants.into_iter().collect()),
-            );
+            flag.insert("variants".into(), Value::Object(variants.into_iter().collect()));
             if let Some(d) = default {
                 flag.insert("defaultVariant".into(), d);
             }

@@ -35,14 +35,8 @@ fn positive_flag_examples_are_valid_and_parse_strictly() {
             _ => Schema::Flags,
         };
         assert_eq!(schema::check(schema, &doc), vec![], "{}", path.display());
-        let parsed = parse::parse_value(&doc, Strictness::Strict)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(
-            parsed.warnings.is_empty(),
-            "{}: {:?}",
-            path.display(),
-            parsed.warnings
-        );
+        let parsed = parse::parse_value(&doc, Strictness::Strict).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(parsed.warnings.is_empty(), "{}: {:?}", path.display(), parsed.warnings);
         assert!(!parsed.config.flags.is_empty(), "{}", path.display());
     }
 }
@@ -51,28 +45,15 @@ fn positive_flag_examples_are_valid_and_parse_strictly() {
 fn negative_flag_examples_are_rejected_with_the_flag_and_path() {
     for (path, doc) in examples("flags/negative") {
         let violations = schema::check(Schema::Flags, &doc);
-        assert!(
-            !violations.is_empty(),
-            "{} should violate flags.json",
-            path.display()
-        );
+        assert!(!violations.is_empty(), "{} should violate flags.json", path.display());
         if path.ends_with("with-array-flags.json") {
             // Arrays of flags are what flagd.json (the daemon's schema) adds to flags.json.
-            assert_eq!(
-                schema::check(Schema::Flagd, &doc),
-                vec![],
-                "{}",
-                path.display()
-            );
+            assert_eq!(schema::check(Schema::Flagd, &doc), vec![], "{}", path.display());
             continue;
         }
         let err = parse::parse_value(&doc, Strictness::Strict)
             .expect_err(&format!("{} must not parse strictly", path.display()));
-        for d in err
-            .diagnostics
-            .iter()
-            .filter(|d| d.severity == Severity::Error)
-        {
+        for d in err.diagnostics.iter().filter(|d| d.severity == Severity::Error) {
             assert!(
                 d.pointer.starts_with("/flags/") || d.pointer.starts_with("/metadata"),
                 "{}: {d}",
@@ -107,10 +88,7 @@ fn negative_flag_examples_still_load_as_flagd_would() {
             }
             _ => {
                 let parsed = result.unwrap_or_else(|e| panic!("{name}: {e}"));
-                assert!(
-                    !parsed.warnings.is_empty(),
-                    "{name}: schema violations are reported"
-                );
+                assert!(!parsed.warnings.is_empty(), "{name}: schema violations are reported");
                 for w in &parsed.warnings {
                     assert!(
                         w.pointer.starts_with("/flags/") || w.pointer.starts_with("/metadata/"),
@@ -125,14 +103,8 @@ fn negative_flag_examples_still_load_as_flagd_would() {
 #[test]
 fn flagd_examples_are_valid() {
     for (path, doc) in examples("flagd/positive") {
-        assert_eq!(
-            schema::check(Schema::Flagd, &doc),
-            vec![],
-            "{}",
-            path.display()
-        );
-        let parsed = parse::parse_value(&doc, Strictness::Strict)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(schema::check(Schema::Flagd, &doc), vec![], "{}", path.display());
+        let parsed = parse::parse_value(&doc, Strictness::Strict).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(!parsed.config.flags.is_empty());
     }
 }
@@ -140,12 +112,7 @@ fn flagd_examples_are_valid() {
 #[test]
 fn targeting_examples() {
     for (path, doc) in examples("targeting/positive") {
-        assert_eq!(
-            schema::check(Schema::Targeting, &doc),
-            vec![],
-            "{}",
-            path.display()
-        );
+        assert_eq!(schema::check(Schema::Targeting, &doc), vec![], "{}", path.display());
     }
     for (path, doc) in examples("targeting/negative") {
         assert!(

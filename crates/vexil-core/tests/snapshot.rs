@@ -4,9 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 use vexil_core::parse::{self, Strictness};
-use vexil_core::{
-    Context, Engine, ErrorCode, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType,
-};
+use vexil_core::{Context, Engine, ErrorCode, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType};
 
 fn source(name: &str, doc: Value) -> SourceConfig {
     SourceConfig {
@@ -38,10 +36,7 @@ fn selectors_parse_like_flagd() {
         Ok(Selector::FlagSet(Some("abc".into())))
     );
     assert_eq!(Selector::parse("flagSetId="), Ok(Selector::FlagSet(None)));
-    assert_eq!(
-        Selector::parse("source=a.json"),
-        Ok(Selector::Source("a.json".into()))
-    );
+    assert_eq!(Selector::parse("source=a.json"), Ok(Selector::Source("a.json".into())));
     assert_eq!(
         Selector::parse("flags/a.json"),
         Ok(Selector::Source("flags/a.json".into()))
@@ -62,28 +57,15 @@ fn later_sources_win_without_a_selector() {
             "a.json",
             json!({"flags": {"f": flag("ENABLED", json!("from-a")), "only-a": flag("ENABLED", json!(1))}}),
         ),
-        source(
-            "b.json",
-            json!({"flags": {"f": flag("ENABLED", json!("from-b"))}}),
-        ),
+        source("b.json", json!({"flags": {"f": flag("ENABLED", json!("from-b"))}})),
     ]);
     let empty = Map::new();
     let r = snap.evaluate("f", &Selector::All, ctx(&empty), ValueType::String);
     assert_eq!(r.value, Some(&json!("from-b")));
     // Flags are keyed by (flag set, key), as in flagd's store: b.json's `f` replaced a.json's.
-    let r = snap.evaluate(
-        "f",
-        &Selector::Source("a.json".into()),
-        ctx(&empty),
-        ValueType::String,
-    );
+    let r = snap.evaluate("f", &Selector::Source("a.json".into()), ctx(&empty), ValueType::String);
     assert_eq!(r.error_code(), Some(ErrorCode::FlagNotFound));
-    let r = snap.evaluate(
-        "f",
-        &Selector::Source("b.json".into()),
-        ctx(&empty),
-        ValueType::String,
-    );
+    let r = snap.evaluate("f", &Selector::Source("b.json".into()), ctx(&empty), ValueType::String);
     assert_eq!(r.value, Some(&json!("from-b")));
     let r = snap.evaluate(
         "only-a",
@@ -104,10 +86,7 @@ fn later_sources_win_without_a_selector() {
 #[test]
 fn flag_sets_namespace_keys() {
     let snap = snapshot(vec![
-        source(
-            "a.json",
-            json!({"flags": {"f": flag("DISABLED", json!(true))}}),
-        ),
+        source("a.json", json!({"flags": {"f": flag("DISABLED", json!(true))}})),
         source(
             "b.json",
             json!({"metadata": {"flagSetId": "set-b"}, "flags": {"f": flag("ENABLED", json!(false))}}),
@@ -120,20 +99,9 @@ fn flag_sets_namespace_keys() {
         ctx(&empty),
         ValueType::Boolean,
     );
-    assert_eq!(
-        (in_set.reason, in_set.value),
-        (Reason::Static, Some(&json!(false)))
-    );
-    assert_eq!(
-        in_set.metadata.unwrap().get("flagSetId"),
-        Some(&json!("set-b"))
-    );
-    let no_set = snap.evaluate(
-        "f",
-        &Selector::FlagSet(None),
-        ctx(&empty),
-        ValueType::Boolean,
-    );
+    assert_eq!((in_set.reason, in_set.value), (Reason::Static, Some(&json!(false))));
+    assert_eq!(in_set.metadata.unwrap().get("flagSetId"), Some(&json!("set-b")));
+    let no_set = snap.evaluate("f", &Selector::FlagSet(None), ctx(&empty), ValueType::Boolean);
     assert_eq!(no_set.reason, Reason::Disabled);
     let other = snap.evaluate(
         "f",
@@ -170,10 +138,7 @@ fn flagd_edge_cases() {
         (Reason::Default, Some("two"), Some(&json!(2)))
     );
     let r = eval("bool-result", ValueType::String);
-    assert_eq!(
-        (r.reason, r.variant),
-        (Reason::TargetingMatch, Some("true"))
-    );
+    assert_eq!((r.reason, r.variant), (Reason::TargetingMatch, Some("true")));
     assert_eq!(
         eval("unknown-variant", ValueType::Integer).error_code(),
         Some(ErrorCode::General)
@@ -200,14 +165,8 @@ fn flagd_edge_cases() {
         (Reason::Error, Some(ErrorCode::TypeMismatch))
     );
     assert!(mismatch.error.unwrap().message.contains("flag `float`"));
-    assert_eq!(
-        eval("object", ValueType::Object).value,
-        Some(&json!({"a": [1]}))
-    );
-    assert_eq!(
-        eval("object", ValueType::Any).value,
-        Some(&json!({"a": [1]}))
-    );
+    assert_eq!(eval("object", ValueType::Object).value, Some(&json!({"a": [1]})));
+    assert_eq!(eval("object", ValueType::Any).value, Some(&json!({"a": [1]})));
     assert_eq!(
         eval("missing", ValueType::Any).error_code(),
         Some(ErrorCode::FlagNotFound)
@@ -247,8 +206,7 @@ fn uncompilable_rules_are_reported_but_do_not_sink_the_snapshot() {
         Some(ErrorCode::ParseError)
     );
     assert_eq!(
-        snap.evaluate("g", &Selector::All, ctx(&empty), ValueType::Any)
-            .reason,
+        snap.evaluate("g", &Selector::All, ctx(&empty), ValueType::Any).reason,
         Reason::Static
     );
 }
@@ -275,10 +233,7 @@ fn targeting_key_and_context_reach_rules() {
     .unwrap()
     .clone();
     let r = snap.evaluate("f", &Selector::All, ctx(&attrs), ValueType::Boolean);
-    assert_eq!(
-        (r.reason, r.value),
-        (Reason::TargetingMatch, Some(&json!(true)))
-    );
+    assert_eq!((r.reason, r.value), (Reason::TargetingMatch, Some(&json!(true))));
     attrs.insert("age".into(), json!(17));
     let r = snap.evaluate("f", &Selector::All, ctx(&attrs), ValueType::Boolean);
     assert_eq!((r.reason, r.value), (Reason::Default, Some(&json!(false))));
@@ -310,10 +265,7 @@ fn changes_between_snapshots() {
     );
     let moved = snapshot(vec![
         source("a.json", json!({"flags": {}})),
-        source(
-            "b.json",
-            json!({"flags": {"same": flag("ENABLED", json!(1))}}),
-        ),
+        source("b.json", json!({"flags": {"same": flag("ENABLED", json!(1))}})),
     ]);
     let c = moved.changes_since(&old, &Selector::All);
     assert!(c.contains(&("same".into(), Change::Update)), "{c:?}");

@@ -21,13 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cucumber::gherkin::Step;
+
+#[path = "../../../tests/support/testbed.rs"]
+mod support;
 use cucumber::writer::Stats as _;
 use cucumber::{World, given, then, when};
 use serde_json::{Map, Value};
+use support::{all_flags, load, prepare_features};
 use vexil_core::parse::{self, Strictness};
-use vexil_core::{
-    Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType,
-};
+use vexil_core::{Context, Engine, FractionalMode, Reason, Selector, Snapshot, SourceConfig, ValueType};
 
 fn testbed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/conformance/flagd-testbed")
@@ -68,11 +70,7 @@ struct Details {
 
 impl Testbed {
     fn new() -> Testbed {
-        let suite = SUITE
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("suite set before the run");
+        let suite = SUITE.lock().unwrap().clone().expect("suite set before the run");
         Testbed {
             snapshot: suite.stable.clone(),
             suite,
@@ -153,9 +151,7 @@ fn context_key(world: &mut Testbed, key: String, ty: String, value: String) {
 
 #[given(regex = r#"^a context containing a targeting key with value "(.*)"$"#)]
 fn targeting_key(world: &mut Testbed, value: String) {
-    world
-        .context
-        .insert("targetingKey".into(), Value::String(value));
+    world.context.insert("targetingKey".into(), Value::String(value));
 }
 
 #[given(
@@ -170,10 +166,7 @@ fn nested(world: &mut Testbed, outer: String, inner: String, value: String) {
 #[when("the flag was evaluated with details")]
 fn evaluate(world: &mut Testbed) {
     let (ty, key, default) = world.request.clone().expect("a flag was given");
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     let context = Context {
         attributes: &world.context,
         now,
@@ -191,10 +184,7 @@ fn evaluate(world: &mut Testbed) {
         metadata: resolution.metadata.cloned().unwrap_or_default(),
     });
     // A successful evaluation never carries an error, an error never a value.
-    assert_eq!(
-        resolution.reason == Reason::Error,
-        resolution.error.is_some()
-    );
+    assert_eq!(resolution.reason == Reason::Error, resolution.error.is_some());
 }
 
 fn details(world: &Testbed) -> &Details {
@@ -253,14 +243,8 @@ fn metadata_empty(world: &mut Testbed) {
     assert!(d.metadata.is_empty(), "{:?}", d.metadata);
 }
 
-fn load(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn source(name: &str, document: &Value) -> SourceConfig {
-    let parsed =
-        parse::parse_value(document, Strictness::Flagd).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let parsed = parse::parse_value(document, Strictness::Flagd).unwrap_or_else(|e| panic!("{name}: {e}"));
     SourceConfig {
         name: name.to_owned(),
         config: parsed.config,
@@ -269,34 +253,6 @@ fn source(name: &str, document: &Value) -> SourceConfig {
 
 fn snapshot(mode: FractionalMode, sources: Vec<SourceConfig>) -> Arc<Snapshot> {
     Arc::new(Snapshot::build(Arc::new(Engine::new(mode)), sources).0)
-}
-
-/// The testbed launchpad's `allFlags.json`: every `flags/*.json` but `selector-*`, merged.
-fn all_flags() -> Value {
-    let mut merged = serde_json::json!({ "flags": {}, "$evaluators": {} });
-    let mut files: Vec<PathBuf> = std::fs::read_dir(testbed().join("flags"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            !p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("selector-")
-        })
-        .collect();
-    files.sort();
-    for file in files {
-        let doc = load(&file);
-        for section in ["flags", "$evaluators"] {
-            if let Some(Value::Object(items)) = doc.get(section) {
-                merged[section]
-                    .as_object_mut()
-                    .unwrap()
-                    .extend(items.clone());
-            }
-        }
-    }
-    merged
 }
 
 fn evaluator_suite(mode: FractionalMode) -> Suite {
@@ -315,74 +271,20 @@ fn provider_suite(mode: FractionalMode) -> Suite {
         stable: snapshot(
             mode,
             vec![
-                source("flags/allFlags.json", &all_flags()),
+                source("flags/allFlags.json", &all_flags(&testbed())),
                 source("rawflags/selector-flags.json", &selector_flags),
             ],
         ),
         metadata: snapshot(
             mode,
-            vec![source(
-                "rawflags/selector-flag-combined-metadata.json",
-                &combined,
-            )],
+            vec![source("rawflags/selector-flag-combined-metadata.json", &combined)],
         ),
     }
 }
 
-/// Copies the `.feature` files under `dir` to a scratch directory `name`, doubling the backslashes
-/// of table cells that are not gherkin escapes (`\|`, `\\`, `\n`): the testbed writes `\"` and
-/// `\u0000` in cells, which the official gherkin parsers keep as text but the gherkin crate
-/// rejects; doubled, they read back as the same text.
-fn prepared(dir: &Path, name: &str) -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("flagd-testbed")
-        .join(name);
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "feature") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let fixed: Vec<String> = text
-                .lines()
-                .map(|line| {
-                    if line.trim_start().starts_with('|') {
-                        escape_cell_text(line)
-                    } else {
-                        line.to_owned()
-                    }
-                })
-                .collect();
-            std::fs::write(out.join(path.file_name().unwrap()), fixed.join("\n") + "\n").unwrap();
-        }
-    }
-    out
-}
-
-fn escape_cell_text(line: &str) -> String {
-    let mut out = String::with_capacity(line.len() + 8);
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.peek() {
-            Some(&next @ ('|' | '\\' | 'n')) => {
-                out.push(c);
-                out.push(next);
-                chars.next();
-            }
-            _ => out.push_str("\\\\"),
-        }
-    }
-    out
-}
-
 fn fractional_tag(tags: &[String]) -> Option<FractionalMode> {
-    tags.iter().find_map(|t| {
-        t.strip_prefix("fractional-")
-            .and_then(FractionalMode::parse)
-    })
+    tags.iter()
+        .find_map(|t| t.strip_prefix("fractional-").and_then(FractionalMode::parse))
 }
 
 #[derive(Debug, Default)]
@@ -393,13 +295,7 @@ struct Tally {
 }
 
 /// Runs `features` with `suite`, keeping the scenarios of `mode` (untagged ones in the default mode).
-async fn run(
-    label: &str,
-    features: PathBuf,
-    suite: Suite,
-    mode: FractionalMode,
-    keep: fn(&[String]) -> bool,
-) -> Tally {
+async fn run(label: &str, features: PathBuf, suite: Suite, mode: FractionalMode, keep: fn(&[String]) -> bool) -> Tally {
     *SUITE.lock().unwrap() = Some(Arc::new(suite));
     let writer = Testbed::cucumber()
         .filter_run(features, move |feature, rule, scenario| {
@@ -432,18 +328,19 @@ async fn run(
 fn main() {
     let modes = [FractionalMode::V1, FractionalMode::V2, FractionalMode::V3];
     let provider_features = ["targeting", "evaluation", "metadata", "disabled"];
-    let evaluator_dir = prepared(&testbed().join("evaluator/gherkin"), "evaluator");
-    let provider_dir = prepared(&testbed().join("gherkin"), "provider");
+    let scratch = Path::new(env!("CARGO_TARGET_TMPDIR")).join("flagd-testbed");
+    let evaluator_dir = prepare_features(&testbed().join("evaluator/gherkin"), &scratch.join("evaluator"), &[]);
+    let provider_dir = prepare_features(
+        &testbed().join("gherkin"),
+        &scratch.join("provider"),
+        &provider_features,
+    );
     let mut total = Tally::default();
     futures::executor::block_on(async {
         for mode in modes {
-            let t = run(
-                "evaluator",
-                evaluator_dir.clone(),
-                evaluator_suite(mode),
-                mode,
-                |_| true,
-            )
+            let t = run("evaluator", evaluator_dir.clone(), evaluator_suite(mode), mode, |_| {
+                true
+            })
             .await;
             total.passed += t.passed;
             total.failed += t.failed;

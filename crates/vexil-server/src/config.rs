@@ -50,12 +50,7 @@ pub struct ServeArgs {
     #[arg(short = 'p', long, env = "VEXIL_PORT", default_value_t = 8013)]
     pub port: u16,
     /// Management port (/healthz, /readyz, /metrics).
-    #[arg(
-        short = 'm',
-        long,
-        env = "VEXIL_MANAGEMENT_PORT",
-        default_value_t = 8014
-    )]
+    #[arg(short = 'm', long, env = "VEXIL_MANAGEMENT_PORT", default_value_t = 8014)]
     pub management_port: u16,
     /// flagd.sync.v1 port.
     #[arg(short = 'g', long, env = "VEXIL_SYNC_PORT", default_value_t = 8015)]
@@ -83,12 +78,7 @@ pub struct ServeArgs {
     )]
     pub context_from_header: Vec<String>,
     /// Allowed CORS origins for browser clients (gRPC-web, Connect, OFREP); `*` for any.
-    #[arg(
-        short = 'C',
-        long = "cors-origin",
-        env = "VEXIL_CORS_ORIGIN",
-        value_delimiter = ','
-    )]
+    #[arg(short = 'C', long = "cors-origin", env = "VEXIL_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<String>,
     /// TLS certificate (PEM chain) for the evaluation, sync and OFREP ports; needs --server-key-path.
     #[arg(
@@ -110,20 +100,10 @@ pub struct ServeArgs {
     #[arg(long, env = "VEXIL_STREAM_DEADLINE", default_value = "0", value_parser = parse_seconds)]
     pub stream_deadline: Duration,
     /// Largest request body, in bytes.
-    #[arg(
-        short = 'B',
-        long,
-        env = "VEXIL_MAX_REQUEST_BODY",
-        default_value_t = 1_000_000
-    )]
+    #[arg(short = 'B', long, env = "VEXIL_MAX_REQUEST_BODY", default_value_t = 1_000_000)]
     pub max_request_body: usize,
     /// Largest total size of request headers, in bytes.
-    #[arg(
-        short = 'R',
-        long,
-        env = "VEXIL_MAX_REQUEST_HEADER",
-        default_value_t = 1_000_000
-    )]
+    #[arg(short = 'R', long, env = "VEXIL_MAX_REQUEST_HEADER", default_value_t = 1_000_000)]
     pub max_request_header: usize,
     /// `fractional` bucketing generation: v3 (current spec, default), v2 (flagd 0.15–0.16), v1
     /// (flagd ≤ 0.14). Use the one your previous flagd ran to keep users in their buckets.
@@ -239,21 +219,17 @@ impl ServeArgs {
     pub fn source_specs(&self) -> Result<Vec<SourceSpec>, String> {
         let mut uris: Vec<String> = Vec::new();
         if let Some(json) = &self.sources {
-            let list: Vec<Map<String, Value>> = serde_json::from_str(json)
-                .map_err(|e| format!("--sources is not a JSON array of sources: {e}"))?;
+            let list: Vec<Map<String, Value>> =
+                serde_json::from_str(json).map_err(|e| format!("--sources is not a JSON array of sources: {e}"))?;
             for entry in list {
                 let uri = entry
                     .get("uri")
                     .and_then(Value::as_str)
                     .ok_or("every --sources entry needs a `uri`")?;
                 match entry.get("provider").and_then(Value::as_str) {
-                    None | Some("file") | Some("fsnotify") | Some("fileinfo") => {
-                        uris.push(uri.to_owned())
-                    }
+                    None | Some("file") | Some("fsnotify") | Some("fileinfo") => uris.push(uri.to_owned()),
                     Some(other) => {
-                        return Err(format!(
-                            "--sources provider `{other}` is not supported yet (use file)"
-                        ));
+                        return Err(format!("--sources provider `{other}` is not supported yet (use file)"));
                     }
                 }
             }
@@ -278,10 +254,7 @@ impl ServeArgs {
                 .ok_or_else(|| format!("--context-from-header `{hk}` is not Header=key"))?;
             from_headers.push((h.to_ascii_lowercase(), k.to_owned()));
         }
-        Ok(StaticContext {
-            values,
-            from_headers,
-        })
+        Ok(StaticContext { values, from_headers })
     }
 }
 
@@ -290,10 +263,8 @@ mod tests {
     use super::*;
 
     fn serve(args: &[&str], env: &[(&str, &str)]) -> ServeArgs {
-        let env: std::collections::HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect();
+        let env: std::collections::HashMap<String, String> =
+            env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
         let cli = Cli::parse_from_with_env(args.iter().copied(), |k| env.get(k).cloned());
         match cli.command {
             Command::Serve(s) => *s,
@@ -325,10 +296,7 @@ mod tests {
         );
         assert_eq!(s.fractional, FractionalMode::V3);
         let specs = s.source_specs().unwrap();
-        assert_eq!(
-            specs.iter().map(|s| s.name()).collect::<Vec<_>>(),
-            ["a.json", "b.yaml"]
-        );
+        assert_eq!(specs.iter().map(|s| s.name()).collect::<Vec<_>>(), ["a.json", "b.yaml"]);
         assert_eq!(
             s.static_context().unwrap().values.get("env"),
             Some(&Value::from("prod"))
@@ -364,11 +332,7 @@ mod tests {
             &[],
         );
         assert_eq!(
-            s.source_specs()
-                .unwrap()
-                .iter()
-                .map(|s| s.name())
-                .collect::<Vec<_>>(),
+            s.source_specs().unwrap().iter().map(|s| s.name()).collect::<Vec<_>>(),
             ["a.json", "b.json"]
         );
         let s = serve(

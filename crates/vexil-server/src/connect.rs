@@ -88,9 +88,7 @@ fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
         Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
@@ -116,34 +114,28 @@ fn unary_error(status: &Status) -> Response {
         .into_response()
 }
 
-fn decode<T: DeserializeOwned + Message + Default>(
-    codec: Codec,
-    bytes: &[u8],
-) -> Result<T, Status> {
+fn decode<T: DeserializeOwned + Message + Default>(codec: Codec, bytes: &[u8]) -> Result<T, Status> {
     match codec {
         // An empty JSON body is the empty message.
         Codec::Json if bytes.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
-        Codec::Json => serde_json::from_slice(bytes)
-            .map_err(|e| Status::invalid_argument(format!("invalid JSON request: {e}"))),
-        Codec::Proto => T::decode(bytes)
-            .map_err(|e| Status::invalid_argument(format!("invalid protobuf request: {e}"))),
+        Codec::Json => {
+            serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("invalid JSON request: {e}")))
+        }
+        Codec::Proto => {
+            T::decode(bytes).map_err(|e| Status::invalid_argument(format!("invalid protobuf request: {e}")))
+        }
     }
 }
 
 fn encode<T: Serialize + Message>(codec: Codec, message: &T) -> Result<Vec<u8>, Status> {
     match codec {
-        Codec::Json => serde_json::to_vec(message)
-            .map_err(|e| Status::internal(format!("encoding the response: {e}"))),
+        Codec::Json => serde_json::to_vec(message).map_err(|e| Status::internal(format!("encoding the response: {e}"))),
         Codec::Proto => Ok(message.encode_to_vec()),
     }
 }
 
 fn request<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
-    tonic::Request::from_parts(
-        MetadataMap::from_headers(headers.clone()),
-        Default::default(),
-        message,
-    )
+    tonic::Request::from_parts(MetadataMap::from_headers(headers.clone()), Default::default(), message)
 }
 
 fn content_type_header(kind: Kind, codec: Codec) -> HeaderValue {
@@ -155,12 +147,7 @@ fn content_type_header(kind: Kind, codec: Codec) -> HeaderValue {
     })
 }
 
-async fn unary<Req, Resp, F, Fut>(
-    codec: Codec,
-    headers: &HeaderMap,
-    body: &[u8],
-    call: F,
-) -> Response
+async fn unary<Req, Resp, F, Fut>(codec: Codec, headers: &HeaderMap, body: &[u8], call: F) -> Response
 where
     Req: DeserializeOwned + Message + Default,
     Resp: Serialize + Message,
@@ -176,10 +163,7 @@ where
     match result {
         Ok(bytes) => (
             StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                content_type_header(Kind::Unary, codec),
-            )],
+            [(header::CONTENT_TYPE, content_type_header(Kind::Unary, codec))],
             bytes,
         )
             .into_response(),
@@ -213,21 +197,14 @@ fn unwrap_envelope(body: &[u8]) -> Result<&[u8], Status> {
         return Err(Status::invalid_argument("truncated Connect envelope"));
     }
     if body[0] & 0x01 != 0 {
-        return Err(Status::unimplemented(
-            "compressed Connect messages are not supported",
-        ));
+        return Err(Status::unimplemented("compressed Connect messages are not supported"));
     }
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     body.get(5..5 + len)
         .ok_or_else(|| Status::invalid_argument("truncated Connect envelope"))
 }
 
-async fn server_stream<Req, Resp, F, Fut, S>(
-    codec: Codec,
-    headers: &HeaderMap,
-    body: &[u8],
-    call: F,
-) -> Response
+async fn server_stream<Req, Resp, F, Fut, S>(codec: Codec, headers: &HeaderMap, body: &[u8], call: F) -> Response
 where
     Req: DeserializeOwned + Message + Default,
     Resp: Serialize + Message + Send + 'static,
@@ -240,44 +217,84 @@ where
         call(request(headers, message)).await
     }
     .await;
-    let frames: futures::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>> =
-        match started {
-            Ok(response) => {
-                let messages = response.into_inner();
-                // Each message in an envelope; the first error (or the end) closes the stream.
-                let stream = futures::stream::unfold(
-                    (Box::pin(messages), false),
-                    move |(mut messages, done)| async move {
-                        if done {
-                            return None;
-                        }
-                        match messages.next().await {
-                            Some(Ok(m)) => match encode(codec, &m) {
-                                Ok(bytes) => Some((envelope(0x00, &bytes), (messages, false))),
-                                Err(status) => Some((end_stream(Some(&status)), (messages, true))),
-                            },
-                            Some(Err(status)) => {
-                                Some((end_stream(Some(&status)), (messages, true)))
-                            }
-                            None => Some((end_stream(None), (messages, true))),
-                        }
+    let frames: futures::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>> = match started {
+        Ok(response) => {
+            let messages = response.into_inner();
+            // Each message in an envelope; the first error (or the end) closes the stream.
+            let stream = futures::stream::unfold((Box::pin(messages), false), move |(mut messages, done)| async move {
+                if done {
+                    return None;
+                }
+                match messages.next().await {
+                    Some(Ok(m)) => match encode(codec, &m) {
+                        Ok(bytes) => Some((envelope(0x00, &bytes), (messages, false))),
+                        Err(status) => Some((end_stream(Some(&status)), (messages, true))),
                     },
-                );
-                stream.map(Ok).boxed()
-            }
-            Err(status) => {
-                futures::stream::once(async move { Ok(end_stream(Some(&status))) }).boxed()
-            }
-        };
+                    Some(Err(status)) => Some((end_stream(Some(&status)), (messages, true))),
+                    None => Some((end_stream(None), (messages, true))),
+                }
+            });
+            stream.map(Ok).boxed()
+        }
+        Err(status) => futures::stream::once(async move { Ok(end_stream(Some(&status))) }).boxed(),
+    };
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            content_type_header(Kind::Streaming, codec),
-        )],
+        [(header::CONTENT_TYPE, content_type_header(Kind::Streaming, codec))],
         Body::from_stream(frames),
     )
         .into_response()
+}
+
+/// The five typed Resolve* methods of one flagd evaluation API, by method name.
+macro_rules! resolve_methods {
+    ($service:expr, $pkg:ident, $method:expr, $codec:expr, $headers:expr, $body:expr) => {
+        match $method {
+            "ResolveBoolean" => Some(
+                unary(
+                    $codec,
+                    $headers,
+                    $body,
+                    |r: tonic::Request<$pkg::ResolveBooleanRequest>| $service.resolve_boolean(r),
+                )
+                .await,
+            ),
+            "ResolveString" => Some(
+                unary(
+                    $codec,
+                    $headers,
+                    $body,
+                    |r: tonic::Request<$pkg::ResolveStringRequest>| $service.resolve_string(r),
+                )
+                .await,
+            ),
+            "ResolveFloat" => Some(
+                unary(
+                    $codec,
+                    $headers,
+                    $body,
+                    |r: tonic::Request<$pkg::ResolveFloatRequest>| $service.resolve_float(r),
+                )
+                .await,
+            ),
+            "ResolveInt" => Some(
+                unary($codec, $headers, $body, |r: tonic::Request<$pkg::ResolveIntRequest>| {
+                    $service.resolve_int(r)
+                })
+                .await,
+            ),
+            "ResolveObject" => Some(
+                unary(
+                    $codec,
+                    $headers,
+                    $body,
+                    |r: tonic::Request<$pkg::ResolveObjectRequest>| $service.resolve_object(r),
+                )
+                .await,
+            ),
+            _ => None,
+        }
+    };
 }
 
 /// Answers a Connect request for flagd's evaluation services.
@@ -300,178 +317,56 @@ pub async fn handle(app: App, path: &str, headers: HeaderMap, body: Body) -> Res
         SchemaV1 { app },
     );
     let (h, b) = (&headers, &body[..]);
-    match (kind, path) {
-        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveBoolean") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<v1::ResolveBooleanRequest>| v1s.resolve_boolean(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveString") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<v1::ResolveStringRequest>| v1s.resolve_string(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveFloat") => {
-            unary(codec, h, b, |r: tonic::Request<v1::ResolveFloatRequest>| {
-                v1s.resolve_float(r)
-            })
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveInt") => {
-            unary(codec, h, b, |r: tonic::Request<v1::ResolveIntRequest>| {
-                v1s.resolve_int(r)
-            })
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveObject") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<v1::ResolveObjectRequest>| v1s.resolve_object(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v1.Service/ResolveAll") => {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
+    let response = match (kind, service, method) {
+        (Kind::Unary, "flagd.evaluation.v1.Service", "ResolveAll") => Some(
             unary(codec, h, b, |r: tonic::Request<v1::ResolveAllRequest>| {
                 v1s.resolve_all(r)
             })
-            .await
-        }
-        (Kind::Streaming, "/flagd.evaluation.v1.Service/EventStream") => {
+            .await,
+        ),
+        (Kind::Unary, "flagd.evaluation.v1.Service", m) => resolve_methods!(v1s, v1, m, codec, h, b),
+        (Kind::Unary, "flagd.evaluation.v2.Service", m) => resolve_methods!(v2s, v2, m, codec, h, b),
+        (Kind::Unary, "schema.v1.Service", "ResolveAll") => Some(
+            unary(codec, h, b, |r: tonic::Request<schema_v1::ResolveAllRequest>| {
+                legacy.resolve_all(r)
+            })
+            .await,
+        ),
+        (Kind::Unary, "schema.v1.Service", m) => resolve_methods!(legacy, schema_v1, m, codec, h, b),
+        (Kind::Streaming, "flagd.evaluation.v1.Service", "EventStream") => Some(
             server_stream(codec, h, b, |r: tonic::Request<v1::EventStreamRequest>| {
                 v1s.event_stream(r)
             })
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveBoolean") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<v2::ResolveBooleanRequest>| v2s.resolve_boolean(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveString") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<v2::ResolveStringRequest>| v2s.resolve_string(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveFloat") => {
-            unary(codec, h, b, |r: tonic::Request<v2::ResolveFloatRequest>| {
-                v2s.resolve_float(r)
-            })
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveInt") => {
-            unary(codec, h, b, |r: tonic::Request<v2::ResolveIntRequest>| {
-                v2s.resolve_int(r)
-            })
-            .await
-        }
-        (Kind::Unary, "/flagd.evaluation.v2.Service/ResolveObject") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<v2::ResolveObjectRequest>| v2s.resolve_object(r),
-            )
-            .await
-        }
-        (Kind::Streaming, "/flagd.evaluation.v2.Service/EventStream") => {
+            .await,
+        ),
+        (Kind::Streaming, "flagd.evaluation.v2.Service", "EventStream") => Some(
             server_stream(codec, h, b, |r: tonic::Request<v2::EventStreamRequest>| {
                 v2s.event_stream(r)
             })
-            .await
-        }
-        (Kind::Unary, "/schema.v1.Service/ResolveBoolean") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<schema_v1::ResolveBooleanRequest>| legacy.resolve_boolean(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/schema.v1.Service/ResolveString") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<schema_v1::ResolveStringRequest>| legacy.resolve_string(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/schema.v1.Service/ResolveFloat") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<schema_v1::ResolveFloatRequest>| legacy.resolve_float(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/schema.v1.Service/ResolveInt") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<schema_v1::ResolveIntRequest>| legacy.resolve_int(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/schema.v1.Service/ResolveObject") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<schema_v1::ResolveObjectRequest>| legacy.resolve_object(r),
-            )
-            .await
-        }
-        (Kind::Unary, "/schema.v1.Service/ResolveAll") => {
-            unary(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<schema_v1::ResolveAllRequest>| legacy.resolve_all(r),
-            )
-            .await
-        }
-        (Kind::Streaming, "/schema.v1.Service/EventStream") => {
-            server_stream(
-                codec,
-                h,
-                b,
-                |r: tonic::Request<schema_v1::EventStreamRequest>| legacy.event_stream(r),
-            )
-            .await
-        }
-        (Kind::Streaming, _) => {
-            let status = Status::unimplemented(format!("no streaming method {path}"));
-            (
+            .await,
+        ),
+        (Kind::Streaming, "schema.v1.Service", "EventStream") => Some(
+            server_stream(codec, h, b, |r: tonic::Request<schema_v1::EventStreamRequest>| {
+                legacy.event_stream(r)
+            })
+            .await,
+        ),
+        _ => None,
+    };
+    response.unwrap_or_else(|| {
+        let status = Status::unimplemented(format!(
+            "no {} method {path}",
+            if kind == Kind::Streaming { "streaming" } else { "unary" }
+        ));
+        match kind {
+            Kind::Unary => unary_error(&status),
+            Kind::Streaming => (
                 StatusCode::OK,
-                [(
-                    header::CONTENT_TYPE,
-                    content_type_header(Kind::Streaming, codec),
-                )],
+                [(header::CONTENT_TYPE, content_type_header(kind, codec))],
                 end_stream(Some(&status)),
             )
-                .into_response()
+                .into_response(),
         }
-        (Kind::Unary, _) => unary_error(&Status::unimplemented(format!("no method {path}"))),
-    }
+    })
 }

@@ -7,10 +7,7 @@ use vexil_proto::pbjson_types;
 
 /// A protobuf `Struct` as a JSON object.
 pub fn struct_to_json(s: Struct) -> Map<String, Value> {
-    s.fields
-        .into_iter()
-        .map(|(k, v)| (k, value_to_json(v)))
-        .collect()
+    s.fields.into_iter().map(|(k, v)| (k, value_to_json(v))).collect()
 }
 
 fn value_to_json(v: PValue) -> Value {
@@ -36,10 +33,7 @@ fn number(n: f64) -> Value {
 /// A JSON object as a protobuf `Struct`.
 pub fn json_to_struct(m: &Map<String, Value>) -> Struct {
     Struct {
-        fields: m
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect(),
+        fields: m.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
     }
 }
 

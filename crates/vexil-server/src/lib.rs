@@ -68,10 +68,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     });
 
     let cors = cors(&args.cors_origin);
-    let evaluation = with_cors(
-        evaluation_router(&app, args.max_request_body)?,
-        cors.clone(),
-    );
+    let evaluation = with_cors(evaluation_router(&app, args.max_request_body)?, cors.clone());
     let sync = sync_router(&app, args.max_request_body);
     let management = management::router(live.clone(), prometheus).merge(health_router());
     let ofrep = with_cors(ofrep::router(app.clone()), cors);
@@ -125,29 +122,21 @@ fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let routes = tonic::service::Routes::new(
-        v1::service_server::ServiceServer::new(flagd::evaluation::EvaluationV1 {
-            app: app.clone(),
-        })
-        .max_decoding_message_size(max_body),
+        v1::service_server::ServiceServer::new(flagd::evaluation::EvaluationV1 { app: app.clone() })
+            .max_decoding_message_size(max_body),
     )
     .add_service(
-        v2::service_server::ServiceServer::new(flagd::evaluation::EvaluationV2 {
-            app: app.clone(),
-        })
-        .max_decoding_message_size(max_body),
+        v2::service_server::ServiceServer::new(flagd::evaluation::EvaluationV2 { app: app.clone() })
+            .max_decoding_message_size(max_body),
     )
     .add_service(
-        schema_v1::service_server::ServiceServer::new(flagd::evaluation::SchemaV1 {
-            app: app.clone(),
-        })
-        .max_decoding_message_size(max_body),
+        schema_v1::service_server::ServiceServer::new(flagd::evaluation::SchemaV1 { app: app.clone() })
+            .max_decoding_message_size(max_body),
     )
     .add_service(health_service())
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
-    let grpc = routes
-        .into_axum_router()
-        .layer(tonic_web::GrpcWebLayer::new());
+    let grpc = routes.into_axum_router().layer(tonic_web::GrpcWebLayer::new());
     // One port, three protocols: Connect requests are told apart by their content type; gRPC and
     // gRPC-web go to tonic.
     let app = app.clone();
@@ -168,14 +157,12 @@ fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
 /// 8015: flagd.sync.v1.
 fn sync_router(app: &App, max_body: usize) -> Router {
     tonic::service::Routes::new(
-        FlagSyncServiceServer::new(flagd::sync::Sync { app: app.clone() })
-            .max_decoding_message_size(max_body),
+        FlagSyncServiceServer::new(flagd::sync::Sync { app: app.clone() }).max_decoding_message_size(max_body),
     )
     .into_axum_router()
 }
 
-fn health_service()
--> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+fn health_service() -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
     let (reporter, service) = tonic_health::server::health_reporter();
     tokio::spawn(async move {
         for name in [

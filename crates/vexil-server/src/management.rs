@@ -31,10 +31,7 @@ async fn readyz(State(m): State<Management>) -> impl IntoResponse {
             StatusCode::PRECONDITION_FAILED,
             format!("not ready: sources not loaded yet: {}", sources.join(", ")),
         ),
-        Readiness::Stale {
-            source,
-            failing_for,
-        } => (
+        Readiness::Stale { source, failing_for } => (
             StatusCode::PRECONDITION_FAILED,
             format!(
                 "not ready: source {source} has been failing for {}s",
@@ -46,10 +43,7 @@ async fn readyz(State(m): State<Management>) -> impl IntoResponse {
 
 async fn render(State(m): State<Management>) -> impl IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.metrics.render(),
     )
 }

@@ -13,18 +13,12 @@ const STREAMS: &str = "vexil_connected_streams";
 
 /// Installs the global recorder (once per process) and returns the handle `/metrics` renders.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let buckets = [
-        1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2,
-    ];
+    let buckets = [1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(LATENCY.into()), &buckets)?
         .install_recorder()?;
     metrics::describe_counter!(EVALUATIONS, "Flag evaluations by protocol and reason");
-    metrics::describe_histogram!(
-        LATENCY,
-        metrics::Unit::Seconds,
-        "Time to evaluate a request's flags"
-    );
+    metrics::describe_histogram!(LATENCY, metrics::Unit::Seconds, "Time to evaluate a request's flags");
     metrics::describe_gauge!(CONFIG_VERSION, "Version of the configuration being served");
     metrics::describe_gauge!(FLAGS, "Flags in the configuration being served");
     metrics::describe_gauge!(STREAMS, "Open EventStream and SyncFlags streams");
@@ -38,8 +32,7 @@ pub fn evaluation(protocol: &'static str, reason: Reason, took: Duration) {
 }
 
 pub fn count(protocol: &'static str, reason: Reason) {
-    metrics::counter!(EVALUATIONS, "protocol" => protocol, "reason" => reason.as_str())
-        .increment(1);
+    metrics::counter!(EVALUATIONS, "protocol" => protocol, "reason" => reason.as_str()).increment(1);
 }
 
 pub fn latency(protocol: &'static str, took: Duration) {

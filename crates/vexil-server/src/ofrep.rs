@@ -32,10 +32,7 @@ pub fn router(app: App) -> Router {
 fn json_response(status: StatusCode, body: &Value) -> Response {
     (
         status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         body.to_string(),
     )
         .into_response()
@@ -53,7 +50,10 @@ impl IntoResponse for Rejection {
 /// Reads the body up to the configured limit.
 async fn read_body(app: &App, body: Body) -> Result<Bytes, Rejection> {
     axum::body::to_bytes(body, app.max_body()).await.map_err(|_| {
-        Rejection(StatusCode::PAYLOAD_TOO_LARGE, json!({ "errorDetails": format!("request body too large (limit {} bytes)", app.max_body()) }))
+        Rejection(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({ "errorDetails": format!("request body too large (limit {} bytes)", app.max_body()) }),
+        )
     })
 }
 
@@ -138,11 +138,7 @@ async fn single(
     Ok(json_response(status, &body))
 }
 
-async fn bulk(
-    State(app): State<App>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Rejection> {
+async fn bulk(State(app): State<App>, headers: HeaderMap, body: Body) -> Result<Response, Rejection> {
     let bytes = read_body(&app, body).await?;
     let selector = selector(&headers, None)?;
     let context = request_context(&app, &bytes, &headers, None)?;
@@ -157,21 +153,15 @@ async fn bulk(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|candidate| {
-            matches!(candidate.trim(), "*") || candidate.trim().trim_start_matches("W/") == etag
-        });
-    let etag_header =
-        HeaderValue::from_str(&etag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
+        .any(|candidate| matches!(candidate.trim(), "*") || candidate.trim().trim_start_matches("W/") == etag);
+    let etag_header = HeaderValue::from_str(&etag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
     if unchanged {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_header)]).into_response());
     }
     Ok((
         StatusCode::OK,
         [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
             (header::ETAG, etag_header),
         ],
         body,

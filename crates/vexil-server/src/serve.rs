@@ -37,8 +37,8 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing the certificate {}", cert.display()))?;
     anyhow::ensure!(!certs.is_empty(), "no certificate in {}", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("reading the private key {}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -93,11 +93,7 @@ pub async fn serve(
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(tls_stream) => {
                         watcher
-                            .watch(
-                                builder
-                                    .serve_connection(TokioIo::new(tls_stream), service)
-                                    .into_owned(),
-                            )
+                            .watch(builder.serve_connection(TokioIo::new(tls_stream), service).into_owned())
                             .await
                     }
                     Err(e) => {
@@ -107,11 +103,7 @@ pub async fn serve(
                 },
                 None => {
                     watcher
-                        .watch(
-                            builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .into_owned(),
-                        )
+                        .watch(builder.serve_connection(TokioIo::new(stream), service).into_owned())
                         .await
                 }
             };

@@ -46,19 +46,13 @@ mod tests {
     #[test]
     fn static_values_win_over_the_request_and_headers_over_both() {
         let statics = StaticContext {
-            values: json!({"env": "prod", "region": "eu"})
-                .as_object()
-                .unwrap()
-                .clone(),
+            values: json!({"env": "prod", "region": "eu"}).as_object().unwrap().clone(),
             from_headers: vec![
                 ("x-region".into(), "region".into()),
                 ("x-missing".into(), "other".into()),
             ],
         };
-        let request = json!({"env": "dev", "user": "ann"})
-            .as_object()
-            .unwrap()
-            .clone();
+        let request = json!({"env": "dev", "user": "ann"}).as_object().unwrap().clone();
         let merged = merge_context(request, &statics, |h| (h == "x-region").then_some("us"));
         assert_eq!(
             Value::Object(merged),

@@ -121,10 +121,7 @@ impl Live {
                 ticker.tick().await;
                 // File reads and compiles are blocking work.
                 let l = live.clone();
-                if tokio::task::spawn_blocking(move || l.poll(false))
-                    .await
-                    .is_err()
-                {
+                if tokio::task::spawn_blocking(move || l.poll(false)).await.is_err() {
                     tracing::error!("source watcher panicked");
                 }
             }
@@ -140,8 +137,7 @@ impl Live {
             let SourceSpec::File(file) = &state.spec;
             let stamp = file.stamp();
             // Unchanged files are not re-read, unless the last attempt failed.
-            if !initial && stamp.is_some() && stamp == state.stamp && state.failing_since.is_none()
-            {
+            if !initial && stamp.is_some() && stamp == state.stamp && state.failing_since.is_none() {
                 continue;
             }
             state.stamp = stamp;

@@ -102,11 +102,9 @@ impl FileSource {
             path: display(&self.path),
             source,
         })?;
-        let parsed = parse::parse_str(&text, self.format, Strictness::Flagd).map_err(|source| {
-            LoadError::Invalid {
-                path: display(&self.path),
-                source,
-            }
+        let parsed = parse::parse_str(&text, self.format, Strictness::Flagd).map_err(|source| LoadError::Invalid {
+            path: display(&self.path),
+            source,
         })?;
         Ok((text, parsed))
     }

@@ -166,19 +166,10 @@ mod tests {
     fn integers_use_the_shortest_head() {
         assert_eq!(cbor(DataValue::Number(NumberValue::Integer(0))), [0x00]);
         assert_eq!(cbor(DataValue::Number(NumberValue::Integer(23))), [0x17]);
-        assert_eq!(
-            cbor(DataValue::Number(NumberValue::Integer(24))),
-            [0x18, 0x18]
-        );
-        assert_eq!(
-            cbor(DataValue::Number(NumberValue::Integer(1000))),
-            [0x19, 0x03, 0xe8]
-        );
+        assert_eq!(cbor(DataValue::Number(NumberValue::Integer(24))), [0x18, 0x18]);
+        assert_eq!(cbor(DataValue::Number(NumberValue::Integer(1000))), [0x19, 0x03, 0xe8]);
         assert_eq!(cbor(DataValue::Number(NumberValue::Integer(-1))), [0x20]);
-        assert_eq!(
-            cbor(DataValue::Number(NumberValue::Integer(-1000))),
-            [0x39, 0x03, 0xe7]
-        );
+        assert_eq!(cbor(DataValue::Number(NumberValue::Integer(-1000))), [0x39, 0x03, 0xe7]);
         assert_eq!(
             cbor(DataValue::Number(NumberValue::Integer(1_000_000_000_000))),
             [0x1b, 0x00, 0x00, 0x00, 0xe8, 0xd4, 0xa5, 0x10, 0x00]
@@ -203,10 +194,7 @@ mod tests {
         assert_eq!(cbor(num(5.960464477539063e-8)), [0xf9, 0x00, 0x01]);
         assert_eq!(cbor(num(0.00006103515625)), [0xf9, 0x04, 0x00]);
         assert_eq!(cbor(num(100000.5)), [0xfa, 0x47, 0xc3, 0x50, 0x40]);
-        assert_eq!(
-            cbor(num(1.1)),
-            [0xfb, 0x3f, 0xf1, 0x99, 0x99, 0x99, 0x99, 0x99, 0x9a]
-        );
+        assert_eq!(cbor(num(1.1)), [0xfb, 0x3f, 0xf1, 0x99, 0x99, 0x99, 0x99, 0x99, 0x9a]);
         assert_eq!(cbor(num(f64::INFINITY)), [0xf9, 0x7c, 0x00]);
         assert_eq!(cbor(num(f64::NEG_INFINITY)), [0xf9, 0xfc, 0x00]);
     }
@@ -232,10 +220,7 @@ mod tests {
 
     #[test]
     fn text_and_arrays() {
-        assert_eq!(
-            cbor(DataValue::String("IETF")),
-            [0x64, 0x49, 0x45, 0x54, 0x46]
-        );
+        assert_eq!(cbor(DataValue::String("IETF")), [0x64, 0x49, 0x45, 0x54, 0x46]);
         let items = [DataValue::Number(NumberValue::Integer(1)), DataValue::Null];
         assert_eq!(cbor(DataValue::Array(&items)), [0x82, 0x01, 0xf6]);
     }

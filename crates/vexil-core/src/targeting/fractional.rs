@@ -68,8 +68,7 @@ thread_local! {
 
 /// MurmurHash3 x86_32 with seed 0 over the concatenation `a ++ b`, without building it.
 fn murmur_concat(a: &[u8], b: &[u8]) -> u32 {
-    murmur3::murmur3_32(&mut Cursor::new(a).chain(Cursor::new(b)), 0)
-        .expect("reading from memory cannot fail")
+    murmur3::murmur3_32(&mut Cursor::new(a).chain(Cursor::new(b)), 0).expect("reading from memory cannot fail")
 }
 
 /// MurmurHash3 x86_32 with seed 0 of one byte string.
@@ -123,10 +122,7 @@ fn v1<'a>(args: &[&'a DataValue<'a>], root: &'a DataValue<'a>) -> Option<&'a Dat
             let buckets = if first.is_null() { &args[1..] } else { args };
             // v1 took any string targeting key, even an empty one.
             let key = root.get("targetingKey").and_then(|k| k.as_str())?;
-            (
-                murmur_concat(flag_key(root).as_bytes(), key.as_bytes()),
-                buckets,
-            )
+            (murmur_concat(flag_key(root).as_bytes(), key.as_bytes()), buckets)
         }
     };
     let mut weights = Vec::with_capacity(buckets.len());
@@ -164,10 +160,7 @@ fn v2<'a>(args: &[&'a DataValue<'a>], root: &'a DataValue<'a>) -> Option<&'a Dat
         _ => {
             let buckets = if first.is_null() { &args[1..] } else { args };
             let key = targeting_key(root)?;
-            (
-                murmur_concat(flag_key(root).as_bytes(), key.as_bytes()),
-                buckets,
-            )
+            (murmur_concat(flag_key(root).as_bytes(), key.as_bytes()), buckets)
         }
     };
     pick(hash, buckets)

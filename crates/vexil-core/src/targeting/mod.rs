@@ -31,9 +31,7 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("fractional", &self.mode)
-            .finish()
+        f.debug_struct("Engine").field("fractional", &self.mode).finish()
     }
 }
 
@@ -57,10 +55,7 @@ impl Engine {
     /// Compiles a targeting rule. Fails on what JsonLogic cannot run (an unknown operator, a
     /// malformed one); flagd reports such a flag as a parse error when it is evaluated.
     pub fn compile(&self, rule: &Value) -> Result<Rule, String> {
-        self.inner
-            .compile(rule)
-            .map(Rule)
-            .map_err(|e| e.to_string())
+        self.inner.compile(rule).map(Rule).map_err(|e| e.to_string())
     }
 }
 
@@ -109,12 +104,7 @@ pub(crate) fn evaluate(
 }
 
 /// The rule's input: `context` plus `$flagd`.
-fn context_value<'a>(
-    context: &'a Map<String, Value>,
-    flag_key: &'a str,
-    now: i64,
-    arena: &'a Bump,
-) -> DataValue<'a> {
+fn context_value<'a>(context: &'a Map<String, Value>, flag_key: &'a str, now: i64, arena: &'a Bump) -> DataValue<'a> {
     let flagd = arena.alloc_slice_copy(&[
         ("flagKey", DataValue::String(flag_key)),
         ("timestamp", DataValue::Number(NumberValue::Integer(now))),
@@ -159,10 +149,7 @@ fn array_value<'a>(items: &'a [Value], arena: &'a Bump) -> &'a [DataValue<'a>] {
 }
 
 #[inline(never)]
-fn object_value<'a>(
-    map: &'a Map<String, Value>,
-    arena: &'a Bump,
-) -> &'a [(&'a str, DataValue<'a>)] {
+fn object_value<'a>(map: &'a Map<String, Value>, arena: &'a Bump) -> &'a [(&'a str, DataValue<'a>)] {
     let mut out = BumpVec::with_capacity_in(map.len(), arena);
     for (k, v) in map {
         out.push((k.as_str(), data_value(v, arena)));
@@ -287,14 +274,7 @@ mod tests {
         let engine = Engine::new(FractionalMode::V3);
         let rule = engine.compile(&rule).expect("rule compiles");
         let context = context.as_object().cloned().unwrap_or_default();
-        evaluate(
-            &engine,
-            &rule,
-            "my-flag",
-            &variants(names),
-            &context,
-            1_700_000_000,
-        )
+        evaluate(&engine, &rule, "my-flag", &variants(names), &context, 1_700_000_000)
     }
 
     #[test]
@@ -307,18 +287,9 @@ mod tests {
             run(json!({"==": [1, 1]}), json!({}), &["false", "true"]),
             Outcome::Variant(1)
         );
-        assert_eq!(
-            run(json!({"+": [1, 1]}), json!({}), &["1", "2"]),
-            Outcome::Variant(1)
-        );
-        assert_eq!(
-            run(json!({"/": [1, 2]}), json!({}), &["0.5"]),
-            Outcome::Variant(0)
-        );
-        assert_eq!(
-            run(json!({"if": [true, null, "a"]}), json!({}), &["a"]),
-            Outcome::Null
-        );
+        assert_eq!(run(json!({"+": [1, 1]}), json!({}), &["1", "2"]), Outcome::Variant(1));
+        assert_eq!(run(json!({"/": [1, 2]}), json!({}), &["0.5"]), Outcome::Variant(0));
+        assert_eq!(run(json!({"if": [true, null, "a"]}), json!({}), &["a"]), Outcome::Null);
         assert_eq!(
             run(json!({"if": [true, "three", "a"]}), json!({}), &["a"]),
             Outcome::UnknownVariant("three".into())
@@ -328,16 +299,9 @@ mod tests {
     #[test]
     fn flagd_properties_are_injected_and_win() {
         let rule = json!({"if": [{"==": [{"var": "$flagd.flagKey"}, "my-flag"]}, "yes", "no"]});
+        assert_eq!(run(rule.clone(), json!({}), &["no", "yes"]), Outcome::Variant(1));
         assert_eq!(
-            run(rule.clone(), json!({}), &["no", "yes"]),
-            Outcome::Variant(1)
-        );
-        assert_eq!(
-            run(
-                rule,
-                json!({"$flagd": {"flagKey": "spoofed"}}),
-                &["no", "yes"]
-            ),
+            run(rule, json!({"$flagd": {"flagKey": "spoofed"}}), &["no", "yes"]),
             Outcome::Variant(1)
         );
         let ts = json!({"if": [{"==": [{"var": "$flagd.timestamp"}, 1_700_000_000]}, "yes", "no"]});

@@ -122,11 +122,7 @@ mod tests {
         assert_eq!(check("3.0.1", "~", "3.0.0"), Some(true));
         assert_eq!(check("3.1.0", "~", "3.0.0"), Some(false));
         assert_eq!(check("3.1.0", "^", "3.0.0"), Some(true));
-        assert_eq!(
-            check("0.2.0", "^", "0.1.0"),
-            Some(true),
-            "no npm special case for 0.x"
-        );
+        assert_eq!(check("0.2.0", "^", "0.1.0"), Some(true), "no npm special case for 0.x");
         assert_eq!(check("4.0.0", "^", "3.0.0"), Some(false));
     }
 
@@ -145,11 +141,7 @@ mod tests {
         assert_eq!(check("not-a-version", "=", "1.0.0"), None);
         assert_eq!(check("1.0.0", "===", "1.0.0"), None);
         assert_eq!(check("01.0.0", "=", "1.0.0"), None);
-        assert_eq!(
-            check("1.0-beta", "=", "1.0.0"),
-            None,
-            "no shorthand with a prerelease"
-        );
+        assert_eq!(check("1.0-beta", "=", "1.0.0"), None, "no shorthand with a prerelease");
         assert_eq!(check("vv1.0.0", "=", "1.0.0"), None);
         assert_eq!(check("", "=", "1.0.0"), None);
         assert_eq!(compare(&[&s("1.0.0"), &s("=")]), None);
@@ -163,10 +155,6 @@ mod tests {
         let two = DataValue::Number(NumberValue::Integer(2));
         assert_eq!(compare(&[&two, &s("="), &s("2.0.0")]), Some(true));
         let million = DataValue::Number(NumberValue::Integer(1_000_000));
-        assert_eq!(
-            compare(&[&million, &s(">"), &s("1.0.0")]),
-            None,
-            "Go prints 1e+06"
-        );
+        assert_eq!(compare(&[&million, &s(">"), &s("1.0.0")]), None, "Go prints 1e+06");
     }
 }

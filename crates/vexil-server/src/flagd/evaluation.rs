@@ -5,6 +5,8 @@
 //! variant, or a disabled flag): v1 answers `NOT_FOUND` for a missing default variant and zero
 //! values for a disabled flag, v2 leaves value and variant unset, schema.v1 reports `FALLBACK`.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 use vexil_core::{Reason, Selector, ValueType};
@@ -48,20 +50,16 @@ pub(crate) fn selector<T>(request: &Request<T>) -> Result<Selector, Status> {
     match request.metadata().get("flagd-selector") {
         None => Ok(Selector::All),
         Some(v) => {
-            let s = v.to_str().map_err(|_| {
-                Status::invalid_argument("the Flagd-Selector header is not valid text")
-            })?;
+            let s = v
+                .to_str()
+                .map_err(|_| Status::invalid_argument("the Flagd-Selector header is not valid text"))?;
             Selector::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
         }
     }
 }
 
 /// The evaluation context: the request's `context` merged with `-X` values and `-H` headers.
-pub(crate) fn context<T>(
-    app: &App,
-    request: &Request<T>,
-    context: Option<Struct>,
-) -> Map<String, Value> {
+pub(crate) fn context<T>(app: &App, request: &Request<T>, context: Option<Struct>) -> Map<String, Value> {
     let own = context.map(struct_to_json).unwrap_or_default();
     let metadata = request.metadata();
     app.context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()))
@@ -117,10 +115,7 @@ fn resolve<T>(
 ) -> Result<Answer, Status> {
     let selector = selector(request)?;
     let context = context(app, request, ctx);
-    answer(
-        api,
-        app.evaluate(api.protocol(), key, &selector, &context, ty),
-    )
+    answer(api, app.evaluate(api.protocol(), key, &selector, &context, ty))
 }
 
 fn as_bool(v: &Value) -> bool {
@@ -200,24 +195,8 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
         &self,
         request: Request<v1::ResolveAllRequest>,
     ) -> Result<Response<v1::ResolveAllResponse>, Status> {
-        let selector = selector(&request)?;
         let ctx = request.get_ref().context.clone();
-        let context = context(&self.app, &request, ctx);
-        let mut flags = std::collections::HashMap::new();
-        self.app.evaluate_all(
-            Api::V1.protocol(),
-            &selector,
-            &context,
-            |key, default_type, ev| {
-                // flagd resolves each flag as its default variant's type, skipping flags without one
-                // and disabled flags.
-                let Some(ty) = default_type else { return };
-                if ev.reason == Reason::Disabled {
-                    return;
-                }
-                flags.insert(key.to_owned(), any_flag(ty, ev));
-            },
-        );
+        let (flags, selector) = resolve_all(&self.app, Api::V1, &request, ctx)?;
         Ok(Response::new(v1::ResolveAllResponse {
             flags,
             metadata: Some(json_to_struct(&selector.metadata())),
@@ -231,16 +210,34 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
         request: Request<v1::EventStreamRequest>,
     ) -> Result<Response<Self::EventStreamStream>, Status> {
         let selector = selector(&request)?;
-        Ok(Response::new(events::stream(
-            &self.app,
-            selector,
-            |kind, data| v1::EventStreamResponse {
+        Ok(Response::new(events::stream(&self.app, selector, |kind, data| {
+            v1::EventStreamResponse {
                 r#type: kind.into(),
                 data,
-            },
-        )))
+            }
+        })))
     }
 });
+
+/// flagd's ResolveAll: every flag the selector sees, resolved as its default variant's type;
+/// flags without a default variant and disabled flags are left out.
+fn resolve_all<T>(
+    app: &App,
+    api: Api,
+    request: &Request<T>,
+    ctx: Option<Struct>,
+) -> Result<(HashMap<String, v1::AnyFlag>, Selector), Status> {
+    let selector = selector(request)?;
+    let context = context(app, request, ctx);
+    let mut flags = HashMap::new();
+    app.evaluate_all(api.protocol(), &selector, &context, |key, default_type, ev| {
+        let Some(ty) = default_type else { return };
+        if ev.reason != Reason::Disabled {
+            flags.insert(key.to_owned(), any_flag(ty, ev));
+        }
+    });
+    Ok((flags, selector))
+}
 
 fn any_flag(ty: ValueType, ev: Evaluated) -> v1::AnyFlag {
     use v1::any_flag::Value as V;
@@ -285,14 +282,12 @@ service_impl!(EvaluationV2, v2, Api::V2, unset = true, {
         request: Request<v2::EventStreamRequest>,
     ) -> Result<Response<Self::EventStreamStream>, Status> {
         let selector = selector(&request)?;
-        Ok(Response::new(events::stream(
-            &self.app,
-            selector,
-            |kind, data| v2::EventStreamResponse {
+        Ok(Response::new(events::stream(&self.app, selector, |kind, data| {
+            v2::EventStreamResponse {
                 r#type: kind.into(),
                 data,
-            },
-        )))
+            }
+        })))
     }
 });
 
@@ -307,42 +302,30 @@ service_impl!(SchemaV1, schema_v1, Api::SchemaV1, unset = false, {
         &self,
         request: Request<schema_v1::ResolveAllRequest>,
     ) -> Result<Response<schema_v1::ResolveAllResponse>, Status> {
-        let selector = selector(&request)?;
+        use schema_v1::any_flag::Value as S;
+        use v1::any_flag::Value as V;
         let ctx = request.get_ref().context.clone();
-        let context = context(&self.app, &request, ctx);
-        let mut flags = std::collections::HashMap::new();
-        self.app.evaluate_all(
-            Api::SchemaV1.protocol(),
-            &selector,
-            &context,
-            |key, default_type, ev| {
-                let Some(ty) = default_type else { return };
-                if ev.reason == Reason::Disabled {
-                    return;
-                }
-                let f = any_flag(ty, ev);
+        let (flags, _) = resolve_all(&self.app, Api::SchemaV1, &request, ctx)?;
+        // schema.v1's AnyFlag is evaluation.v1's without metadata.
+        let flags = flags
+            .into_iter()
+            .map(|(key, f)| {
                 let value = f.value.map(|v| match v {
-                    v1::any_flag::Value::BoolValue(b) => schema_v1::any_flag::Value::BoolValue(b),
-                    v1::any_flag::Value::StringValue(s) => {
-                        schema_v1::any_flag::Value::StringValue(s)
-                    }
-                    v1::any_flag::Value::DoubleValue(d) => {
-                        schema_v1::any_flag::Value::DoubleValue(d)
-                    }
-                    v1::any_flag::Value::ObjectValue(o) => {
-                        schema_v1::any_flag::Value::ObjectValue(o)
-                    }
+                    V::BoolValue(b) => S::BoolValue(b),
+                    V::StringValue(s) => S::StringValue(s),
+                    V::DoubleValue(d) => S::DoubleValue(d),
+                    V::ObjectValue(o) => S::ObjectValue(o),
                 });
-                flags.insert(
-                    key.to_owned(),
+                (
+                    key,
                     schema_v1::AnyFlag {
                         reason: f.reason,
                         variant: f.variant,
                         value,
                     },
-                );
-            },
-        );
+                )
+            })
+            .collect();
         Ok(Response::new(schema_v1::ResolveAllResponse { flags }))
     }
 
@@ -353,13 +336,11 @@ service_impl!(SchemaV1, schema_v1, Api::SchemaV1, unset = false, {
         request: Request<schema_v1::EventStreamRequest>,
     ) -> Result<Response<Self::EventStreamStream>, Status> {
         let selector = selector(&request)?;
-        Ok(Response::new(events::stream(
-            &self.app,
-            selector,
-            |kind, data| schema_v1::EventStreamResponse {
+        Ok(Response::new(events::stream(&self.app, selector, |kind, data| {
+            schema_v1::EventStreamResponse {
                 r#type: kind.into(),
                 data,
-            },
-        )))
+            }
+        })))
     }
 });

@@ -114,7 +114,11 @@ mod tests {
         assert_eq!(events.next().await.unwrap().unwrap(), ("provider_ready", true));
         let started = Instant::now();
         assert_eq!(events.next().await.unwrap().unwrap(), ("keep_alive", false));
-        assert_eq!(started.elapsed(), KEEP_ALIVE, "exactly after 20 s of silence (paused clock)");
+        assert_eq!(
+            started.elapsed(),
+            KEEP_ALIVE,
+            "exactly after 20 s of silence (paused clock)"
+        );
         stop.send(true).unwrap();
         assert_eq!(events.next().await.unwrap().unwrap(), ("provider_shutdown", true));
         assert!(events.next().await.is_none(), "the stream ends after provider_shutdown");
