@@ -111,14 +111,26 @@ impl Live {
         live
     }
 
-    /// Watches the sources every `interval` until the returned task is dropped or aborted.
+    /// Watches the sources until the returned task is dropped or aborted: file-system events
+    /// (inotify on Linux) trigger a check at once; a check every `interval` is the backstop for
+    /// what events miss (network file systems, a watcher that could not start).
     pub fn watch(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let live = self.clone();
+        let (wake, mut woken) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = self.file_watcher(wake);
         tokio::spawn(async move {
+            let _watcher = watcher;
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    Some(()) = woken.recv() => {
+                        // Let a burst of events (write, then close) settle into one check.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        while woken.try_recv().is_ok() {}
+                    }
+                }
                 // File reads and compiles are blocking work.
                 let l = live.clone();
                 if tokio::task::spawn_blocking(move || l.poll(false)).await.is_err() {
@@ -126,6 +138,44 @@ impl Live {
                 }
             }
         })
+    }
+
+    /// A watcher on the directories of the file sources (their parents, so that files replaced by
+    /// rename, like editors and Kubernetes ConfigMaps do, are seen) that wakes `wake` on any event.
+    fn file_watcher(&self, wake: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+        use notify::Watcher as _;
+        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+        for state in self.inner.sources.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let SourceSpec::File(file) = &state.spec;
+            let dir = match file.path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        if dirs.is_empty() {
+            return None;
+        }
+        let handler = move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = wake.try_send(());
+            }
+        };
+        let mut watcher = match notify::recommended_watcher(handler) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("cannot watch files ({e}); checking sources every poll interval only");
+                return None;
+            }
+        };
+        for dir in dirs {
+            if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), "cannot watch directory ({e}); checking it every poll interval only");
+            }
+        }
+        Some(watcher)
     }
 
     /// Checks every source; reloads the changed ones; publishes a new snapshot if content changed.
@@ -313,6 +363,36 @@ mod tests {
         assert_eq!(live.current().version, 1);
         assert_eq!(value(&live, "f"), Some(json!("two")));
         assert_eq!(live.readiness(), Readiness::Ready);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn file_events_trigger_a_reload_without_waiting_for_the_poll() {
+        let dir = std::env::temp_dir().join(format!("vexil-live-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flags.json");
+        write(&path, &flags("one"));
+        let config = LiveConfig {
+            sources: vec![SourceSpec::File(FileSource::new(path.to_str().unwrap()))],
+            fractional: FractionalMode::V3,
+            poll_interval: Duration::from_secs(3600),
+            stale_after: None,
+        };
+        let live = Live::load(&config);
+        let mut changes = live.subscribe();
+        let task = live.watch(config.poll_interval);
+        // The interval's first tick fires at once; let it pass before changing the file.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Replace the file by rename, as editors and ConfigMaps do.
+        let tmp = dir.join(".flags.json.tmp");
+        write(&tmp, &flags("two"));
+        std::fs::rename(&tmp, &path).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), changes.changed())
+            .await
+            .expect("reloaded on the file event")
+            .unwrap();
+        assert_eq!(value(&live, "f"), Some(json!("two")));
+        task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
