@@ -1,0 +1,10 @@
+//! `vexil-loadgen`: drives Vexil and a no-op baseline server with the same workload on the same
+//! machine, so every figure comes with the ratio to what the protocol stack alone achieves.
+
+pub mod baseline;
+pub mod driver;
+pub mod fanout;
+pub mod flags;
+pub mod process;
+pub mod report;
+pub mod workload;

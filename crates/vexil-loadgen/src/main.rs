@@ -1,0 +1,387 @@
+//! The `vexil-loadgen` command. See `docs/benchmarks.md` for the commands behind every figure.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use vexil_loadgen::baseline::{self, Canned};
+use vexil_loadgen::driver::{self, LoadSpec};
+use vexil_loadgen::fanout::{self, Protocol};
+use vexil_loadgen::flags::{catalog, document};
+use vexil_loadgen::process::{self, Server};
+use vexil_loadgen::report::{self, Row};
+use vexil_loadgen::workload::{Client, Req, Scenario, requests};
+
+/// Load generator for Vexil: throughput and latency beside a no-op baseline, change fan-out,
+/// memory and startup.
+#[derive(Debug, Parser)]
+#[command(name = "vexil-loadgen", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Throughput and latency of request scenarios, Vexil and then the baseline.
+    Run(RunArgs),
+    /// Time from a flag file edit to every stream subscriber being notified.
+    Fanout(FanoutArgs),
+    /// Resident memory of a server holding N flags (after a short warm-up).
+    Memory(SizeArgs),
+    /// Time from process start to ready with N flags.
+    Startup(SizeArgs),
+    /// The no-op baseline server (started by `run`).
+    #[command(hide = true)]
+    BaselineServer {
+        #[arg(short = 'p')]
+        port: u16,
+        #[arg(short = 'm')]
+        management_port: u16,
+        #[arg(short = 'g')]
+        _sync_port: u16,
+        #[arg(short = 'r')]
+        ofrep_port: u16,
+        #[arg(long)]
+        canned: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// The vexil binary (default: next to this one).
+    #[arg(long)]
+    vexil: Option<PathBuf>,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Scenarios to run (repeatable).
+    #[arg(long = "scenario", value_enum, default_values_t = [Scenario::ResolveBoolean])]
+    scenarios: Vec<Scenario>,
+    /// Flags in the served file.
+    #[arg(long, default_value_t = 10)]
+    flags: usize,
+    /// Context attributes per request.
+    #[arg(long, default_value_t = 5)]
+    attrs: usize,
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections for gRPC scenarios.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Measured seconds per scenario and target.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured warm-up seconds.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Fixed total arrival rate (requests/s); default: closed loop, as fast as possible.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Run Vexil only.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Extra arguments for `vexil start` (e.g. `--vexil-arg=--fractional --vexil-arg=v2`).
+    #[arg(long = "vexil-arg", allow_hyphen_values = true)]
+    vexil_args: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct FanoutArgs {
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    #[arg(long, default_value_t = 10)]
+    flags: usize,
+    #[arg(long, value_enum, default_value_t = Protocol::EventStream)]
+    protocol: Protocol,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct SizeArgs {
+    /// Flag counts to measure (repeatable).
+    #[arg(long = "flags", default_values_t = [10, 10_000])]
+    flags: Vec<usize>,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Fanout(args) => fanout_cmd(args).await,
+            Command::Memory(args) => memory(args).await,
+            Command::Startup(args) => startup(args),
+            Command::BaselineServer {
+                port,
+                management_port,
+                ofrep_port,
+                canned,
+                ..
+            } => {
+                let canned: Canned = serde_json::from_slice(&std::fs::read(&canned)?)?;
+                baseline::run(port, management_port, ofrep_port, canned).await
+            }
+        }
+    })
+}
+
+fn scratch() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("vexil-loadgen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn write_flags(dir: &Path, count: usize) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("flags-{count}.json"));
+    std::fs::write(&path, document(&catalog(count)).to_string())?;
+    Ok(path)
+}
+
+fn vexil_binary(common: &Common) -> anyhow::Result<PathBuf> {
+    let path = common.vexil.clone().unwrap_or_else(process::default_vexil);
+    anyhow::ensure!(
+        path.exists(),
+        "no vexil binary at {} (build it, or pass --vexil)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn emit<T: serde::Serialize>(common: &Common, value: &T) -> anyhow::Result<()> {
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_string_pretty(value)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The baseline's answers: Vexil's own answers to the first request of each scenario.
+async fn capture(client: &Client, pools: &[(Scenario, Arc<Vec<Req>>)]) -> anyhow::Result<Canned> {
+    let mut canned = Canned::default();
+    for (scenario, pool) in pools {
+        match &pool[0] {
+            Req::Bool(r) => canned.resolve_boolean = client.v1().resolve_boolean(r.clone()).await?.into_inner(),
+            Req::Str(r) => canned.resolve_string = client.v1().resolve_string(r.clone()).await?.into_inner(),
+            Req::All(r) => canned.resolve_all = client.v1().resolve_all(r.clone()).await?.into_inner(),
+            Req::V2Bool(r) => canned.v2_boolean = client.v2().resolve_boolean(r.clone()).await?.into_inner(),
+            Req::Http { path, body } => {
+                let answer = client.fetch_http(path, body.clone()).await?;
+                match scenario {
+                    Scenario::OfrepBulk => canned.ofrep_bulk = answer,
+                    _ => canned.ofrep_single = answer,
+                }
+            }
+        }
+    }
+    Ok(canned)
+}
+
+async fn measure(
+    target: &str,
+    server: &Server,
+    client: Arc<Client>,
+    scenario: Scenario,
+    pool: Arc<Vec<Req>>,
+    spec: LoadSpec,
+    args: &RunArgs,
+) -> Row {
+    let pid = server.pid();
+    let (m, (server_cpu0, own_cpu0)) =
+        driver::drive(client, pool, spec, move || (cpu_of(pid), process::own_cpu_seconds())).await;
+    let (server_cpu1, own_cpu1) = (cpu_of(pid), process::own_cpu_seconds());
+    let secs = spec.duration.as_secs_f64();
+    let mut row = Row::new(
+        target,
+        scenario.name(),
+        args.flags,
+        args.attrs,
+        args.connections,
+        spec,
+        &m,
+    );
+    row.server_cpu = server_cpu0.zip(server_cpu1).map(|(a, b)| (b - a) / secs);
+    row.loadgen_cpu = own_cpu0.zip(own_cpu1).map(|(a, b)| (b - a) / secs);
+    row
+}
+
+fn cpu_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let flags = catalog(args.flags);
+    let file = write_flags(&dir, args.flags)?;
+    let spec = LoadSpec {
+        concurrency: args.concurrency,
+        duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::from_secs_f64(args.warmup),
+        rate: args.rate,
+    };
+    let pools: Vec<(Scenario, Arc<Vec<Req>>)> = args
+        .scenarios
+        .iter()
+        .map(|s| (*s, Arc::new(requests(*s, &flags, args.attrs, 1024))))
+        .collect();
+
+    let mut vexil = Server::vexil(&vexil_binary(&args.common)?, &file, &args.vexil_args)?;
+    vexil.wait_ready(Duration::from_secs(60))?;
+    let client = Arc::new(Client::connect(vexil.ports.evaluation, vexil.ports.ofrep, args.connections).await?);
+    let canned = capture(&client, &pools).await?;
+    let mut rows = Vec::new();
+    for (scenario, pool) in &pools {
+        rows.push(measure("vexil", &vexil, client.clone(), *scenario, pool.clone(), spec, &args).await);
+    }
+    drop(client);
+    drop(vexil);
+
+    if !args.no_baseline {
+        let canned_path = dir.join("canned.json");
+        std::fs::write(&canned_path, serde_json::to_vec(&canned)?)?;
+        let mut base = Server::baseline(&canned_path)?;
+        base.wait_ready(Duration::from_secs(30))?;
+        let client = Arc::new(Client::connect(base.ports.evaluation, base.ports.ofrep, args.connections).await?);
+        for (i, (scenario, pool)) in pools.iter().enumerate() {
+            let row = measure("baseline", &base, client.clone(), *scenario, pool.clone(), spec, &args).await;
+            rows[i].vs_baseline = Some(rows[i].throughput / row.throughput.max(1e-9));
+            rows.push(row);
+        }
+    }
+    print!("{}", report::table(&rows));
+    for r in rows.iter().filter(|r| r.errors > 0) {
+        eprintln!(
+            "{} {}: {} errors, first: {}",
+            r.target,
+            r.scenario,
+            r.errors,
+            r.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    emit(&args.common, &rows)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn fanout_cmd(args: FanoutArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let result = fanout::run(
+        &vexil_binary(&args.common)?,
+        &dir,
+        args.flags,
+        args.subscribers,
+        args.changes,
+        args.protocol,
+    )
+    .await?;
+    println!(
+        "fanout {:?}: {} subscribers, {} changes: edit → subscriber p50 {:.1} ms, p99 {:.1} ms; edit → last subscriber p50 {:.1} ms, p99 {:.1} ms; missed {}",
+        result.protocol,
+        result.subscribers,
+        result.changes,
+        result.p50_ms,
+        result.p99_ms,
+        result.last_p50_ms,
+        result.last_p99_ms,
+        result.missed
+    );
+    emit(&args.common, &result)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[derive(Debug, serde::Serialize)]
+struct SizeResult {
+    flags: usize,
+    median: f64,
+    unit: &'static str,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn memory(args: SizeArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let binary = vexil_binary(&args.common)?;
+    let mut results = Vec::new();
+    for &count in &args.flags {
+        let file = write_flags(&dir, count)?;
+        let flags = catalog(count);
+        let pool = Arc::new(requests(Scenario::ResolveBoolean, &flags, 5, 256));
+        let mut samples = Vec::new();
+        for _ in 0..args.runs.max(1) {
+            let mut server = Server::vexil(&binary, &file, &[])?;
+            server.wait_ready(Duration::from_secs(60))?;
+            // A short warm-up so connection and per-thread buffers are counted.
+            let client = Arc::new(Client::connect(server.ports.evaluation, server.ports.ofrep, 4).await?);
+            let spec = LoadSpec {
+                concurrency: 32,
+                duration: Duration::from_secs(1),
+                warmup: Duration::ZERO,
+                rate: None,
+            };
+            driver::drive(client, pool.clone(), spec, || ()).await;
+            samples.push(server.rss_bytes().context("reading the server's RSS")? as f64 / (1024.0 * 1024.0));
+        }
+        let m = median(samples);
+        println!("memory: {count} flags: RSS {m:.1} MiB (median of {})", args.runs.max(1));
+        results.push(SizeResult {
+            flags: count,
+            median: m,
+            unit: "MiB",
+        });
+    }
+    emit(&args.common, &results)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn startup(args: SizeArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let binary = vexil_binary(&args.common)?;
+    let mut results = Vec::new();
+    for &count in &args.flags {
+        let file = write_flags(&dir, count)?;
+        let mut samples = Vec::new();
+        for _ in 0..args.runs.max(1) {
+            let mut server = Server::vexil(&binary, &file, &[])?;
+            samples.push(server.wait_ready(Duration::from_secs(60))?.as_secs_f64() * 1000.0);
+        }
+        let m = median(samples);
+        println!(
+            "startup: {count} flags: ready after {m:.0} ms (median of {})",
+            args.runs.max(1)
+        );
+        results.push(SizeResult {
+            flags: count,
+            median: m,
+            unit: "ms",
+        });
+    }
+    emit(&args.common, &results)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
