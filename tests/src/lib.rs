@@ -16,20 +16,43 @@ pub fn testbed() -> PathBuf {
     root().join("tests/conformance/flagd-testbed")
 }
 
-/// The `vexil` binary, built once per test process (a no-op when `cargo test --workspace` built it).
+/// The `vexil` binary. `cargo test --workspace` builds it (vexil-server has integration tests);
+/// when it is missing or older than the sources (a run of only this package after an edit), it is
+/// built here, once per test process.
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "vexil-server", "--bin", "vexil"])
-            .current_dir(root())
-            .status()
-            .expect("cargo build runs");
-        assert!(status.success(), "building vexil failed");
         let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root().join("target"), PathBuf::from);
-        target.join("debug").join("vexil")
+        let bin = target.join("debug").join("vexil");
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        let sources = ["crates", "proto", "Cargo.lock"]
+            .iter()
+            .filter_map(|p| newest(&root().join(p)))
+            .max();
+        if built.is_none() || sources.is_some_and(|s| Some(s) > built) {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-q", "-p", "vexil-server", "--bin", "vexil"])
+                .current_dir(root())
+                .status()
+                .expect("cargo build runs");
+            assert!(status.success(), "building vexil failed");
+        }
+        bin
     })
+}
+
+/// The newest modification time of the files under `path`.
+fn newest(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest(&e.path()))
+        .max()
 }
 
 /// The four ports of one server.
