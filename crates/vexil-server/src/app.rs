@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 use tokio::sync::watch;
-use vexil_core::{Context, Metadata, Reason, Resolution, Selector, Snapshot, ValueType};
+use vexil_core::{CompiledFlag, Context, Metadata, Reason, Resolution, Selector, Snapshot, ValueType};
 use vexil_service::{Live, StaticContext, merge_context};
 
 use crate::metrics;
@@ -143,6 +143,31 @@ impl App {
         evaluated
     }
 
+    /// Evaluates one flag and hands the result, borrowed from the snapshot, to `f` (for encoders
+    /// that write the response directly).
+    pub fn evaluate_with<T>(
+        &self,
+        protocol: &'static str,
+        key: &str,
+        selector: &Selector,
+        context: &Map<String, Value>,
+        f: impl FnOnce(&Resolution<'_>) -> T,
+    ) -> T {
+        let started = Instant::now();
+        let snapshot = self.inner.live.snapshot();
+        let resolution = snapshot.evaluate(
+            key,
+            selector,
+            Context {
+                attributes: context,
+                now: now(),
+            },
+            ValueType::Any,
+        );
+        metrics::evaluation(protocol, resolution.reason, started.elapsed());
+        f(&resolution)
+    }
+
     /// Evaluates every flag `selector` sees (bulk: flagd ResolveAll, OFREP bulk). `f` receives each
     /// flag's key, its default variant's type, and the evaluation.
     pub fn evaluate_all(
@@ -152,6 +177,24 @@ impl App {
         context: &Map<String, Value>,
         mut f: impl FnMut(&str, Option<ValueType>, Evaluated),
     ) -> Arc<Snapshot> {
+        self.evaluate_all_borrowed(protocol, selector, context, |flag, resolution| {
+            f(
+                flag.key(),
+                flag.default_type(),
+                Evaluated::from_resolution(resolution.clone(), selector),
+            )
+        })
+    }
+
+    /// As [`App::evaluate_all`], handing out the results borrowed from the snapshot (nothing is
+    /// copied: for encoders that write the response directly).
+    pub fn evaluate_all_borrowed(
+        &self,
+        protocol: &'static str,
+        selector: &Selector,
+        context: &Map<String, Value>,
+        mut f: impl FnMut(&CompiledFlag, &Resolution<'_>),
+    ) -> Arc<Snapshot> {
         let started = Instant::now();
         let snapshot = self.inner.live.snapshot();
         let ctx = Context {
@@ -159,12 +202,13 @@ impl App {
             now: now(),
         };
         let engine = snapshot.engine().clone();
+        let mut tally = metrics::Tally::default();
         for flag in snapshot.flags(selector) {
             let resolution = flag.evaluate(&engine, ctx, ValueType::Any);
-            let evaluated = Evaluated::from_resolution(resolution, selector);
-            metrics::count(protocol, evaluated.reason);
-            f(flag.key(), flag.default_type(), evaluated);
+            tally.add(resolution.reason);
+            f(flag, &resolution);
         }
+        tally.record(protocol);
         metrics::latency(protocol, started.elapsed());
         snapshot
     }

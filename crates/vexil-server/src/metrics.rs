@@ -25,18 +25,73 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// One evaluation: counted by reason, timed.
-pub fn evaluation(protocol: &'static str, reason: Reason, took: Duration) {
-    count(protocol, reason);
-    latency(protocol, took);
+const REASONS: [Reason; 6] = [
+    Reason::Static,
+    Reason::TargetingMatch,
+    Reason::Default,
+    Reason::Disabled,
+    Reason::Split,
+    Reason::Error,
+];
+
+fn reason_index(reason: Reason) -> usize {
+    REASONS.iter().position(|r| *r == reason).unwrap_or(REASONS.len() - 1)
 }
 
-pub fn count(protocol: &'static str, reason: Reason) {
-    metrics::counter!(EVALUATIONS, "protocol" => protocol, "reason" => reason.as_str()).increment(1);
+/// The metric handles of one protocol, looked up in the registry once.
+struct Handles {
+    evaluations: [metrics::Counter; 6],
+    latency: metrics::Histogram,
+}
+
+thread_local! {
+    /// Per thread, so the hot path takes no lock: protocol → handles (a handful of entries).
+    static HANDLES: std::cell::RefCell<Vec<(&'static str, std::rc::Rc<Handles>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn handles(protocol: &'static str) -> std::rc::Rc<Handles> {
+    HANDLES.with(|cell| {
+        if let Some((_, h)) = cell.borrow().iter().find(|(p, _)| *p == protocol) {
+            return h.clone();
+        }
+        let h = std::rc::Rc::new(Handles {
+            evaluations: REASONS
+                .map(|r| metrics::counter!(EVALUATIONS, "protocol" => protocol, "reason" => r.as_str())),
+            latency: metrics::histogram!(LATENCY, "protocol" => protocol),
+        });
+        cell.borrow_mut().push((protocol, h.clone()));
+        h
+    })
+}
+
+/// One evaluation: counted by reason, timed.
+pub fn evaluation(protocol: &'static str, reason: Reason, took: Duration) {
+    let h = handles(protocol);
+    h.evaluations[reason_index(reason)].increment(1);
+    h.latency.record(took.as_secs_f64());
 }
 
 pub fn latency(protocol: &'static str, took: Duration) {
-    metrics::histogram!(LATENCY, "protocol" => protocol).record(took.as_secs_f64());
+    handles(protocol).latency.record(took.as_secs_f64());
+}
+
+/// Counts a bulk request's evaluations by reason, recorded once at the end.
+#[derive(Debug, Default)]
+pub struct Tally([u64; 6]);
+
+impl Tally {
+    pub fn add(&mut self, reason: Reason) {
+        self.0[reason_index(reason)] += 1;
+    }
+
+    pub fn record(&self, protocol: &'static str) {
+        let h = handles(protocol);
+        for (counter, n) in h.evaluations.iter().zip(self.0) {
+            if n > 0 {
+                counter.increment(n);
+            }
+        }
+    }
 }
 
 pub fn config(version: u64, flags: usize) {

@@ -4,7 +4,7 @@
 //! flagd answers them, plus what the spec has and flagd lacks: a strong `ETag` on bulk responses and
 //! `304 Not Modified` for a matching `If-None-Match`, and JSON errors for oversized bodies (413).
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::BuildHasher as _;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -12,10 +12,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use serde::Serialize;
+use serde::ser::SerializeMap as _;
 use serde_json::{Map, Value, json};
-use vexil_core::{Selector, ValueType};
+use vexil_core::{Metadata, Resolution, Selector};
 
-use crate::app::{App, Evaluated};
+use crate::app::App;
 use crate::error;
 
 const PROTOCOL: &str = "ofrep";
@@ -102,26 +104,82 @@ fn selector(headers: &HeaderMap, key: Option<&str>) -> Result<Selector, Rejectio
     })
 }
 
-/// One flag's OFREP object (success or failure) and its HTTP status.
-fn flag_object(key: &str, ev: Evaluated) -> (StatusCode, Value) {
-    let mut out = Map::new();
-    out.insert("key".into(), json!(key));
-    if let Some(err) = ev.error {
-        let m = error::mapping(err.code);
-        out.insert("errorCode".into(), json!(m.ofrep_code));
-        out.insert("errorDetails".into(), json!(err.message));
-        out.insert("metadata".into(), Value::Object(ev.metadata));
-        return (m.http, Value::Object(out));
+/// A flag's metadata as OFREP reports it: the selector's reflection with the flag's own metadata
+/// over it, serialized without building the merged map.
+struct MergedMetadata<'a> {
+    selector: &'a Metadata,
+    flag: Option<&'a Metadata>,
+}
+
+impl Serialize for MergedMetadata<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.selector {
+            if !self.flag.is_some_and(|f| f.contains_key(k)) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        for (k, v) in self.flag.into_iter().flatten() {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
-    out.insert("reason".into(), json!(ev.reason.as_str()));
-    if let Some(v) = ev.variant {
-        out.insert("variant".into(), json!(v));
+}
+
+/// One flag's OFREP object (success or failure), serialized straight from the snapshot.
+struct FlagObject<'a> {
+    key: &'a str,
+    resolution: &'a Resolution<'a>,
+    selector: &'a Metadata,
+}
+
+impl FlagObject<'_> {
+    fn status(&self) -> StatusCode {
+        self.resolution
+            .error
+            .as_ref()
+            .map_or(StatusCode::OK, |e| error::mapping(e.code).http)
     }
-    if let Some(v) = ev.value {
-        out.insert("value".into(), v);
+}
+
+impl Serialize for FlagObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = self.resolution;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("key", self.key)?;
+        match &r.error {
+            Some(err) => {
+                map.serialize_entry("errorCode", error::mapping(err.code).ofrep_code)?;
+                map.serialize_entry("errorDetails", &err.message)?;
+            }
+            None => {
+                map.serialize_entry("reason", r.reason.as_str())?;
+                if let Some(variant) = r.variant {
+                    map.serialize_entry("variant", variant)?;
+                }
+                if let Some(value) = r.value {
+                    map.serialize_entry("value", value)?;
+                }
+            }
+        }
+        map.serialize_entry(
+            "metadata",
+            &MergedMetadata {
+                selector: self.selector,
+                flag: r.metadata,
+            },
+        )?;
+        map.end()
     }
-    out.insert("metadata".into(), Value::Object(ev.metadata));
-    (StatusCode::OK, Value::Object(out))
+}
+
+fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
 }
 
 async fn single(
@@ -133,20 +191,55 @@ async fn single(
     let bytes = read_body(&app, body).await?;
     let selector = selector(&headers, Some(&key))?;
     let context = request_context(&app, &bytes, &headers, Some(&key))?;
-    let ev = app.evaluate(PROTOCOL, &key, &selector, &context, ValueType::Any);
-    let (status, body) = flag_object(&key, ev);
-    Ok(json_response(status, &body))
+    let selector_metadata = selector.metadata();
+    let (status, body) = app.evaluate_with(PROTOCOL, &key, &selector, &context, |resolution| {
+        let object = FlagObject {
+            key: &key,
+            resolution,
+            selector: &selector_metadata,
+        };
+        (object.status(), serde_json::to_vec(&object))
+    });
+    let body = body.map_err(|e| {
+        Rejection(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({ "errorDetails": e.to_string() }),
+        )
+    })?;
+    Ok(json_bytes(status, body))
 }
 
 async fn bulk(State(app): State<App>, headers: HeaderMap, body: Body) -> Result<Response, Rejection> {
     let bytes = read_body(&app, body).await?;
     let selector = selector(&headers, None)?;
     let context = request_context(&app, &bytes, &headers, None)?;
-    let mut flags = Vec::new();
-    app.evaluate_all(PROTOCOL, &selector, &context, |key, _, ev| {
-        flags.push(flag_object(key, ev).1)
+    let selector_metadata = selector.metadata();
+    let mut body = Vec::with_capacity(4096);
+    body.extend_from_slice(b"{\"flags\":[");
+    let mut failed = None;
+    let mut first = true;
+    app.evaluate_all_borrowed(PROTOCOL, &selector, &context, |flag, resolution| {
+        if !std::mem::take(&mut first) {
+            body.push(b',');
+        }
+        let object = FlagObject {
+            key: flag.key(),
+            resolution,
+            selector: &selector_metadata,
+        };
+        if let Err(e) = serde_json::to_writer(&mut body, &object) {
+            failed.get_or_insert(e);
+        }
     });
-    let body = json!({ "flags": flags, "metadata": selector.metadata() }).to_string();
+    body.extend_from_slice(b"],\"metadata\":");
+    let metadata = serde_json::to_writer(&mut body, &selector_metadata);
+    body.push(b'}');
+    if let Some(e) = failed.or(metadata.err()) {
+        return Err(Rejection(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({ "errorCode": "GENERAL", "errorDetails": format!("bulk evaluation failed: {e}") }),
+        ));
+    }
     let etag = etag(&body);
     let unchanged = headers
         .get_all(header::IF_NONE_MATCH)
@@ -169,9 +262,8 @@ async fn bulk(State(app): State<App>, headers: HeaderMap, body: Body) -> Result<
         .into_response())
 }
 
-/// A strong validator of a response body (deterministic across processes of one build).
-fn etag(body: &str) -> String {
-    let mut h = DefaultHasher::new();
-    body.hash(&mut h);
-    format!("\"{:016x}\"", h.finish())
+/// A strong validator of a response body: the same on every replica running this version.
+fn etag(body: &[u8]) -> String {
+    let hash = foldhash::quality::FixedState::with_seed(0x7665_7869_6c00).hash_one(body);
+    format!("\"{hash:016x}\"")
 }
