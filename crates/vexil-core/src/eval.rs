@@ -12,7 +12,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::model::{Flag, FlagState, Metadata, ValueType};
-use crate::targeting::{self, Engine, Outcome, Rule};
+use crate::targeting::{self, Engine, Outcome, Prepared, Rule};
 
 /// Why a flag resolved the way it did (OpenFeature's resolution reasons that flagd reports).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -205,6 +205,27 @@ impl CompiledFlag {
 
     /// Evaluates the flag for `context`, asking for a value of type `ty`.
     pub fn evaluate<'s>(&'s self, engine: &Engine, context: Context<'_>, ty: ValueType) -> Resolution<'s> {
+        // Static and disabled flags never look at the context: do not convert it.
+        if self.flag.state == FlagState::Disabled || !matches!(self.targeting, Targeting::Rule(_)) {
+            return self.evaluate_prepared(engine, None, ty);
+        }
+        targeting::with_context(context.attributes, context.now, |prepared| {
+            self.evaluate_prepared(engine, Some(prepared), ty)
+        })
+    }
+
+    /// Evaluates the flag against a context already converted for rules (see
+    /// [`targeting::with_context`]); `None` only for flags that do not run a rule.
+    pub fn evaluate_in<'s>(&'s self, engine: &Engine, prepared: &Prepared<'_>, ty: ValueType) -> Resolution<'s> {
+        self.evaluate_prepared(engine, Some(prepared), ty)
+    }
+
+    fn evaluate_prepared<'s>(
+        &'s self,
+        engine: &Engine,
+        prepared: Option<&Prepared<'_>>,
+        ty: ValueType,
+    ) -> Resolution<'s> {
         let metadata = Some(&self.flag.metadata);
         if self.flag.state == FlagState::Disabled {
             return Resolution {
@@ -221,14 +242,13 @@ impl CompiledFlag {
                 return self.failed(ErrorCode::ParseError, format!("targeting does not compile: {e}"));
             }
             Targeting::Rule(rule) => {
-                match targeting::evaluate(
-                    engine,
-                    rule,
-                    &self.flag.key,
-                    &self.flag.variants,
-                    context.attributes,
-                    context.now,
-                ) {
+                let Some(prepared) = prepared else {
+                    return self.failed(
+                        ErrorCode::General,
+                        "no context was prepared for the targeting rule".into(),
+                    );
+                };
+                match targeting::evaluate(engine, rule, &self.flag.key, &self.flag.variants, prepared) {
                     Outcome::Variant(i) => (Some(i), Reason::TargetingMatch),
                     Outcome::Null => (self.default_index, Reason::Default),
                     Outcome::UnknownVariant(name) => {

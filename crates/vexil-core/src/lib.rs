@@ -22,4 +22,4 @@ pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, Reason, Resolution};
 pub use model::{Flag, FlagConfig, FlagState, Metadata, ValueType};
 pub use parse::{Diagnostic, Format, ParseError, Parsed, Severity, Strictness};
 pub use snapshot::{Selector, SelectorError, Snapshot, SourceConfig};
-pub use targeting::{Engine, FractionalMode};
+pub use targeting::{Engine, FractionalMode, Prepared};

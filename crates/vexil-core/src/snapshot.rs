@@ -220,6 +220,21 @@ impl Snapshot {
         })
     }
 
+    /// Evaluates every flag `selector` sees for `context` (each as any type), converting the context
+    /// once; `f` receives each flag and its resolution, in key order.
+    pub fn evaluate_all<'s>(
+        &'s self,
+        selector: &Selector,
+        context: Context<'_>,
+        mut f: impl FnMut(&'s CompiledFlag, Resolution<'s>),
+    ) {
+        crate::targeting::with_context(context.attributes, context.now, |prepared| {
+            for flag in self.flags(selector) {
+                f(flag, flag.evaluate_in(&self.engine, prepared, ValueType::Any));
+            }
+        });
+    }
+
     /// Evaluates flag `key` for `context` as type `ty`.
     pub fn evaluate<'s>(
         &'s self,

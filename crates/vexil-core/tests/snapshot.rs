@@ -270,3 +270,38 @@ fn changes_between_snapshots() {
     let c = moved.changes_since(&old, &Selector::All);
     assert!(c.contains(&("same".into(), Change::Update)), "{c:?}");
 }
+
+#[test]
+fn evaluating_all_flags_at_once_matches_one_by_one() {
+    let snap = snapshot(vec![source(
+        "s",
+        json!({"flags": {
+            "static": flag("ENABLED", json!(1)),
+            "disabled": flag("DISABLED", json!(1)),
+            "rule": {"state": "ENABLED", "variants": {"a": "a", "b": "b"}, "defaultVariant": "a",
+                     "targeting": {"if": [{"==": [{"var": "plan"}, "pro"]}, "b", null]}},
+            "split": {"state": "ENABLED", "variants": {"a": "a", "b": "b"}, "defaultVariant": "a",
+                      "targeting": {"fractional": [["a", 50], ["b", 50]]}},
+            "key": {"state": "ENABLED", "variants": {"yes": true, "no": false}, "defaultVariant": "no",
+                    "targeting": {"if": [{"==": [{"var": "$flagd.flagKey"}, "key"]}, "yes", "no"]}}
+        }}),
+    )]);
+    for attrs in [
+        json!({"plan": "pro", "targetingKey": "u1"}),
+        json!({"plan": "free", "targetingKey": "u2", "$flagd": {"flagKey": "x"}}),
+    ] {
+        let attrs = attrs.as_object().unwrap().clone();
+        let mut all = Vec::new();
+        snap.evaluate_all(&Selector::All, ctx(&attrs), |flag, r| {
+            all.push((flag.key().to_owned(), r))
+        });
+        assert_eq!(all.len(), 5);
+        for (key, r) in all {
+            assert_eq!(
+                r,
+                snap.evaluate(&key, &Selector::All, ctx(&attrs), ValueType::Any),
+                "{key}"
+            );
+        }
+    }
+}

@@ -201,13 +201,11 @@ impl App {
             attributes: context,
             now: now(),
         };
-        let engine = snapshot.engine().clone();
         let mut tally = metrics::Tally::default();
-        for flag in snapshot.flags(selector) {
-            let resolution = flag.evaluate(&engine, ctx, ValueType::Any);
+        snapshot.evaluate_all(selector, ctx, |flag, resolution| {
             tally.add(resolution.reason);
             f(flag, &resolution);
-        }
+        });
         tally.record(protocol);
         metrics::latency(protocol, started.elapsed());
         snapshot

@@ -81,42 +81,67 @@ thread_local! {
     static ARENA: RefCell<Bump> = RefCell::new(Bump::new());
 }
 
-/// Runs `rule` for flag `flag_key` against `context` at `now` (unix seconds) and maps the result
-/// to one of `variants`.
+/// A request's context converted once into the evaluation arena, ready for any number of rules
+/// (a bulk evaluation converts the context once, not once per flag).
+pub struct Prepared<'a> {
+    arena: &'a Bump,
+    /// The context's entries, without any `$flagd` the caller sent; `$flagd` is appended per flag.
+    entries: &'a [(&'a str, DataValue<'a>)],
+    now: i64,
+}
+
+impl std::fmt::Debug for Prepared<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("attributes", &self.entries.len())
+            .field("now", &self.now)
+            .finish()
+    }
+}
+
+/// Converts `context` into this thread's evaluation arena and runs `f` with it. Not reentrant: `f`
+/// must not call `with_context` again (evaluations inside use the prepared context).
+pub fn with_context<R>(context: &Map<String, Value>, now: i64, f: impl FnOnce(&Prepared<'_>) -> R) -> R {
+    ARENA.with(|cell| {
+        let mut bump = cell.borrow_mut();
+        bump.reset();
+        let arena: &Bump = &bump;
+        let mut entries = BumpVec::with_capacity_in(context.len() + 1, arena);
+        for (k, v) in context {
+            if k != "$flagd" {
+                entries.push((k.as_str(), data_value(v, arena)));
+            }
+        }
+        f(&Prepared {
+            arena,
+            entries: entries.into_bump_slice(),
+            now,
+        })
+    })
+}
+
+/// Runs `rule` for flag `flag_key` against a prepared context and maps the result to one of
+/// `variants`.
 pub(crate) fn evaluate(
     engine: &Engine,
     rule: &Rule,
     flag_key: &str,
     variants: &[(String, Value)],
-    context: &Map<String, Value>,
-    now: i64,
+    prepared: &Prepared<'_>,
 ) -> Outcome {
-    ARENA.with(|cell| {
-        let mut bump = cell.borrow_mut();
-        bump.reset();
-        let arena: &Bump = &bump;
-        let root: &DataValue<'_> = arena.alloc(context_value(context, flag_key, now, arena));
-        match engine.inner.evaluate(&rule.0, root, arena) {
-            Ok(result) => select_variant(result, variants),
-            Err(e) => Outcome::Failed(e.to_string()),
-        }
-    })
-}
-
-/// The rule's input: `context` plus `$flagd`.
-fn context_value<'a>(context: &'a Map<String, Value>, flag_key: &'a str, now: i64, arena: &'a Bump) -> DataValue<'a> {
+    let arena = prepared.arena;
     let flagd = arena.alloc_slice_copy(&[
         ("flagKey", DataValue::String(flag_key)),
-        ("timestamp", DataValue::Number(NumberValue::Integer(now))),
+        ("timestamp", DataValue::Number(NumberValue::Integer(prepared.now))),
     ]);
-    let mut entries = BumpVec::with_capacity_in(context.len() + 1, arena);
-    for (k, v) in context {
-        if k != "$flagd" {
-            entries.push((k.as_str(), data_value(v, arena)));
-        }
-    }
+    let mut entries = BumpVec::with_capacity_in(prepared.entries.len() + 1, arena);
+    entries.extend_from_slice_copy(prepared.entries);
     entries.push(("$flagd", DataValue::Object(flagd)));
-    DataValue::Object(entries.into_bump_slice())
+    let root: &DataValue<'_> = arena.alloc(DataValue::Object(entries.into_bump_slice()));
+    match engine.inner.evaluate(&rule.0, root, arena) {
+        Ok(result) => select_variant(result, variants),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
 }
 
 /// Borrows a JSON value into the arena (strings are not copied).
@@ -274,7 +299,9 @@ mod tests {
         let engine = Engine::new(FractionalMode::V3);
         let rule = engine.compile(&rule).expect("rule compiles");
         let context = context.as_object().cloned().unwrap_or_default();
-        evaluate(&engine, &rule, "my-flag", &variants(names), &context, 1_700_000_000)
+        with_context(&context, 1_700_000_000, |p| {
+            evaluate(&engine, &rule, "my-flag", &variants(names), p)
+        })
     }
 
     #[test]
@@ -314,7 +341,7 @@ mod tests {
         for rule in [json!({"invalid": [1, 2]}), json!({"$ref": "nothing"})] {
             let outcome = match engine.compile(&rule) {
                 Err(e) => Outcome::Failed(e),
-                Ok(rule) => evaluate(&engine, &rule, "f", &variants(&["a"]), &Map::new(), 0),
+                Ok(rule) => with_context(&Map::new(), 0, |p| evaluate(&engine, &rule, "f", &variants(&["a"]), p)),
             };
             assert!(matches!(outcome, Outcome::Failed(_)), "{rule}: {outcome:?}");
         }
