@@ -1,10 +1,11 @@
 //! State shared by every handler, and the one evaluation path all protocols use.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 use tokio::sync::watch;
+use vexil_core::snapshot::Change;
 use vexil_core::{CompiledFlag, Context, Metadata, Reason, Resolution, Selector, Snapshot, ValueType};
 use vexil_service::{Live, StaticContext, merge_context};
 
@@ -18,6 +19,9 @@ pub struct App {
 
 #[derive(Debug)]
 struct AppInner {
+    /// Work every stream subscriber of a selector would repeat on a change, done once: the
+    /// changes between two snapshots and the sync payload of a snapshot.
+    fanout: Mutex<FanoutCache>,
     live: Live,
     statics: StaticContext,
     stream_deadline: Option<Duration>,
@@ -71,6 +75,7 @@ impl App {
     pub fn new(c: AppConfig) -> App {
         App {
             inner: Arc::new(AppInner {
+                fanout: Mutex::new(FanoutCache::default()),
                 live: c.live,
                 statics: c.statics,
                 stream_deadline: c.stream_deadline,
@@ -99,6 +104,37 @@ impl App {
 
     pub fn max_body(&self) -> usize {
         self.inner.max_body
+    }
+
+    /// What changed for `selector` from `old` to `new` (computed once for all subscribers).
+    pub fn changes(&self, old: &Arc<Snapshot>, new: &Arc<Snapshot>, selector: &Selector) -> Changes {
+        let mut cache = self.inner.fanout.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize, selector.clone());
+        if let Some((k, v)) = &cache.changes
+            && *k == key
+        {
+            return v.clone();
+        }
+        let changes = Arc::new(new.changes_since(old, selector));
+        // The cache holds the snapshots so their addresses cannot be reused while cached.
+        cache.held = vec![old.clone(), new.clone()];
+        cache.changes = Some((key, changes.clone()));
+        changes
+    }
+
+    /// The flagd sync payload of `snapshot` for `selector` (computed once for all subscribers).
+    pub fn sync_payload(&self, snapshot: &Arc<Snapshot>, selector: &Selector) -> Arc<str> {
+        let mut cache = self.inner.fanout.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (Arc::as_ptr(snapshot) as usize, selector.clone());
+        if let Some((_, v)) = cache.payloads.iter().find(|(k, _)| *k == key) {
+            return v.clone();
+        }
+        let payload: Arc<str> = crate::flagd::sync::flag_configuration(snapshot, selector).into();
+        // Only payloads of the current snapshot are worth keeping.
+        cache.payloads.retain(|((ptr, _), _)| *ptr == key.0);
+        cache.payload_snapshot = Some(snapshot.clone());
+        cache.payloads.push((key, payload.clone()));
+        payload
     }
 
     /// A receiver that turns `true` when the server shuts down.
@@ -210,6 +246,21 @@ impl App {
         metrics::latency(protocol, started.elapsed());
         snapshot
     }
+}
+
+/// See [`App::changes`] and [`App::sync_payload`]. Keys hold snapshot addresses; the cache keeps
+/// those snapshots alive, so an address is never that of another snapshot while it is cached.
+/// (old snapshot address, new snapshot address, selector).
+type ChangesKey = (usize, usize, Selector);
+/// The changed keys of a selector between two snapshots.
+pub type Changes = Arc<Vec<(String, Change)>>;
+
+#[derive(Debug, Default)]
+struct FanoutCache {
+    changes: Option<(ChangesKey, Changes)>,
+    held: Vec<Arc<Snapshot>>,
+    payloads: Vec<((usize, Selector), Arc<str>)>,
+    payload_snapshot: Option<Arc<Snapshot>>,
 }
 
 /// Unix seconds now (`$flagd.timestamp`).

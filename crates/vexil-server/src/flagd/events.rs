@@ -33,6 +33,7 @@ where
     let mut previous = config.borrow_and_update().snapshot.clone();
     let mut shutdown = app.shutdown();
     let deadline = app.stream_deadline().map(|d| Instant::now() + d);
+    let app = app.clone();
     tokio::spawn(async move {
         let _guard = StreamGuard::open("event_stream");
         let empty = || Some(Struct::default());
@@ -47,13 +48,13 @@ where
                         break;
                     }
                     let current = config.borrow_and_update().snapshot.clone();
-                    let changes = current.changes_since(&previous, &selector);
+                    let changes = app.changes(&previous, &current, &selector);
                     previous = current;
                     if changes.is_empty() {
                         continue;
                     }
                     let flags: Map<String, Value> =
-                        changes.into_iter().map(|(key, change)| (key, json!({ "type": change.as_str() }))).collect();
+                        changes.iter().map(|(key, change)| (key.clone(), json!({ "type": change.as_str() }))).collect();
                     let data = json!({ "flags": flags });
                     Ok(make("configuration_change", data.as_object().map(json_to_struct)))
                 }

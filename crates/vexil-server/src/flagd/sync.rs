@@ -77,11 +77,12 @@ impl FlagSyncService for Sync {
         let mut config = self.app.live().subscribe();
         let mut shutdown = self.app.shutdown();
         let deadline = self.app.stream_deadline().map(|d| Instant::now() + d);
+        let app = self.app.clone();
         tokio::spawn(async move {
             let _guard = StreamGuard::open("sync_flags");
             let mut previous = config.borrow_and_update().snapshot.clone();
             let first = sync::SyncFlagsResponse {
-                flag_configuration: flag_configuration(&previous, &selector),
+                flag_configuration: app.sync_payload(&previous, &selector).to_string(),
                 sync_context: sync_context.clone(),
             };
             if tx.send(Ok(first)).await.is_err() {
@@ -94,13 +95,13 @@ impl FlagSyncService for Sync {
                             break;
                         }
                         let current = config.borrow_and_update().snapshot.clone();
-                        let changed = !current.changes_since(&previous, &selector).is_empty();
+                        let changed = !app.changes(&previous, &current, &selector).is_empty();
                         previous = current;
                         if !changed {
                             continue;
                         }
                         let message = sync::SyncFlagsResponse {
-                            flag_configuration: flag_configuration(&previous, &selector),
+                            flag_configuration: app.sync_payload(&previous, &selector).to_string(),
                             sync_context: sync_context.clone(),
                         };
                         if tx.send(Ok(message)).await.is_err() {
