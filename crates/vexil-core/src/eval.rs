@@ -8,6 +8,7 @@
 //! 4. The value must have the requested type, or `ERROR`/`TYPE_MISMATCH`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -149,7 +150,7 @@ impl<'s> Resolution<'s> {
 /// targeting rule.
 #[derive(Debug)]
 pub struct CompiledFlag {
-    flag: Flag,
+    flag: Arc<Flag>,
     default_index: Option<usize>,
     targeting: Targeting,
 }
@@ -166,7 +167,7 @@ impl CompiledFlag {
     /// Compiles `flag` with `engine`. A rule that does not compile is kept: evaluating the flag
     /// then reports `PARSE_ERROR`, as flagd does. The compile error is returned beside it so the
     /// loader can report it.
-    pub fn compile(flag: Flag, engine: &Engine) -> (CompiledFlag, Option<String>) {
+    pub fn compile(flag: Arc<Flag>, engine: &Engine) -> (CompiledFlag, Option<String>) {
         let default_index = flag
             .default_variant
             .as_deref()

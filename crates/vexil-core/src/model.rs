@@ -3,6 +3,8 @@
 //! These types are the *definition* of flags (what a file or the managed store holds). The compiled,
 //! evaluation-ready form lives in [`crate::snapshot`].
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 /// Flag metadata: string keys, string/number/boolean values (flagd's `metadata`).
@@ -63,8 +65,9 @@ impl Flag {
 /// `$evaluators` and `metadata`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FlagConfig {
-    /// The flags, in document order.
-    pub flags: Vec<Flag>,
+    /// The flags, in document order. Shared (`Arc`) with the snapshots compiled from them, so a
+    /// snapshot rebuilt after another source changed copies no definitions.
+    pub flags: Vec<Arc<Flag>>,
     /// The flag set metadata (`metadata` at the top level).
     pub metadata: Metadata,
     /// The shared rules (`$evaluators`), kept for export; already inlined into each flag's targeting.

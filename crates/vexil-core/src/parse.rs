@@ -12,6 +12,7 @@
 //! Every diagnostic names the flag (when there is one) and the JSON pointer of the offending value.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -249,7 +250,7 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
         }
     };
 
-    let mut flags: Vec<Flag> = Vec::new();
+    let mut flags: Vec<Arc<Flag>> = Vec::new();
     match root.get("flags") {
         // flagd loads a document without flags as an empty set (the schema check reports it).
         None | Some(Value::Null) => {}
@@ -257,7 +258,7 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
             for (key, raw) in map {
                 let pointer = format!("/flags/{}", segment(key));
                 if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, out) {
-                    flags.push(flag);
+                    flags.push(Arc::new(flag));
                 }
             }
         }
@@ -282,7 +283,7 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
                         );
                         flags.remove(previous);
                     }
-                    flags.push(flag);
+                    flags.push(Arc::new(flag));
                 }
             }
         }

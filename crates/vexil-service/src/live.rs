@@ -60,8 +60,8 @@ pub enum Readiness {
 struct SourceState {
     spec: SourceSpec,
     stamp: Option<Stamp>,
-    /// The last good document: its text (to detect real changes) and parsed form.
-    good: Option<(String, SourceConfig)>,
+    /// The last good document, parsed (compared with each reload to detect real changes).
+    good: Option<SourceConfig>,
     failing_since: Option<Instant>,
 }
 
@@ -192,21 +192,20 @@ impl Live {
             }
             state.stamp = stamp;
             match file.load() {
-                Ok((text, parsed)) => {
-                    for w in &parsed.warnings {
-                        tracing::warn!(source = %file.name, "{w}");
-                    }
+                Ok(parsed) => {
                     if state.failing_since.take().is_some() {
                         tracing::info!(source = %file.name, "source loads again");
                     }
-                    if state.good.as_ref().is_some_and(|(old, _)| *old == text) {
+                    if state.good.as_ref().is_some_and(|old| old.config == parsed.config) {
                         continue;
                     }
-                    let config = SourceConfig {
+                    for w in &parsed.warnings {
+                        tracing::warn!(source = %file.name, "{w}");
+                    }
+                    state.good = Some(SourceConfig {
                         name: file.name.clone(),
                         config: parsed.config,
-                    };
-                    state.good = Some((text, config));
+                    });
                     changed = true;
                 }
                 Err(e) => {
@@ -225,10 +224,7 @@ impl Live {
         if !changed {
             return false;
         }
-        let configs: Vec<SourceConfig> = sources
-            .iter()
-            .filter_map(|s| s.good.as_ref().map(|(_, c)| c.clone()))
-            .collect();
+        let configs: Vec<SourceConfig> = sources.iter().filter_map(|s| s.good.clone()).collect();
         drop(sources);
         let (snapshot, warnings) = Snapshot::build(self.inner.engine.clone(), configs);
         for w in &warnings {

@@ -97,7 +97,7 @@ impl FileSource {
     }
 
     /// Reads and parses the file (flagd's leniency: schema violations are warnings).
-    pub fn load(&self) -> Result<(String, Parsed), LoadError> {
+    pub fn load(&self) -> Result<Parsed, LoadError> {
         let text = std::fs::read_to_string(&self.path).map_err(|source| LoadError::Read {
             path: display(&self.path),
             source,
@@ -106,7 +106,7 @@ impl FileSource {
             path: display(&self.path),
             source,
         })?;
-        Ok((text, parsed))
+        Ok(parsed)
     }
 }
 
