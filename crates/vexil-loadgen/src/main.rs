@@ -88,6 +88,19 @@ struct RunArgs {
     /// Run Vexil only.
     #[arg(long)]
     no_baseline: bool,
+    /// Load an already running server at this host instead of starting one (no baseline, no
+    /// server CPU figures; its flags must be those of `--flags`, e.g. from `--write-flags`).
+    #[arg(long)]
+    target: Option<String>,
+    /// gRPC port of `--target`.
+    #[arg(long, default_value_t = 8013)]
+    target_port: u16,
+    /// OFREP port of `--target`.
+    #[arg(long, default_value_t = 8016)]
+    target_ofrep_port: u16,
+    /// Write the generated flag file here (to serve it from another machine) and exit.
+    #[arg(long)]
+    write_flags: Option<PathBuf>,
     /// Extra arguments for `vexil start` (e.g. `--vexil-arg=--fractional --vexil-arg=v2`).
     #[arg(long = "vexil-arg", allow_hyphen_values = true)]
     vexil_args: Vec<String>,
@@ -197,17 +210,19 @@ async fn capture(client: &Client, pools: &[(Scenario, Arc<Vec<Req>>)]) -> anyhow
 
 async fn measure(
     target: &str,
-    server: &Server,
+    server: Option<&Server>,
     client: Arc<Client>,
     scenario: Scenario,
     pool: Arc<Vec<Req>>,
     spec: LoadSpec,
     args: &RunArgs,
 ) -> Row {
-    let pid = server.pid();
-    let (m, (server_cpu0, own_cpu0)) =
-        driver::drive(client, pool, spec, move || (cpu_of(pid), process::own_cpu_seconds())).await;
-    let (server_cpu1, own_cpu1) = (cpu_of(pid), process::own_cpu_seconds());
+    let pid = server.map(Server::pid);
+    let (m, (server_cpu0, own_cpu0)) = driver::drive(client, pool, spec, move || {
+        (pid.and_then(cpu_of), process::own_cpu_seconds())
+    })
+    .await;
+    let (server_cpu1, own_cpu1) = (pid.and_then(cpu_of), process::own_cpu_seconds());
     let secs = spec.duration.as_secs_f64();
     let mut row = Row::new(
         target,
@@ -246,13 +261,40 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|s| (*s, Arc::new(requests(*s, &flags, args.attrs, 1024))))
         .collect();
 
+    if let Some(path) = &args.write_flags {
+        std::fs::copy(&file, path).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {} flags to {}", args.flags, path.display());
+        return Ok(());
+    }
+    if let Some(host) = &args.target {
+        let client =
+            Arc::new(Client::connect_to(host, args.target_port, args.target_ofrep_port, args.connections).await?);
+        let mut rows = Vec::new();
+        for (scenario, pool) in &pools {
+            rows.push(measure(host, None, client.clone(), *scenario, pool.clone(), spec, &args).await);
+        }
+        print!("{}", report::table(&rows));
+        return emit(&args.common, &rows);
+    }
+
     let mut vexil = Server::vexil(&vexil_binary(&args.common)?, &file, &args.vexil_args)?;
     vexil.wait_ready(Duration::from_secs(60))?;
     let client = Arc::new(Client::connect(vexil.ports.evaluation, vexil.ports.ofrep, args.connections).await?);
     let canned = capture(&client, &pools).await?;
     let mut rows = Vec::new();
     for (scenario, pool) in &pools {
-        rows.push(measure("vexil", &vexil, client.clone(), *scenario, pool.clone(), spec, &args).await);
+        rows.push(
+            measure(
+                "vexil",
+                Some(&vexil),
+                client.clone(),
+                *scenario,
+                pool.clone(),
+                spec,
+                &args,
+            )
+            .await,
+        );
     }
     drop(client);
     drop(vexil);
@@ -264,7 +306,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         base.wait_ready(Duration::from_secs(30))?;
         let client = Arc::new(Client::connect(base.ports.evaluation, base.ports.ofrep, args.connections).await?);
         for (i, (scenario, pool)) in pools.iter().enumerate() {
-            let row = measure("baseline", &base, client.clone(), *scenario, pool.clone(), spec, &args).await;
+            let row = measure(
+                "baseline",
+                Some(&base),
+                client.clone(),
+                *scenario,
+                pool.clone(),
+                spec,
+                &args,
+            )
+            .await;
             rows[i].vs_baseline = Some(rows[i].throughput / row.throughput.max(1e-9));
             rows.push(row);
         }

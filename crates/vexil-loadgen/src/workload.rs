@@ -127,12 +127,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// `connections` HTTP/2 connections to `grpc_port`; an HTTP/1.1 pool for `http_port`.
+    /// `connections` HTTP/2 connections to `grpc_port` on loopback; an HTTP/1.1 pool for `http_port`.
     pub async fn connect(grpc_port: u16, http_port: u16, connections: usize) -> anyhow::Result<Client> {
+        Client::connect_to("127.0.0.1", grpc_port, http_port, connections).await
+    }
+
+    /// As [`Client::connect`], to `host`.
+    pub async fn connect_to(host: &str, grpc_port: u16, http_port: u16, connections: usize) -> anyhow::Result<Client> {
         let mut v1s = Vec::new();
         let mut v2s = Vec::new();
         for _ in 0..connections.max(1) {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc_port}"))?
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}:{grpc_port}"))?
                 .tcp_nodelay(true)
                 .connect()
                 .await?;
@@ -148,7 +153,7 @@ impl Client {
             v1: v1s,
             v2: v2s,
             http,
-            http_base: format!("http://127.0.0.1:{http_port}"),
+            http_base: format!("http://{host}:{http_port}"),
             next: AtomicUsize::new(0),
         })
     }

@@ -72,3 +72,62 @@ fn a_missing_vexil_binary_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no vexil binary at /nonexistent/vexil"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_a_running_server_given_by_address_and_writes_json() {
+    let ports = Ports::free().unwrap();
+    let canned = Canned {
+        ofrep_single: r#"{"key":"k","value":true}"#.into(),
+        ..Canned::default()
+    };
+    tokio::spawn(baseline::run(ports.evaluation, ports.management, ports.ofrep, canned));
+    for _ in 0..200 {
+        if http_status(ports.management, "/readyz") == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = std::env::temp_dir().join(format!("vexil-loadgen-target-{}.json", std::process::id()));
+    let (p, r) = (ports.evaluation.to_string(), ports.ofrep.to_string());
+    let args = [
+        "run",
+        "--target",
+        "127.0.0.1",
+        "--target-port",
+        &p,
+        "--target-ofrep-port",
+        &r,
+        "--scenario",
+        "ofrep-single",
+        "--scenario",
+        "resolve-boolean",
+    ];
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_vexil-loadgen"))
+        .args(args)
+        .args(["--duration", "0.5", "--warmup", "0.1", "--concurrency", "4", "--json"])
+        .arg(&out)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        assert!(row["p99_us"].as_f64().unwrap() > 0.0);
+    }
+    std::fs::remove_file(&out).unwrap();
+
+    let flags = std::env::temp_dir().join(format!("vexil-loadgen-flags-{}.json", std::process::id()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_vexil-loadgen"))
+        .args(["run", "--flags", "30", "--write-flags"])
+        .arg(&flags)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&flags).unwrap()).unwrap();
+    assert_eq!(doc["flags"].as_object().unwrap().len(), 30);
+    std::fs::remove_file(&flags).unwrap();
+}
