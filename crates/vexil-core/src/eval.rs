@@ -174,7 +174,7 @@ impl CompiledFlag {
             .and_then(|d| flag.variants.iter().position(|(n, _)| n == d));
         let (targeting, problem) = match &flag.targeting {
             None => (Targeting::None, None),
-            Some(rule) => match engine.compile(rule) {
+            Some(rule) => match engine.compile(&rule.to_value()) {
                 Ok(rule) => (Targeting::Rule(rule), None),
                 Err(e) => (Targeting::Invalid(e.clone()), Some(e)),
             },

@@ -44,7 +44,7 @@ pub struct Flag {
     /// `defaultVariant`; `None` when absent or `null` (the caller's code default applies).
     pub default_variant: Option<String>,
     /// `targeting` with every `$ref` inlined; `None` when absent or `{}`.
-    pub targeting: Option<Value>,
+    pub targeting: Option<RuleText>,
     /// Flag metadata merged over the flag set metadata.
     pub metadata: Metadata,
 }
@@ -58,6 +58,31 @@ impl Flag {
     /// The flag set this flag belongs to: `metadata.flagSetId` when it is a string.
     pub fn flag_set_id(&self) -> Option<&str> {
         self.metadata.get("flagSetId").and_then(Value::as_str)
+    }
+}
+
+/// A targeting rule kept as compact JSON text. A parsed JSON tree of a typical rule takes about ten
+/// times the memory (every object is a `BTreeMap` node), and the rule is only needed parsed when it
+/// is compiled or sent to an in-process provider. Equal rules have equal text: objects serialize
+/// with sorted keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RuleText(Box<str>);
+
+impl RuleText {
+    /// The compact JSON text of `rule`.
+    pub fn new(rule: &Value) -> RuleText {
+        RuleText(rule.to_string().into_boxed_str())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The rule parsed back into JSON.
+    pub fn to_value(&self) -> Value {
+        // The text was serialized from a `Value`, so it always parses.
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use crate::model::{Flag, FlagConfig, FlagState, Metadata, ValueType};
+use crate::model::{Flag, FlagConfig, FlagState, Metadata, RuleText, ValueType};
 use crate::schema::{self, Schema};
 
 /// How deep `$ref`s may nest inside `$evaluators` before we call it a cycle.
@@ -392,7 +392,7 @@ fn build_flag(
                     format!("`$ref` to unknown evaluator `{name}`: evaluating this flag is a parse error"),
                 );
             }
-            Some(rule)
+            Some(RuleText::new(&rule))
         }
     };
 

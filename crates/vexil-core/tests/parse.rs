@@ -55,10 +55,10 @@ fn refs_are_inlined_wherever_they_appear() {
             "targeting": {"if": [{"$ref": "nested"}, "y", {"if": [{"$ref": "is_ballmer"}, "y", null]}]}
         }}
     }));
-    let targeting = parsed.config.flags[0].targeting.as_ref().unwrap();
+    let targeting = parsed.config.flags[0].targeting.as_ref().unwrap().to_value();
     assert_eq!(
         targeting,
-        &json!({"if": [
+        json!({"if": [
             {"and": [{"in": ["@macrosoft.com", {"var": "email"}]}, true]},
             "y",
             {"if": [{"in": ["@macrosoft.com", {"var": "email"}]}, "y", null]}
@@ -77,7 +77,10 @@ fn unknown_and_recursive_refs_are_reported_and_left_in_place() {
         }
     }));
     let f = &parsed.config.flags[0];
-    assert_eq!(f.targeting.as_ref().unwrap()["if"][0], json!({"$ref": "nope"}));
+    assert_eq!(
+        f.targeting.as_ref().unwrap().to_value()["if"][0],
+        json!({"$ref": "nope"})
+    );
     let messages: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
     assert!(
         messages.iter().any(|m| m.contains("flag `f`") && m.contains("`nope`")),
@@ -231,4 +234,22 @@ fn schema_warnings_point_at_the_real_problem() {
         parse_json(json!({"flags": [{"key": "k", "state": "ON", "variants": {"a": true}, "defaultVariant": "a"}]}));
     assert_eq!(parsed.warnings[0].pointer, "/flags/0/state", "{:?}", parsed.warnings);
     assert_eq!(parsed.warnings[0].flag.as_deref(), Some("k"));
+}
+
+#[test]
+fn rules_are_kept_as_canonical_compact_json() {
+    let a = parse_json(
+        json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "a",
+        "targeting": {"if": [{"==": [{"var": "x"}, 1]}, "a", null]}}}}),
+    );
+    let text = a.config.flags[0].targeting.as_ref().unwrap();
+    assert_eq!(text.as_str(), r#"{"if":[{"==":[{"var":"x"},1]},"a",null]}"#);
+    // Key order and whitespace in the source do not change the rule's text.
+    let b = parse::parse_str(
+        "{\"flags\": {\"f\": {\"targeting\": {\"if\": [{\"==\": [{\"var\": \"x\"}, 1]}, \"a\", null]},\n \"variants\": {\"a\": 1}, \"state\": \"ENABLED\", \"defaultVariant\": \"a\"}}}",
+        Format::Json,
+        Strictness::Flagd,
+    )
+    .unwrap();
+    assert_eq!(a.config.flags, b.config.flags);
 }

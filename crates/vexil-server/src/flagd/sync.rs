@@ -49,7 +49,7 @@ pub fn flag_configuration(snapshot: &Snapshot, selector: &Selector) -> String {
             Value::Object(flag.variants.iter().cloned().collect()),
         );
         if let Some(t) = &flag.targeting {
-            out.insert("targeting".into(), t.clone());
+            out.insert("targeting".into(), t.to_value());
         }
         out.insert(
             "source".into(),
