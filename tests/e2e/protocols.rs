@@ -1121,3 +1121,57 @@ async fn yaml_sources_and_oversized_grpc_messages() {
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 }
+
+#[tokio::test]
+async fn ofrep_writes_exact_json_for_escapes_objects_and_selector_metadata() {
+    let flags = r#"{
+      "metadata": {"flagSetId": "set-1", "team": "a \"quoted\" team"},
+      "flags": {
+        "weird \"key\"": {"state": "ENABLED", "variants": {"va\"r": "line\nbreak <&>", "o": {"k": [1, 2.5, null]}}, "defaultVariant": "va\"r",
+                          "targeting": {"if": [{"==": [{"var": "pick"}, "o"]}, "o", null]}},
+        "plain": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on"}
+      }
+    }"#;
+    let (s, _dir) = start(flags, &[]);
+    let http = reqwest::Client::new();
+    for selector in [None, Some("flagSetId=set-1")] {
+        let mut request = http
+            .post(s.ofrep_url("/ofrep/v1/evaluate/flags"))
+            .body(r#"{"context": {"pick": "o"}}"#);
+        if let Some(sel) = selector {
+            request = request.header("flagd-selector", sel);
+        }
+        let body: Value = request.send().await.unwrap().json().await.unwrap();
+        let weird = body["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == "weird \"key\"")
+            .expect("escaped key")
+            .clone();
+        assert_eq!(weird["value"], json!({"k": [1, 2.5, null]}));
+        assert_eq!(weird["variant"], "o");
+        assert_eq!(
+            weird["metadata"],
+            json!({"flagSetId": "set-1", "team": "a \"quoted\" team"})
+        );
+        let expected_top = if selector.is_some() {
+            json!({"flagSetId": "set-1"})
+        } else {
+            json!({})
+        };
+        assert_eq!(body["metadata"], expected_top);
+    }
+    let single: Value = http
+        .post(s.ofrep_url("/ofrep/v1/evaluate/flags/weird%20%22key%22"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(single["value"], "line\nbreak <&>");
+    assert_eq!(single["variant"], "va\"r");
+    assert_eq!(single["reason"], "DEFAULT");
+}

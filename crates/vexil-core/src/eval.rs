@@ -8,7 +8,7 @@
 //! 4. The value must have the requested type, or `ERROR`/`TYPE_MISMATCH`.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
@@ -153,6 +153,45 @@ pub struct CompiledFlag {
     flag: Arc<Flag>,
     default_index: Option<usize>,
     targeting: Targeting,
+    json: OnceLock<JsonFragments>,
+}
+
+/// The JSON text of a flag's key, variant names and values, and metadata, for encoders that
+/// write responses directly (OFREP): computed on first use, then kept with the compiled flag.
+#[derive(Debug)]
+pub struct JsonFragments {
+    /// The key as a JSON string (with quotes).
+    pub key: Box<str>,
+    /// Per variant, in definition order: its name as a JSON string and its value as JSON.
+    pub variants: Vec<(Box<str>, Box<str>)>,
+    /// The flag metadata as a JSON object.
+    pub metadata: Box<str>,
+}
+
+impl JsonFragments {
+    fn of(flag: &Flag) -> JsonFragments {
+        fn text<T: serde::Serialize + ?Sized>(v: &T) -> Box<str> {
+            // Strings, maps and JSON values always serialize.
+            serde_json::to_string(v)
+                .unwrap_or_else(|_| "null".to_owned())
+                .into_boxed_str()
+        }
+        JsonFragments {
+            key: text(&flag.key),
+            variants: flag
+                .variants
+                .iter()
+                .map(|(name, value)| (text(name), text(value)))
+                .collect(),
+            metadata: text(&flag.metadata),
+        }
+    }
+
+    /// The JSON name and value of the variant called `name`.
+    pub fn variant(&self, flag: &Flag, name: &str) -> Option<(&str, &str)> {
+        let index = flag.variants.iter().position(|(n, _)| n == name)?;
+        self.variants.get(index).map(|(n, v)| (&**n, &**v))
+    }
 }
 
 #[derive(Debug)]
@@ -184,6 +223,7 @@ impl CompiledFlag {
                 flag,
                 default_index,
                 targeting,
+                json: OnceLock::new(),
             },
             problem,
         )
@@ -192,6 +232,11 @@ impl CompiledFlag {
     /// The definition this flag was compiled from.
     pub fn flag(&self) -> &Flag {
         &self.flag
+    }
+
+    /// The flag's key, variants and metadata as JSON text (computed once).
+    pub fn json(&self) -> &JsonFragments {
+        self.json.get_or_init(|| JsonFragments::of(&self.flag))
     }
 
     /// The flag key.

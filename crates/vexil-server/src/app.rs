@@ -179,29 +179,29 @@ impl App {
         evaluated
     }
 
-    /// Evaluates one flag and hands the result, borrowed from the snapshot, to `f` (for encoders
-    /// that write the response directly).
+    /// Evaluates one flag and hands the flag (when it exists) and the result, borrowed from the
+    /// snapshot, to `f` (for encoders that write the response directly).
     pub fn evaluate_with<T>(
         &self,
         protocol: &'static str,
         key: &str,
         selector: &Selector,
         context: &Map<String, Value>,
-        f: impl FnOnce(&Resolution<'_>) -> T,
+        f: impl FnOnce(Option<&CompiledFlag>, &Resolution<'_>) -> T,
     ) -> T {
         let started = Instant::now();
         let snapshot = self.inner.live.snapshot();
-        let resolution = snapshot.evaluate(
-            key,
-            selector,
-            Context {
-                attributes: context,
-                now: now(),
-            },
-            ValueType::Any,
-        );
+        let ctx = Context {
+            attributes: context,
+            now: now(),
+        };
+        let flag = snapshot.get(key, selector);
+        let resolution = match flag {
+            Some(flag) => flag.evaluate(snapshot.engine(), ctx, ValueType::Any),
+            None => Resolution::not_found(key),
+        };
         metrics::evaluation(protocol, resolution.reason, started.elapsed());
-        f(&resolution)
+        f(flag, &resolution)
     }
 
     /// Evaluates every flag `selector` sees (bulk: flagd ResolveAll, OFREP bulk). `f` receives each

@@ -15,7 +15,7 @@ use axum::routing::post;
 use serde::Serialize;
 use serde::ser::SerializeMap as _;
 use serde_json::{Map, Value, json};
-use vexil_core::{Metadata, Resolution, Selector};
+use vexil_core::{CompiledFlag, Metadata, Resolution, Selector};
 
 use crate::app::App;
 use crate::error;
@@ -126,51 +126,77 @@ impl Serialize for MergedMetadata<'_> {
     }
 }
 
-/// One flag's OFREP object (success or failure), serialized straight from the snapshot.
-struct FlagObject<'a> {
-    key: &'a str,
-    resolution: &'a Resolution<'a>,
-    selector: &'a Metadata,
-}
-
-impl FlagObject<'_> {
-    fn status(&self) -> StatusCode {
-        self.resolution
-            .error
-            .as_ref()
-            .map_or(StatusCode::OK, |e| error::mapping(e.code).http)
+/// Appends one flag's OFREP object (success or failure) to `out`, from the flag's pre-encoded JSON
+/// fragments; returns its HTTP status (for the single-flag endpoint).
+fn write_flag_object(
+    out: &mut Vec<u8>,
+    flag: Option<&CompiledFlag>,
+    key: &str,
+    r: &Resolution<'_>,
+    selector: &Metadata,
+) -> StatusCode {
+    let fragments = flag.map(CompiledFlag::json);
+    out.extend_from_slice(b"{\"key\":");
+    match fragments {
+        Some(f) => out.extend_from_slice(f.key.as_bytes()),
+        None => write_json(out, key),
     }
-}
-
-impl Serialize for FlagObject<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let r = self.resolution;
-        let mut map = s.serialize_map(None)?;
-        map.serialize_entry("key", self.key)?;
-        match &r.error {
-            Some(err) => {
-                map.serialize_entry("errorCode", error::mapping(err.code).ofrep_code)?;
-                map.serialize_entry("errorDetails", &err.message)?;
-            }
-            None => {
-                map.serialize_entry("reason", r.reason.as_str())?;
-                if let Some(variant) = r.variant {
-                    map.serialize_entry("variant", variant)?;
-                }
-                if let Some(value) = r.value {
-                    map.serialize_entry("value", value)?;
-                }
-            }
+    let status = match &r.error {
+        Some(err) => {
+            let m = error::mapping(err.code);
+            out.extend_from_slice(b",\"errorCode\":\"");
+            out.extend_from_slice(m.ofrep_code.as_bytes());
+            out.extend_from_slice(b"\",\"errorDetails\":");
+            write_json(out, &err.message);
+            m.http
         }
-        map.serialize_entry(
-            "metadata",
+        None => {
+            out.extend_from_slice(b",\"reason\":\"");
+            out.extend_from_slice(r.reason.as_str().as_bytes());
+            out.push(b'"');
+            let encoded = match (fragments, flag, r.variant) {
+                (Some(f), Some(flag), Some(name)) => f.variant(flag.flag(), name),
+                _ => None,
+            };
+            match (encoded, r.variant, r.value) {
+                (Some((name, value)), _, _) => {
+                    out.extend_from_slice(b",\"variant\":");
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b",\"value\":");
+                    out.extend_from_slice(value.as_bytes());
+                }
+                (None, variant, value) => {
+                    if let Some(variant) = variant {
+                        out.extend_from_slice(b",\"variant\":");
+                        write_json(out, variant);
+                    }
+                    if let Some(value) = value {
+                        out.extend_from_slice(b",\"value\":");
+                        write_json(out, value);
+                    }
+                }
+            }
+            StatusCode::OK
+        }
+    };
+    out.extend_from_slice(b",\"metadata\":");
+    match (fragments, selector.is_empty()) {
+        (Some(f), true) => out.extend_from_slice(f.metadata.as_bytes()),
+        _ => write_json(
+            out,
             &MergedMetadata {
-                selector: self.selector,
+                selector,
                 flag: r.metadata,
             },
-        )?;
-        map.end()
+        ),
     }
+    out.push(b'}');
+    status
+}
+
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    // Strings, JSON values and maps of them always serialize.
+    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
@@ -192,20 +218,10 @@ async fn single(
     let selector = selector(&headers, Some(&key))?;
     let context = request_context(&app, &bytes, &headers, Some(&key))?;
     let selector_metadata = selector.metadata();
-    let (status, body) = app.evaluate_with(PROTOCOL, &key, &selector, &context, |resolution| {
-        let object = FlagObject {
-            key: &key,
-            resolution,
-            selector: &selector_metadata,
-        };
-        (object.status(), serde_json::to_vec(&object))
+    let mut body = Vec::with_capacity(256);
+    let status = app.evaluate_with(PROTOCOL, &key, &selector, &context, |flag, resolution| {
+        write_flag_object(&mut body, flag, &key, resolution, &selector_metadata)
     });
-    let body = body.map_err(|e| {
-        Rejection(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({ "errorDetails": e.to_string() }),
-        )
-    })?;
     Ok(json_bytes(status, body))
 }
 
@@ -216,30 +232,16 @@ async fn bulk(State(app): State<App>, headers: HeaderMap, body: Body) -> Result<
     let selector_metadata = selector.metadata();
     let mut body = Vec::with_capacity(4096);
     body.extend_from_slice(b"{\"flags\":[");
-    let mut failed = None;
     let mut first = true;
     app.evaluate_all_borrowed(PROTOCOL, &selector, &context, |flag, resolution| {
         if !std::mem::take(&mut first) {
             body.push(b',');
         }
-        let object = FlagObject {
-            key: flag.key(),
-            resolution,
-            selector: &selector_metadata,
-        };
-        if let Err(e) = serde_json::to_writer(&mut body, &object) {
-            failed.get_or_insert(e);
-        }
+        write_flag_object(&mut body, Some(flag), flag.key(), resolution, &selector_metadata);
     });
     body.extend_from_slice(b"],\"metadata\":");
-    let metadata = serde_json::to_writer(&mut body, &selector_metadata);
+    write_json(&mut body, &selector_metadata);
     body.push(b'}');
-    if let Some(e) = failed.or(metadata.err()) {
-        return Err(Rejection(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({ "errorCode": "GENERAL", "errorDetails": format!("bulk evaluation failed: {e}") }),
-        ));
-    }
     let etag = etag(&body);
     let unchanged = headers
         .get_all(header::IF_NONE_MATCH)
