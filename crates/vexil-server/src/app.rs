@@ -163,23 +163,12 @@ impl App {
         context: &Map<String, Value>,
         ty: ValueType,
     ) -> Evaluated {
-        let started = Instant::now();
-        let snapshot = self.inner.live.snapshot();
-        let resolution = snapshot.evaluate(
-            key,
-            selector,
-            Context {
-                attributes: context,
-                now: now(),
-            },
-            ty,
-        );
-        let evaluated = Evaluated::from_resolution(resolution, selector);
-        metrics::evaluation(protocol, evaluated.reason, started.elapsed());
-        evaluated
+        self.evaluate_with(protocol, key, selector, context, ty, |_, resolution| {
+            Evaluated::from_resolution(resolution.clone(), selector)
+        })
     }
 
-    /// Evaluates one flag and hands the flag (when it exists) and the result, borrowed from the
+    /// As [`App::evaluate`], handing the flag (when it exists) and the result, borrowed from the
     /// snapshot, to `f` (for encoders that write the response directly).
     pub fn evaluate_with<T>(
         &self,
@@ -187,6 +176,7 @@ impl App {
         key: &str,
         selector: &Selector,
         context: &Map<String, Value>,
+        ty: ValueType,
         f: impl FnOnce(Option<&CompiledFlag>, &Resolution<'_>) -> T,
     ) -> T {
         let started = Instant::now();
@@ -197,7 +187,7 @@ impl App {
         };
         let flag = snapshot.get(key, selector);
         let resolution = match flag {
-            Some(flag) => flag.evaluate(snapshot.engine(), ctx, ValueType::Any),
+            Some(flag) => flag.evaluate(snapshot.engine(), ctx, ty),
             None => Resolution::not_found(key),
         };
         metrics::evaluation(protocol, resolution.reason, started.elapsed());

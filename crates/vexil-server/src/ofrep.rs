@@ -15,7 +15,7 @@ use axum::routing::post;
 use serde::Serialize;
 use serde::ser::SerializeMap as _;
 use serde_json::{Map, Value, json};
-use vexil_core::{CompiledFlag, Metadata, Resolution, Selector};
+use vexil_core::{CompiledFlag, Metadata, Resolution, Selector, ValueType};
 
 use crate::app::App;
 use crate::error;
@@ -219,9 +219,14 @@ async fn single(
     let context = request_context(&app, &bytes, &headers, Some(&key))?;
     let selector_metadata = selector.metadata();
     let mut body = Vec::with_capacity(256);
-    let status = app.evaluate_with(PROTOCOL, &key, &selector, &context, |flag, resolution| {
-        write_flag_object(&mut body, flag, &key, resolution, &selector_metadata)
-    });
+    let status = app.evaluate_with(
+        PROTOCOL,
+        &key,
+        &selector,
+        &context,
+        ValueType::Any,
+        |flag, resolution| write_flag_object(&mut body, flag, &key, resolution, &selector_metadata),
+    );
     Ok(json_bytes(status, body))
 }
 
