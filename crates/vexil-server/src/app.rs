@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 use vexil_core::snapshot::Change;
@@ -10,6 +11,7 @@ use vexil_core::{CompiledFlag, Context, Metadata, Reason, Resolution, Selector, 
 use vexil_service::{Live, StaticContext, merge_context};
 
 use crate::metrics;
+use crate::streams::StreamLimit;
 
 /// Handler state (cheap to clone).
 #[derive(Debug, Clone)]
@@ -22,6 +24,7 @@ struct AppInner {
     /// Work every stream subscriber of a selector would repeat on a change, done once: the
     /// changes between two snapshots and the sync payload of a snapshot.
     fanout: Mutex<FanoutCache>,
+    streams: Arc<StreamLimit>,
     live: Live,
     statics: StaticContext,
     stream_deadline: Option<Duration>,
@@ -68,6 +71,8 @@ pub struct AppConfig {
     pub stream_deadline: Option<Duration>,
     pub disable_sync_metadata: bool,
     pub max_body: usize,
+    /// The most EventStream and SyncFlags streams open at once (`--max-streams`).
+    pub max_streams: usize,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -76,6 +81,7 @@ impl App {
         App {
             inner: Arc::new(AppInner {
                 fanout: Mutex::new(FanoutCache::default()),
+                streams: StreamLimit::new(c.max_streams),
                 live: c.live,
                 statics: c.statics,
                 stream_deadline: c.stream_deadline,
@@ -106,34 +112,60 @@ impl App {
         self.inner.max_body
     }
 
-    /// What changed for `selector` from `old` to `new` (computed once for all subscribers).
+    /// Admission of server streams.
+    pub fn streams(&self) -> &Arc<StreamLimit> {
+        &self.inner.streams
+    }
+
+    /// What changed for `selector` from `old` to `new` (computed once for all subscribers that
+    /// are up to date; a subscriber catching up from an older snapshot gets its own entry).
     pub fn changes(&self, old: &Arc<Snapshot>, new: &Arc<Snapshot>, selector: &Selector) -> Changes {
         let mut cache = self.inner.fanout.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (Arc::as_ptr(old) as usize, Arc::as_ptr(new) as usize, selector.clone());
-        if let Some((k, v)) = &cache.changes
-            && *k == key
-        {
-            return v.clone();
+        let hit = cache
+            .changes
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.old, old) && Arc::ptr_eq(&e.new, new) && e.selector == *selector);
+        if let Some(e) = hit {
+            return e.changes.clone();
         }
         let changes = Arc::new(new.changes_since(old, selector));
-        // The cache holds the snapshots so their addresses cannot be reused while cached.
-        cache.held = vec![old.clone(), new.clone()];
-        cache.changes = Some((key, changes.clone()));
+        // Entries hold their snapshots, so a cached address is never reused by another snapshot.
+        // Only changes into the newest snapshot are worth keeping.
+        cache.changes.retain(|e| Arc::ptr_eq(&e.new, new));
+        bounded_push(
+            &mut cache.changes,
+            ChangesEntry {
+                old: old.clone(),
+                new: new.clone(),
+                selector: selector.clone(),
+                changes: changes.clone(),
+            },
+        );
         changes
     }
 
-    /// The flagd sync payload of `snapshot` for `selector` (computed once for all subscribers).
-    pub fn sync_payload(&self, snapshot: &Arc<Snapshot>, selector: &Selector) -> Arc<str> {
+    /// The encoded flagd `SyncFlagsResponse` of `snapshot` for `selector`, computed once and shared
+    /// (reference-counted) by every subscriber.
+    pub fn sync_payload(&self, snapshot: &Arc<Snapshot>, selector: &Selector) -> Bytes {
         let mut cache = self.inner.fanout.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (Arc::as_ptr(snapshot) as usize, selector.clone());
-        if let Some((_, v)) = cache.payloads.iter().find(|(k, _)| *k == key) {
-            return v.clone();
+        let hit = cache
+            .payloads
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.snapshot, snapshot) && e.selector == *selector);
+        if let Some(e) = hit {
+            return e.payload.clone();
         }
-        let payload: Arc<str> = crate::flagd::sync::flag_configuration(snapshot, selector).into();
-        // Only payloads of the current snapshot are worth keeping.
-        cache.payloads.retain(|((ptr, _), _)| *ptr == key.0);
-        cache.payload_snapshot = Some(snapshot.clone());
-        cache.payloads.push((key, payload.clone()));
+        let payload = crate::flagd::sync::encode_response(snapshot, selector, &self.inner.statics);
+        // Only payloads of the newest snapshot are worth keeping (slow subscribers keep theirs).
+        cache.payloads.retain(|e| Arc::ptr_eq(&e.snapshot, snapshot));
+        bounded_push(
+            &mut cache.payloads,
+            PayloadEntry {
+                snapshot: snapshot.clone(),
+                selector: selector.clone(),
+                payload: payload.clone(),
+            },
+        );
         payload
     }
 
@@ -238,19 +270,39 @@ impl App {
     }
 }
 
-/// See [`App::changes`] and [`App::sync_payload`]. Keys hold snapshot addresses; the cache keeps
-/// those snapshots alive, so an address is never that of another snapshot while it is cached.
-/// (old snapshot address, new snapshot address, selector).
-type ChangesKey = (usize, usize, Selector);
 /// The changed keys of a selector between two snapshots.
 pub type Changes = Arc<Vec<(String, Change)>>;
 
+/// Selectors cached per snapshot; beyond this the oldest entry goes.
+const FANOUT_ENTRIES: usize = 256;
+
+/// See [`App::changes`] and [`App::sync_payload`].
 #[derive(Debug, Default)]
 struct FanoutCache {
-    changes: Option<(ChangesKey, Changes)>,
-    held: Vec<Arc<Snapshot>>,
-    payloads: Vec<((usize, Selector), Arc<str>)>,
-    payload_snapshot: Option<Arc<Snapshot>>,
+    changes: Vec<ChangesEntry>,
+    payloads: Vec<PayloadEntry>,
+}
+
+#[derive(Debug)]
+struct ChangesEntry {
+    old: Arc<Snapshot>,
+    new: Arc<Snapshot>,
+    selector: Selector,
+    changes: Changes,
+}
+
+#[derive(Debug)]
+struct PayloadEntry {
+    snapshot: Arc<Snapshot>,
+    selector: Selector,
+    payload: Bytes,
+}
+
+fn bounded_push<T>(entries: &mut Vec<T>, entry: T) {
+    if entries.len() >= FANOUT_ENTRIES {
+        entries.remove(0);
+    }
+    entries.push(entry);
 }
 
 /// Unix seconds now (`$flagd.timestamp`).

@@ -105,6 +105,21 @@ pub struct ServeArgs {
     /// Largest total size of request headers, in bytes.
     #[arg(short = 'R', long, env = "VEXIL_MAX_REQUEST_HEADER", default_value_t = 1_000_000)]
     pub max_request_header: usize,
+    /// Most EventStream and SyncFlags streams open at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "VEXIL_MAX_STREAMS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_streams: u64,
+    /// Most client connections open at once, per port; more are answered 503 / UNAVAILABLE and
+    /// closed.
+    #[arg(long, env = "VEXIL_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Seconds a new connection may take to send its first request's headers (slow clients are
+    /// disconnected).
+    #[arg(long, env = "VEXIL_HEADER_READ_TIMEOUT", default_value = "10", value_parser = parse_positive_seconds)]
+    pub header_read_timeout: Duration,
+    /// Seconds a connection with no request or stream in flight is kept open (0: forever).
+    #[arg(long, env = "VEXIL_IDLE_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
+    pub idle_timeout: Duration,
     /// `fractional` bucketing generation: v3 (current spec, default), v2 (flagd 0.15–0.16), v1
     /// (flagd ≤ 0.14). Use the one your previous flagd ran to keep users in their buckets.
     #[arg(long, env = "VEXIL_FRACTIONAL", default_value = "v3", value_parser = parse_fractional)]
@@ -130,6 +145,14 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         .filter(|f| f.is_finite() && *f >= 0.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("`{s}` is not a number of seconds"))
+}
+
+fn parse_positive_seconds(s: &str) -> Result<Duration, String> {
+    let d = parse_seconds(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}` must be more than 0 seconds"));
+    }
+    Ok(d)
 }
 
 fn parse_fractional(s: &str) -> Result<FractionalMode, String> {
@@ -184,7 +207,7 @@ impl Cli {
 }
 
 /// `--option value` arguments for every option that took its default but has a `FLAGD_*` value.
-fn flagd_fallbacks(sub: &ArgMatches, env: &impl Fn(&str) -> Option<String>) -> Vec<String> {
+pub(crate) fn flagd_fallbacks(sub: &ArgMatches, env: &impl Fn(&str) -> Option<String>) -> Vec<String> {
     let mut extra = Vec::new();
     for &(id, var) in FLAGD_ENV {
         let defaulted = matches!(sub.value_source(id), None | Some(ValueSource::DefaultValue));

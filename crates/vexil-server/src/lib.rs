@@ -18,9 +18,10 @@ mod convert;
 mod error;
 mod flagd;
 mod management;
-mod metrics;
+pub mod metrics;
 mod ofrep;
 mod serve;
+mod streams;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -56,6 +57,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     .await?;
     let watcher = live.watch(live_config.poll_interval);
     let prometheus = metrics::install().context("installing the metrics recorder")?;
+    let upkeep = metrics::spawn_upkeep(prometheus.clone());
     let gauges = tokio::spawn(track_config(live.clone()));
 
     let app = App::new(AppConfig {
@@ -64,6 +66,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         stream_deadline: (!args.stream_deadline.is_zero()).then_some(args.stream_deadline),
         disable_sync_metadata: args.disable_sync_metadata,
         max_body: args.max_request_body,
+        max_streams: usize::try_from(args.max_streams).unwrap_or(usize::MAX),
         shutdown: shutdown.clone(),
     });
 
@@ -79,6 +82,9 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     };
     let limits = serve::Limits {
         max_header_bytes: args.max_request_header,
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
     };
     let bind = |port: u16| SocketAddr::new(args.bind, port);
     // Management stays plain HTTP (probes and scrapers); the client-facing ports use TLS if given.
@@ -107,6 +113,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     }
     watcher.abort();
     gauges.abort();
+    upkeep.abort();
     tracing::info!("stopped");
     Ok(())
 }
@@ -154,12 +161,20 @@ fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
     Ok(Router::new().fallback_service(dispatch))
 }
 
-/// 8015: flagd.sync.v1.
+/// 8015: flagd.sync.v1. SyncFlags is framed by hand (shared payload bytes, see `flagd::sync`);
+/// FetchAllFlags and GetMetadata are tonic's.
 fn sync_router(app: &App, max_body: usize) -> Router {
-    tonic::service::Routes::new(
+    let tonic = tonic::service::Routes::new(
         FlagSyncServiceServer::new(flagd::sync::Sync { app: app.clone() }).max_decoding_message_size(max_body),
     )
-    .into_axum_router()
+    .into_axum_router();
+    Router::new()
+        .route(
+            flagd::sync::SYNC_FLAGS_PATH,
+            axum::routing::post(flagd::sync::sync_flags_grpc),
+        )
+        .with_state(app.clone())
+        .fallback_service(tonic)
 }
 
 fn health_service() -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {

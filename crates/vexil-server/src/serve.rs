@@ -1,21 +1,28 @@
 //! Serving a router on a listener: HTTP/1.1 and HTTP/2 (h2c, or over TLS with ALPN), with explicit
-//! header limits, and graceful shutdown (stop accepting, let in-flight requests and streams finish,
-//! give up after a grace period).
+//! limits (header size, connections per port, time to the first request's headers, idle time), and
+//! graceful shutdown (stop accepting, let in-flight requests and streams finish, give up after a
+//! grace period).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::body::Body;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -27,6 +34,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Limits {
     /// Largest total size of request headers, in bytes.
     pub max_header_bytes: usize,
+    /// Most connections open at once on this port; more are answered 503 / `RESOURCE_EXHAUSTED`.
+    pub max_connections: usize,
+    /// How long a new connection (and its TLS handshake) may take to deliver its first request's
+    /// headers.
+    pub header_read_timeout: Duration,
+    /// How long a connection with nothing in flight stays open; `None`: forever.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Builds a TLS acceptor from PEM files (certificate chain and private key); offers h2 and
@@ -62,14 +76,17 @@ pub async fn serve(
     builder
         .http1()
         .max_buf_size(limits.max_header_bytes.max(8192))
-        .timer(hyper_util::rt::TokioTimer::new());
+        .timer(hyper_util::rt::TokioTimer::new())
+        // Headers of later requests on a kept-alive connection (the first request's are bounded by
+        // `header_read_timeout` in `connection`).
+        .header_read_timeout(limits.idle_timeout);
     builder
         .http2()
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .timer(hyper_util::rt::TokioTimer::new())
         // Answer client keep-alive pings; never send GOAWAY for them (flagd#1998).
         .keep_alive_interval(Some(Duration::from_secs(60)));
-    let graceful = GracefulShutdown::new();
+    let open = Arc::new(OpenConnections::default());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -84,28 +101,30 @@ pub async fn serve(
             () = crate::app::stopping(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let (builder, tls) = (builder.clone(), tls.clone());
+        let Some(slot) = open.enter(limits.max_connections) else {
+            tracing::warn!(server = name, %peer, max = limits.max_connections, "connection refused: --max-connections reached");
+            crate::metrics::connection_rejected(name);
+            tokio::spawn(reject(stream, tls, builder, limits));
+            continue;
+        };
+        let router = router.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let result = match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls_stream) => {
-                        watcher
-                            .watch(builder.serve_connection(TokioIo::new(tls_stream), service).into_owned())
-                            .await
-                    }
-                    Err(e) => {
+                Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => connection(tls_stream, builder, router, limits, shutdown).await,
+                    Ok(Err(e)) => {
                         tracing::debug!(server = name, %peer, "TLS handshake failed: {e}");
                         return;
                     }
+                    Err(_) => {
+                        tracing::debug!(server = name, %peer, "TLS handshake timed out");
+                        return;
+                    }
                 },
-                None => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), service).into_owned())
-                        .await
-                }
+                None => connection(stream, builder, router, limits, shutdown).await,
             };
             if let Err(e) = result {
                 tracing::debug!(server = name, %peer, "connection ended: {e}");
@@ -114,10 +133,240 @@ pub async fn serve(
     }
     drop(listener);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = open.all_closed() => {}
         () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!(server = name, "connections still open after {SHUTDOWN_GRACE:?}, closing them"),
     }
     Ok(())
+}
+
+/// Serves one connection, closing it when
+/// - no request headers arrived within `header_read_timeout` of connecting (a client that
+///   dribbles or withholds its first request);
+/// - nothing was in flight for `idle_timeout` (gracefully: GOAWAY on HTTP/2);
+/// - the server shuts down (gracefully: in-flight requests and streams finish).
+async fn connection<I>(
+    io: I,
+    builder: auto::Builder<TokioExecutor>,
+    router: Router,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let service = TowerToHyperService::new(tracked(router, activity.clone()));
+    let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+    tokio::pin!(conn);
+    let connected = Instant::now();
+    let mut closing = false;
+    loop {
+        let check_at = activity.next_check(connected, limits);
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            () = crate::app::stopping(&mut shutdown), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep_until(check_at.into()), if !closing => {
+                match activity.verdict(connected, limits) {
+                    Verdict::Keep => {}
+                    Verdict::NoRequest => {
+                        tracing::debug!("no request within {:?} of connecting: closing", limits.header_read_timeout);
+                        return Ok(());
+                    }
+                    Verdict::Idle => {
+                        tracing::debug!("idle for {:?}: closing", limits.idle_timeout);
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `router`, counting requests in flight on `activity` until their response bodies are done.
+fn tracked(
+    router: Router,
+    activity: Arc<Activity>,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send,
+> + Clone {
+    tower::service_fn(move |request: Request<Incoming>| {
+        let active = activity.begin();
+        let call = router.clone().oneshot(request.map(Body::new));
+        async move {
+            let response = call.await?;
+            // The guard lives as long as the body: a stream is in flight until it ends.
+            Ok(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _ = &active;
+                    frame
+                }))
+            }))
+        }
+    })
+}
+
+/// What a connection is doing, as its watchdog sees it.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    requests: AtomicUsize,
+    /// When `in_flight` last went to zero.
+    idle_since: Mutex<Instant>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Keep,
+    NoRequest,
+    Idle,
+}
+
+/// A request in flight on its connection.
+#[derive(Debug)]
+struct Active(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Active {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Active(self.clone())
+    }
+
+    fn idle_since(&self) -> Instant {
+        *self.idle_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the watchdog should look again.
+    fn next_check(&self, connected: Instant, limits: Limits) -> Instant {
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return connected + limits.header_read_timeout;
+        }
+        let idle = limits.idle_timeout.unwrap_or(Duration::from_secs(3600));
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            self.idle_since() + idle
+        } else {
+            Instant::now() + idle
+        }
+    }
+
+    fn verdict(&self, connected: Instant, limits: Limits) -> Verdict {
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return if connected.elapsed() >= limits.header_read_timeout {
+                Verdict::NoRequest
+            } else {
+                Verdict::Keep
+            };
+        }
+        match limits.idle_timeout {
+            Some(idle) if self.in_flight.load(Ordering::Acquire) == 0 && self.idle_since().elapsed() >= idle => {
+                Verdict::Idle
+            }
+            _ => Verdict::Keep,
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// Open connections of one port.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    count: AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// A connection's place in [`OpenConnections`].
+#[derive(Debug)]
+struct Slot(Arc<OpenConnections>);
+
+impl OpenConnections {
+    fn enter(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
+/// How long a refused connection is kept to deliver its refusal.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// Answers every request of a connection over `--max-connections` with 503 (gRPC:
+/// `RESOURCE_EXHAUSTED`), then closes it.
+async fn reject(stream: TcpStream, tls: Option<TlsAcceptor>, builder: auto::Builder<TokioExecutor>, limits: Limits) {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(refusal(&request, limits.max_connections)))
+    });
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async move {
+        match tls {
+            Some(acceptor) => {
+                if let Ok(tls_stream) = acceptor.accept(stream).await {
+                    let _ = builder.serve_connection(TokioIo::new(tls_stream), service).await;
+                }
+            }
+            None => {
+                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            }
+        }
+    })
+    .await;
+}
+
+fn refusal(request: &Request<Incoming>, max: usize) -> Response<Body> {
+    let message = format!("too many connections: this server allows {max} per port (--max-connections)");
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::resource_exhausted(message).into_http::<Body>();
+    }
+    let mut response = Response::new(Body::from(message));
+    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    response
 }
 
 /// Binds `addr`, naming the server in the error.

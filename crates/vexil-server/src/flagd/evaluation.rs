@@ -215,7 +215,7 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
                 r#type: kind.into(),
                 data,
             }
-        })))
+        })?))
     }
 });
 
@@ -287,7 +287,7 @@ service_impl!(EvaluationV2, v2, Api::V2, unset = true, {
                 r#type: kind.into(),
                 data,
             }
-        })))
+        })?))
     }
 });
 
@@ -341,6 +341,6 @@ service_impl!(SchemaV1, schema_v1, Api::SchemaV1, unset = false, {
                 r#type: kind.into(),
                 data,
             }
-        })))
+        })?))
     }
 });

@@ -2,80 +2,130 @@
 //! subscribe, `configuration_change` with the changed keys of the selected flags on every change,
 //! `keep_alive` after 20 s of silence, `provider_shutdown` when the server stops.
 
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::Stream;
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use vexil_core::Selector;
+use vexil_core::{Selector, Snapshot};
 use vexil_proto::pbjson_types::Struct;
+use vexil_service::Published;
 
 use crate::app::App;
 use crate::convert::json_to_struct;
-use crate::metrics::StreamGuard;
+use crate::streams::StreamPermit;
 
 /// How long a stream may be silent before a `keep_alive` is sent.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// A server stream of events of one API's message type.
-pub type EventStream<R> = ReceiverStream<Result<R, Status>>;
+pub type EventStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
 
-/// Opens an event stream for `selector`; `make(type, data)` builds the API's message.
-pub fn stream<R, F>(app: &App, selector: Selector, make: F) -> EventStream<R>
+/// Where a stream is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// `provider_ready` not sent yet.
+    Opening,
+    Open,
+    /// The last message (`provider_shutdown` or the deadline error) has been sent.
+    Closed,
+}
+
+/// One subscriber's state. Messages are built when the transport pulls the next one (see
+/// `crate::streams`): `previous` is the snapshot of the last change the subscriber was sent, so the
+/// changes of a subscriber that was not reading are coalesced into one message.
+struct Subscriber<F> {
+    app: App,
+    selector: Selector,
+    config: watch::Receiver<Arc<Published>>,
+    previous: Arc<Snapshot>,
+    shutdown: watch::Receiver<bool>,
+    deadline: Option<Instant>,
+    last_sent: Instant,
+    phase: Phase,
+    make: F,
+    _permit: StreamPermit,
+}
+
+/// Opens an event stream for `selector`; `make(type, data)` builds the API's message. Refused with
+/// `RESOURCE_EXHAUSTED` when `--max-streams` streams are open.
+pub fn stream<R, F>(app: &App, selector: Selector, make: F) -> Result<EventStream<R>, Status>
 where
     R: Send + 'static,
     F: Fn(&'static str, Option<Struct>) -> R + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel(16);
+    let permit = app.streams().admit("event_stream")?;
     let mut config = app.live().subscribe();
-    let mut previous = config.borrow_and_update().snapshot.clone();
-    let mut shutdown = app.shutdown();
-    let deadline = app.stream_deadline().map(|d| Instant::now() + d);
-    let app = app.clone();
-    tokio::spawn(async move {
-        let _guard = StreamGuard::open("event_stream");
+    let previous = config.borrow_and_update().snapshot.clone();
+    let subscriber = Subscriber {
+        app: app.clone(),
+        selector,
+        config,
+        previous,
+        shutdown: app.shutdown(),
+        deadline: app.stream_deadline().map(|d| Instant::now() + d),
+        last_sent: Instant::now(),
+        phase: Phase::Opening,
+        make,
+        _permit: permit,
+    };
+    Ok(Box::pin(futures::stream::unfold(subscriber, |mut s| async move {
+        let message = s.next().await?;
+        Some((message, s))
+    })))
+}
+
+impl<R, F> Subscriber<F>
+where
+    F: Fn(&'static str, Option<Struct>) -> R,
+{
+    /// The next message, or `None` when the stream is over.
+    async fn next(&mut self) -> Option<Result<R, Status>> {
         let empty = || Some(Struct::default());
-        if tx.send(Ok(make("provider_ready", empty()))).await.is_err() {
-            return;
-        }
-        let mut last_sent = Instant::now();
-        loop {
-            let message = tokio::select! {
-                changed = config.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let current = config.borrow_and_update().snapshot.clone();
-                    let changes = app.changes(&previous, &current, &selector);
-                    previous = current;
-                    if changes.is_empty() {
-                        continue;
-                    }
-                    let flags: Map<String, Value> =
-                        changes.iter().map(|(key, change)| (key.clone(), json!({ "type": change.as_str() }))).collect();
-                    let data = json!({ "flags": flags });
-                    Ok(make("configuration_change", data.as_object().map(json_to_struct)))
-                }
-                () = sleep_until(last_sent + KEEP_ALIVE) => Ok(make("keep_alive", None)),
-                () = crate::app::stopping(&mut shutdown) => {
-                    let _ = tx.send(Ok(make("provider_shutdown", empty()))).await;
-                    break;
-                }
-                () = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
-                    let _ = tx.send(Err(Status::deadline_exceeded("stream deadline reached"))).await;
-                    break;
-                }
-                () = tx.closed() => break,
-            };
-            if tx.send(message).await.is_err() {
-                break;
+        let message = match self.phase {
+            Phase::Closed => return None,
+            Phase::Opening => {
+                self.phase = Phase::Open;
+                Ok((self.make)("provider_ready", empty()))
             }
-            last_sent = Instant::now();
-        }
-    });
-    ReceiverStream::new(rx)
+            Phase::Open => loop {
+                tokio::select! {
+                    changed = self.config.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                        let current = self.config.borrow_and_update().snapshot.clone();
+                        let changes = self.app.changes(&self.previous, &current, &self.selector);
+                        self.previous = current;
+                        if changes.is_empty() {
+                            continue;
+                        }
+                        let flags: Map<String, Value> = changes
+                            .iter()
+                            .map(|(key, change)| (key.clone(), json!({ "type": change.as_str() })))
+                            .collect();
+                        let data = json!({ "flags": flags });
+                        break Ok((self.make)("configuration_change", data.as_object().map(json_to_struct)));
+                    }
+                    () = sleep_until(self.last_sent + KEEP_ALIVE) => break Ok((self.make)("keep_alive", None)),
+                    () = crate::app::stopping(&mut self.shutdown) => {
+                        self.phase = Phase::Closed;
+                        break Ok((self.make)("provider_shutdown", empty()));
+                    }
+                    () = sleep_until(self.deadline.unwrap_or_else(far_future)), if self.deadline.is_some() => {
+                        self.phase = Phase::Closed;
+                        break Err(Status::deadline_exceeded("stream deadline reached"));
+                    }
+                }
+            },
+        };
+        self.last_sent = Instant::now();
+        Some(message)
+    }
 }
 
 fn far_future() -> Instant {
@@ -109,9 +159,10 @@ mod tests {
             stream_deadline: None,
             disable_sync_metadata: false,
             max_body: 1024,
+            max_streams: 10,
             shutdown,
         });
-        let mut events = stream(&app, Selector::All, |kind, data| (kind, data.is_some()));
+        let mut events = stream(&app, Selector::All, |kind, data| (kind, data.is_some())).unwrap();
         assert_eq!(events.next().await.unwrap().unwrap(), ("provider_ready", true));
         let started = Instant::now();
         assert_eq!(events.next().await.unwrap().unwrap(), ("keep_alive", false));

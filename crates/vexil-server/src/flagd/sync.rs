@@ -3,18 +3,37 @@
 //! SyncFlags sends the selected flags as flagd's JSON (`{"flags": {key: flag}}`, `$ref`s inlined,
 //! set metadata merged) at once and again after every change to them; `sync_context` carries the
 //! `-X` values. FetchAllFlags answers the same JSON once; GetMetadata the `-X` values.
+//!
+//! SyncFlags is served by [`sync_flags_grpc`], gRPC framed by hand so that every subscriber's
+//! response body is made of the same reference-counted bytes: the payload of a snapshot and
+//! selector is encoded once, and a subscriber that does not read holds a reference to it, never a
+//! copy or a backlog (see `crate::streams`).
 
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, header};
+use hyper::body::Frame;
+use prost::Message;
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use vexil_core::{Selector, Snapshot};
 use vexil_proto::flagd::sync::v1::{self as sync, flag_sync_service_server::FlagSyncService};
+use vexil_service::{Published, StaticContext};
 
 use crate::app::App;
 use crate::convert::json_to_struct;
-use crate::metrics::StreamGuard;
+use crate::streams::StreamPermit;
+
+/// The path SyncFlags is routed on.
+pub const SYNC_FLAGS_PATH: &str = "/flagd.sync.v1.FlagSyncService/SyncFlags";
 
 /// The sync service.
 #[derive(Debug, Clone)]
@@ -24,7 +43,11 @@ pub struct Sync {
 
 /// The selector: the `Flagd-Selector` header if present, else the (deprecated) body field.
 fn selector<T>(request: &Request<T>, body: &str) -> Result<Selector, Status> {
-    let text = match request.metadata().get("flagd-selector") {
+    selector_from(request.metadata().as_ref(), body)
+}
+
+fn selector_from(headers: &HeaderMap, body: &str) -> Result<Selector, Status> {
+    let text = match headers.get("flagd-selector") {
         Some(v) => v
             .to_str()
             .map_err(|_| Status::invalid_argument("the Flagd-Selector header is not valid text"))?,
@@ -63,61 +86,181 @@ pub fn flag_configuration(snapshot: &Snapshot, selector: &Selector) -> String {
     json!({ "flags": flags }).to_string()
 }
 
+/// The encoded `SyncFlagsResponse` for `snapshot` and `selector` (what [`App::sync_payload`]
+/// caches and shares).
+pub fn encode_response(snapshot: &Snapshot, selector: &Selector, statics: &StaticContext) -> Bytes {
+    let response = sync::SyncFlagsResponse {
+        flag_configuration: flag_configuration(snapshot, selector),
+        sync_context: Some(json_to_struct(&statics.values)),
+    };
+    Bytes::from(response.encode_to_vec())
+}
+
+/// A SyncFlags stream: encoded `SyncFlagsResponse`s.
+type Updates = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+
+/// One SyncFlags subscriber. `previous` is the snapshot it was last sent: the next message, built
+/// when the transport pulls it, is the newest payload if the selected flags changed since.
+struct Subscriber {
+    app: App,
+    selector: Selector,
+    config: watch::Receiver<Arc<Published>>,
+    previous: Option<Arc<Snapshot>>,
+    shutdown: watch::Receiver<bool>,
+    deadline: Option<Instant>,
+    done: bool,
+    _permit: StreamPermit,
+}
+
+impl Subscriber {
+    async fn next(&mut self) -> Option<Result<Bytes, Status>> {
+        if self.done {
+            return None;
+        }
+        let Some(previous) = &self.previous else {
+            let current = self.config.borrow_and_update().snapshot.clone();
+            let payload = self.app.sync_payload(&current, &self.selector);
+            self.previous = Some(current);
+            return Some(Ok(payload));
+        };
+        let mut previous = previous.clone();
+        loop {
+            tokio::select! {
+                changed = self.config.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    let current = self.config.borrow_and_update().snapshot.clone();
+                    let changed = !self.app.changes(&previous, &current, &self.selector).is_empty();
+                    previous = current;
+                    self.previous = Some(previous.clone());
+                    if changed {
+                        return Some(Ok(self.app.sync_payload(&previous, &self.selector)));
+                    }
+                }
+                () = crate::app::stopping(&mut self.shutdown) => return None,
+                () = sleep_until(self.deadline.unwrap_or_else(Instant::now)), if self.deadline.is_some() => {
+                    self.done = true;
+                    return Some(Err(Status::deadline_exceeded("stream deadline reached")));
+                }
+            }
+        }
+    }
+}
+
+/// Opens a SyncFlags stream (refused with `RESOURCE_EXHAUSTED` at `--max-streams`).
+fn updates(app: &App, selector: Selector) -> Result<Updates, Status> {
+    let subscriber = Subscriber {
+        _permit: app.streams().admit("sync_flags")?,
+        app: app.clone(),
+        selector,
+        config: app.live().subscribe(),
+        previous: None,
+        shutdown: app.shutdown(),
+        deadline: app.stream_deadline().map(|d| Instant::now() + d),
+        done: false,
+    };
+    Ok(Box::pin(futures::stream::unfold(subscriber, |mut s| async move {
+        let item = s.next().await?;
+        Some((item, s))
+    })))
+}
+
+/// SyncFlags over gRPC on port 8015 (routed ahead of tonic): the request is one gRPC message; the
+/// response body is each payload's 5-byte gRPC prefix followed by the shared payload bytes, then
+/// the status in trailers.
+pub async fn sync_flags_grpc(State(app): State<App>, request: http::Request<Body>) -> HttpResponse {
+    match open_grpc(&app, request).await {
+        Ok(updates) => {
+            let frames = futures::stream::unfold((updates, false), |(mut updates, done)| async move {
+                if done {
+                    return None;
+                }
+                let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = match updates.next().await {
+                    Some(Ok(payload)) => vec![Ok(Frame::data(grpc_prefix(payload.len()))), Ok(Frame::data(payload))],
+                    Some(Err(status)) => return Some((vec![Ok(Frame::trailers(trailers(&status)))], (updates, true))),
+                    None => return Some((vec![Ok(Frame::trailers(trailers(&Status::ok(""))))], (updates, true))),
+                };
+                Some((frames, (updates, false)))
+            })
+            .flat_map(futures::stream::iter);
+            let mut response = HttpResponse::new(Body::new(http_body_util::StreamBody::new(frames)));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            response
+        }
+        Err(status) => status.into_http::<Body>().into_response(),
+    }
+}
+
+/// Checks and decodes a SyncFlags request and opens its stream.
+async fn open_grpc(app: &App, request: http::Request<Body>) -> Result<Updates, Status> {
+    let (parts, body) = request.into_parts();
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    if !content_type.is_some_and(|ct| ct.starts_with("application/grpc")) {
+        return Err(Status::invalid_argument("SyncFlags speaks gRPC: content-type must be application/grpc"));
+    }
+    if let Some(encoding) = parts.headers.get("grpc-encoding")
+        && encoding != "identity"
+    {
+        return Err(Status::unimplemented("compressed requests are not supported"));
+    }
+    let limit = app.max_body();
+    let body = axum::body::to_bytes(body, limit.saturating_add(5))
+        .await
+        .map_err(|_| Status::out_of_range(format!("request larger than {limit} bytes")))?;
+    let message = match body.as_ref() {
+        [0, len @ .., ] if len.len() >= 4 => {
+            let declared = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let message = &len[4..];
+            if declared != message.len() {
+                return Err(Status::invalid_argument("the request is not one whole gRPC message"));
+            }
+            message
+        }
+        [1, ..] => return Err(Status::unimplemented("compressed requests are not supported")),
+        _ => return Err(Status::invalid_argument("the request is not one whole gRPC message")),
+    };
+    let request = sync::SyncFlagsRequest::decode(message)
+        .map_err(|e| Status::invalid_argument(format!("invalid SyncFlagsRequest: {e}")))?;
+    let selector = selector_from(&parts.headers, &request.selector)?;
+    updates(app, selector)
+}
+
+/// The gRPC message prefix: uncompressed, big-endian length.
+fn grpc_prefix(len: usize) -> Bytes {
+    let mut prefix = BytesMut::with_capacity(5);
+    prefix.put_u8(0);
+    prefix.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    prefix.freeze()
+}
+
+fn trailers(status: &Status) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    if status.add_header(&mut map).is_err() {
+        map.insert("grpc-status", HeaderValue::from(tonic::Code::Internal as i32));
+    }
+    map
+}
+
 #[tonic::async_trait]
 impl FlagSyncService for Sync {
-    type SyncFlagsStream = ReceiverStream<Result<sync::SyncFlagsResponse, Status>>;
+    type SyncFlagsStream = Pin<Box<dyn Stream<Item = Result<sync::SyncFlagsResponse, Status>> + Send>>;
 
+    /// The same stream as [`sync_flags_grpc`], decoded into messages. The 8015 router sends
+    /// SyncFlags to [`sync_flags_grpc`]; this answers callers of the tonic service itself.
     async fn sync_flags(
         &self,
         request: Request<sync::SyncFlagsRequest>,
     ) -> Result<Response<Self::SyncFlagsStream>, Status> {
         let selector = selector(&request, &request.get_ref().selector)?;
-        let sync_context = Some(json_to_struct(&self.app.statics().values));
-        let (tx, rx) = mpsc::channel(4);
-        let mut config = self.app.live().subscribe();
-        let mut shutdown = self.app.shutdown();
-        let deadline = self.app.stream_deadline().map(|d| Instant::now() + d);
-        let app = self.app.clone();
-        tokio::spawn(async move {
-            let _guard = StreamGuard::open("sync_flags");
-            let mut previous = config.borrow_and_update().snapshot.clone();
-            let first = sync::SyncFlagsResponse {
-                flag_configuration: app.sync_payload(&previous, &selector).to_string(),
-                sync_context: sync_context.clone(),
-            };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
-            loop {
-                tokio::select! {
-                    changed = config.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let current = config.borrow_and_update().snapshot.clone();
-                        let changed = !app.changes(&previous, &current, &selector).is_empty();
-                        previous = current;
-                        if !changed {
-                            continue;
-                        }
-                        let message = sync::SyncFlagsResponse {
-                            flag_configuration: app.sync_payload(&previous, &selector).to_string(),
-                            sync_context: sync_context.clone(),
-                        };
-                        if tx.send(Ok(message)).await.is_err() {
-                            break;
-                        }
-                    }
-                    () = crate::app::stopping(&mut shutdown) => break,
-                    () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                        let _ = tx.send(Err(Status::deadline_exceeded("stream deadline reached"))).await;
-                        break;
-                    }
-                    () = tx.closed() => break,
-                }
-            }
+        let messages = updates(&self.app, selector)?.map(|item| {
+            item.and_then(|bytes| {
+                sync::SyncFlagsResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))
+            })
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(messages)))
     }
 
     async fn fetch_all_flags(
