@@ -7,4 +7,5 @@ pub mod fanout;
 pub mod flags;
 pub mod process;
 pub mod report;
+pub mod soak;
 pub mod workload;

@@ -12,6 +12,7 @@ use vexil_loadgen::fanout::{self, Protocol};
 use vexil_loadgen::flags::{catalog, document};
 use vexil_loadgen::process::{self, Server};
 use vexil_loadgen::report::{self, Row};
+use vexil_loadgen::soak;
 use vexil_loadgen::workload::{Client, Req, Scenario, requests};
 
 /// Load generator for Vexil: throughput and latency beside a no-op baseline, change fan-out,
@@ -33,6 +34,9 @@ enum Command {
     Memory(SizeArgs),
     /// Time from process start to ready with N flags.
     Startup(SizeArgs),
+    /// A long run of every protocol at a share of the mix's maximum throughput, with flag-file
+    /// churn and stream subscribers coming and going: errors, mixed answers, latency drift, RSS.
+    Soak(SoakArgs),
     /// The no-op baseline server (started by `run`).
     #[command(hide = true)]
     BaselineServer {
@@ -134,6 +138,45 @@ struct SizeArgs {
     common: Common,
 }
 
+#[derive(Debug, clap::Args)]
+struct SoakArgs {
+    /// Seconds of the open-loop phase.
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// Share of the measured maximum throughput the open-loop phase runs at.
+    #[arg(long, default_value_t = 0.70)]
+    share: f64,
+    /// Seconds of the closed-loop phase that measures the maximum throughput.
+    #[arg(long, default_value_t = 5.0)]
+    calibrate: f64,
+    /// Milliseconds between two writes of the flag file (one write in ten is invalid).
+    #[arg(long, default_value_t = 100)]
+    churn_ms: u64,
+    /// Stream subscribers alive at any time (half EventStream, half SyncFlags).
+    #[arg(long, default_value_t = 20)]
+    subscribers: usize,
+    /// Shortest and longest life of a subscriber, in seconds (then it is replaced).
+    #[arg(long, default_values_t = [1.0, 10.0], num_args = 2, value_names = ["MIN", "MAX"])]
+    subscriber_life: Vec<f64>,
+    /// Catalog flags (static, targeting, fractional) beside the generation flags.
+    #[arg(long, default_value_t = 10)]
+    flags: usize,
+    /// Context attributes per request.
+    #[arg(long, default_value_t = 5)]
+    attrs: usize,
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections for gRPC (to the evaluation and the sync port each).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Extra arguments for `vexil start`.
+    #[arg(long = "vexil-arg", allow_hyphen_values = true)]
+    vexil_args: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -143,6 +186,7 @@ fn main() -> anyhow::Result<()> {
             Command::Fanout(args) => fanout_cmd(args).await,
             Command::Memory(args) => memory(args).await,
             Command::Startup(args) => startup(args),
+            Command::Soak(args) => soak_cmd(args).await,
             Command::BaselineServer {
                 port,
                 management_port,
@@ -435,4 +479,68 @@ fn startup(args: SizeArgs) -> anyhow::Result<()> {
     emit(&args.common, &results)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+async fn soak_cmd(args: SoakArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let life = |i: usize| Duration::from_secs_f64(args.subscriber_life[i].max(0.0));
+    let spec = soak::SoakSpec {
+        vexil: vexil_binary(&args.common)?,
+        dir: dir.clone(),
+        duration: Duration::from_secs_f64(args.duration),
+        calibrate: Duration::from_secs_f64(args.calibrate),
+        share: args.share,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        churn: Duration::from_millis(args.churn_ms),
+        subscribers: args.subscribers,
+        subscriber_life: (life(0), life(1).max(life(0))),
+        flags: args.flags,
+        attrs: args.attrs,
+        vexil_args: args.vexil_args.clone(),
+    };
+    let report = soak::run(&spec).await;
+    let log = std::fs::read_to_string(dir.join("vexil.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = report?;
+    print!("{}", soak::table(&report));
+    if !report.passed {
+        // The server's own words for the failures above (its log is kept out of the report),
+        // without the rejections of the soak's own invalid writes.
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| !l.contains("cannot load source"))
+            .map(strip_ansi)
+            .collect();
+        for line in &lines[lines.len().saturating_sub(20)..] {
+            eprintln!("vexil: {line}");
+        }
+    }
+    emit(&args.common, &report)?;
+    anyhow::ensure!(
+        report.passed,
+        "soak failed: {} errors, {} mixed answers",
+        report.errors,
+        report.mixed_answers
+    );
+    Ok(())
+}
+
+/// `line` without terminal colour sequences.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ … final byte in @..~
+            for d in chars.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -46,6 +46,11 @@ pub struct Server {
 impl Server {
     /// `vexil start` serving `flags`.
     pub fn vexil(binary: &Path, flags: &Path, extra: &[String]) -> anyhow::Result<Server> {
+        Server::vexil_with_stderr(binary, flags, extra, Stdio::inherit())
+    }
+
+    /// As [`Server::vexil`], its standard error going to `stderr` (e.g. a log file).
+    pub fn vexil_with_stderr(binary: &Path, flags: &Path, extra: &[String], stderr: Stdio) -> anyhow::Result<Server> {
         let ports = Ports::free()?;
         let mut cmd = Command::new(binary);
         cmd.arg("start")
@@ -55,7 +60,7 @@ impl Server {
             .args(["--bind", "127.0.0.1"])
             .args(extra)
             .env("VEXIL_LOG", "warn");
-        Server::spawn(cmd, ports).with_context(|| format!("starting {}", binary.display()))
+        Server::spawn(cmd, ports, stderr).with_context(|| format!("starting {}", binary.display()))
     }
 
     /// This tool's no-op baseline server.
@@ -66,12 +71,12 @@ impl Server {
             .args(port_args(ports))
             .arg("--canned")
             .arg(canned);
-        Server::spawn(cmd, ports).context("starting the baseline server")
+        Server::spawn(cmd, ports, Stdio::inherit()).context("starting the baseline server")
     }
 
-    fn spawn(mut cmd: Command, ports: Ports) -> anyhow::Result<Server> {
+    fn spawn(mut cmd: Command, ports: Ports, stderr: Stdio) -> anyhow::Result<Server> {
         let started = Instant::now();
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn()?;
+        let child = cmd.stdout(Stdio::null()).stderr(stderr).spawn()?;
         Ok(Server { child, ports, started })
     }
 
@@ -94,6 +99,11 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// How the process ended, if it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// CPU seconds (user + system) the process has used.

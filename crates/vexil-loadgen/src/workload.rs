@@ -59,7 +59,8 @@ pub enum Req {
     Http { path: String, body: Bytes },
 }
 
-fn to_struct(m: &Map<String, Value>) -> Struct {
+/// A JSON context as a protobuf `Struct` (strings, numbers and booleans; anything else is null).
+pub fn to_struct(m: &Map<String, Value>) -> Struct {
     let fields = m
         .iter()
         .map(|(k, v)| {
