@@ -8,4 +8,5 @@ pub mod flags;
 pub mod process;
 pub mod report;
 pub mod soak;
+pub mod stalled;
 pub mod workload;

@@ -12,8 +12,8 @@ use vexil_loadgen::fanout::{self, Protocol};
 use vexil_loadgen::flags::{catalog, document};
 use vexil_loadgen::process::{self, Server};
 use vexil_loadgen::report::{self, Row};
-use vexil_loadgen::soak;
 use vexil_loadgen::workload::{Client, Req, Scenario, requests};
+use vexil_loadgen::{soak, stalled};
 
 /// Load generator for Vexil: throughput and latency beside a no-op baseline, change fan-out,
 /// memory and startup.
@@ -37,6 +37,10 @@ enum Command {
     /// A long run of every protocol at a share of the mix's maximum throughput, with flag-file
     /// churn and stream subscribers coming and going: errors, mixed answers, latency drift, RSS.
     Soak(SoakArgs),
+    /// SyncFlags subscribers that never give flow-control credit back, under config churn: RSS.
+    Stalled(StalledArgs),
+    /// Memory per idle stream (EventStream or SyncFlags), N streams held open.
+    IdleStreams(IdleArgs),
     /// The no-op baseline server (started by `run`).
     #[command(hide = true)]
     BaselineServer {
@@ -139,6 +143,32 @@ struct SizeArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct StalledArgs {
+    #[arg(long, default_value_t = 50)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 3000)]
+    flags: usize,
+    /// Milliseconds between flag file rewrites.
+    #[arg(long, default_value_t = 200)]
+    churn_ms: u64,
+    /// Seconds of churn.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct IdleArgs {
+    #[arg(long, default_value_t = 10_000)]
+    streams: usize,
+    #[arg(long, value_enum, default_value_t = Protocol::EventStream)]
+    protocol: Protocol,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
 struct SoakArgs {
     /// Seconds of the open-loop phase.
     #[arg(long, default_value_t = 600.0)]
@@ -187,6 +217,8 @@ fn main() -> anyhow::Result<()> {
             Command::Memory(args) => memory(args).await,
             Command::Startup(args) => startup(args),
             Command::Soak(args) => soak_cmd(args).await,
+            Command::Stalled(args) => stalled_cmd(args).await,
+            Command::IdleStreams(args) => idle_cmd(args).await,
             Command::BaselineServer {
                 port,
                 management_port,
@@ -477,6 +509,46 @@ fn startup(args: SizeArgs) -> anyhow::Result<()> {
         });
     }
     emit(&args.common, &results)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn stalled_cmd(args: StalledArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let r = stalled::stalled(
+        &vexil_binary(&args.common)?,
+        &dir,
+        args.subscribers,
+        args.flags,
+        Duration::from_millis(args.churn_ms),
+        Duration::from_secs_f64(args.duration),
+    )
+    .await?;
+    println!(
+        "stalled: {} SyncFlags subscribers withholding credit, {} flags ({} kB payload), {} changes: RSS {:.1} MiB at start, {:.1} connected, peak {:.1}, end {:.1}; {:.1} KiB per subscriber from the churn",
+        r.subscribers,
+        r.flags,
+        r.payload_bytes / 1000,
+        r.changes,
+        r.rss_start_mib,
+        r.rss_connected_mib,
+        r.rss_peak_mib,
+        r.rss_end_mib,
+        r.per_subscriber_kib
+    );
+    emit(&args.common, &r)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn idle_cmd(args: IdleArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let r = stalled::idle(&vexil_binary(&args.common)?, &dir, args.streams, args.protocol).await?;
+    println!(
+        "idle streams {:?}: {} streams over {} connections: RSS {:.1} → {:.1} MiB, {:.0} bytes per stream",
+        r.protocol, r.streams, r.connections, r.rss_before_mib, r.rss_after_mib, r.bytes_per_stream
+    );
+    emit(&args.common, &r)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
