@@ -22,6 +22,15 @@ use crate::schema::{self, Schema};
 /// How deep `$ref`s may nest inside `$evaluators` before we call it a cycle.
 const MAX_REF_DEPTH: usize = 32;
 
+/// How many JSON values `$ref` inlining may copy into one document's rules in all. Refs that
+/// refer to an evaluator more than once at each level expand exponentially (`a: [$ref b, $ref b]`,
+/// `b: [$ref c, $ref c]`, …); past this budget the remaining refs are left in place and reported.
+const MAX_INLINED_VALUES: usize = 1_000_000;
+
+/// How deeply an inlined rule may nest: a rule is kept as JSON text and parsed back when it is
+/// compiled or synced, and the JSON parser stops at 128 levels.
+const MAX_RULE_DEPTH: usize = 120;
+
 /// The text format of a flag document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -116,14 +125,43 @@ pub struct Parsed {
 
 /// Parses a flag document from text.
 pub fn parse_str(text: &str, format: Format, strictness: Strictness) -> Result<Parsed, ParseError> {
-    let document =
-        match format {
-            Format::Json => serde_json::from_str::<Value>(text)
-                .map_err(|e| single_error(None, "", format!("not valid JSON: {e}")))?,
-            Format::Yaml => serde_yaml::from_str::<Value>(text)
-                .map_err(|e| single_error(None, "", format!("not valid YAML: {e}")))?,
-        };
+    let document = match format {
+        Format::Json => {
+            serde_json::from_str::<Value>(text).map_err(|e| single_error(None, "", format!("not valid JSON: {e}")))?
+        }
+        Format::Yaml => {
+            check_yaml_flow_depth(text)?;
+            serde_yaml::from_str::<Value>(text).map_err(|e| single_error(None, "", format!("not valid YAML: {e}")))?
+        }
+    };
     parse_value(&document, strictness)
+}
+
+/// How deeply `[` and `{` may nest in a YAML document. The YAML parser takes time quadratic in the
+/// flow nesting depth (found by fuzzing: 600 kB of `{"a":` took minutes) before its own limit of
+/// 128 levels applies, so deeper documents are rejected up front. Brackets are counted without
+/// regard to quoting: only a document with hundreds of unclosed brackets in strings could be
+/// rejected wrongly.
+const MAX_YAML_FLOW_DEPTH: usize = 1000;
+
+fn check_yaml_flow_depth(text: &str) -> Result<(), ParseError> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    for b in text.bytes() {
+        match b {
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'\n' => line += 1,
+            _ => continue,
+        }
+        if depth > MAX_YAML_FLOW_DEPTH {
+            return Err(single_error(
+                None,
+                "",
+                format!("not valid YAML: `[` and `{{` nest more than {MAX_YAML_FLOW_DEPTH} levels deep (line {line})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses a flag document already read as JSON.
@@ -251,13 +289,14 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
     };
 
     let mut flags: Vec<Arc<Flag>> = Vec::new();
+    let mut budget = MAX_INLINED_VALUES;
     match root.get("flags") {
         // flagd loads a document without flags as an empty set (the schema check reports it).
         None | Some(Value::Null) => {}
         Some(Value::Object(map)) => {
             for (key, raw) in map {
                 let pointer = format!("/flags/{}", segment(key));
-                if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, out) {
+                if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, &mut budget, out) {
                     flags.push(Arc::new(flag));
                 }
             }
@@ -273,7 +312,7 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
                     );
                     continue;
                 };
-                if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, out) {
+                if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, &mut budget, out) {
                     if let Some(previous) = flags.iter().position(|f| f.key == flag.key) {
                         out.push(
                             Severity::Warning,
@@ -309,6 +348,7 @@ fn build_flag(
     pointer: &str,
     set_metadata: &Metadata,
     evaluators: &Map<String, Value>,
+    budget: &mut usize,
     out: &mut Diagnostics,
 ) -> Option<Flag> {
     let errors_before = out.list.iter().filter(|d| d.severity == Severity::Error).count();
@@ -383,7 +423,7 @@ fn build_flag(
         Some(rule) => {
             let mut rule = rule.clone();
             let mut unknown = Vec::new();
-            inline_refs(&mut rule, evaluators, 0, &mut unknown);
+            inline_refs(&mut rule, evaluators, (0, 0), budget, &mut unknown);
             for name in unknown {
                 out.push(
                     Severity::Warning,
@@ -458,8 +498,17 @@ fn check_variant_types(key: &str, variants: &[(String, Value)], pointer: &str, o
 
 /// Replaces every `{"$ref": "<name>"}` object in `rule` with a copy of `$evaluators[name]`,
 /// following refs inside evaluators up to [`MAX_REF_DEPTH`]. Unknown names are left in place (they
-/// evaluate as an unknown operator, which flagd reports as a parse error) and collected.
-fn inline_refs(rule: &mut Value, evaluators: &Map<String, Value>, depth: usize, unknown: &mut Vec<String>) {
+/// evaluate as an unknown operator, which flagd reports as a parse error) and collected, and so are
+/// refs past the inlining budget or whose copy would nest the rule deeper than [`MAX_RULE_DEPTH`].
+/// `at` is (ref nesting, JSON nesting of `rule` within the flag's rule).
+fn inline_refs(
+    rule: &mut Value,
+    evaluators: &Map<String, Value>,
+    at: (usize, usize),
+    budget: &mut usize,
+    unknown: &mut Vec<String>,
+) {
+    let (depth, level) = at;
     match rule {
         Value::Object(map) => {
             if map.len() == 1
@@ -467,25 +516,69 @@ fn inline_refs(rule: &mut Value, evaluators: &Map<String, Value>, depth: usize, 
             {
                 match evaluators.get(name.as_str()) {
                     Some(target) if depth < MAX_REF_DEPTH => {
+                        let size = values(target);
+                        if size > *budget {
+                            report(
+                                unknown,
+                                format!(
+                                    "{name} (the document's `$ref`s expand to more than {MAX_INLINED_VALUES} values: is it recursive?)"
+                                ),
+                            );
+                            *budget = 0;
+                            return;
+                        }
+                        *budget -= size;
                         let mut target = target.clone();
-                        inline_refs(&mut target, evaluators, depth + 1, unknown);
+                        inline_refs(&mut target, evaluators, (depth + 1, level), budget, unknown);
+                        if level + nesting(&target) > MAX_RULE_DEPTH {
+                            report(
+                                unknown,
+                                format!("{name} (inlined, the rule would nest deeper than {MAX_RULE_DEPTH} levels)"),
+                            );
+                            return;
+                        }
                         *rule = target;
                     }
-                    Some(_) => unknown.push(format!("{name} (nested too deeply: is it recursive?)")),
-                    None => unknown.push(name.clone()),
+                    Some(_) => report(unknown, format!("{name} (nested too deeply: is it recursive?)")),
+                    None => report(unknown, name.clone()),
                 }
                 return;
             }
             for value in map.values_mut() {
-                inline_refs(value, evaluators, depth, unknown);
+                inline_refs(value, evaluators, (depth, level + 1), budget, unknown);
             }
         }
         Value::Array(items) => {
             for item in items {
-                inline_refs(item, evaluators, depth, unknown);
+                inline_refs(item, evaluators, (depth, level + 1), budget, unknown);
             }
         }
         _ => {}
+    }
+}
+
+/// Collects an unresolved ref once (a recursive evaluator fails the same way many times).
+fn report(unknown: &mut Vec<String>, message: String) {
+    if !unknown.contains(&message) {
+        unknown.push(message);
+    }
+}
+
+/// How many JSON values `value` holds (itself included).
+fn values(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(values).sum::<usize>(),
+        Value::Array(items) => 1 + items.iter().map(values).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// How many arrays and objects nest in `value` (0 for a scalar).
+fn nesting(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(nesting).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
+        _ => 0,
     }
 }
 

@@ -253,3 +253,111 @@ fn rules_are_kept_as_canonical_compact_json() {
     .unwrap();
     assert_eq!(a.config.flags, b.config.flags);
 }
+
+/// Found by fuzzing: refs that name an evaluator twice at every level expanded exponentially (a
+/// 153-byte document took more than 2 GB). The expansion is now bounded, reported, and the flag
+/// evaluates as a parse error.
+#[test]
+fn exponentially_expanding_refs_are_bounded_and_reported() {
+    let cycle = json!({
+        "$evaluators": {"a": [{"$ref": "a"}, {"$ref": "a"}]},
+        "flags": {"f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "targeting": {"$ref": "a"}}}
+    });
+    let mut evaluators = serde_json::Map::new();
+    evaluators.insert("e0".into(), json!({"var": "x"}));
+    for i in 1..40 {
+        let prev = format!("e{}", i - 1);
+        evaluators.insert(format!("e{i}"), json!({"or": [{"$ref": prev}, {"$ref": prev}]}));
+    }
+    let chain = json!({
+        "$evaluators": evaluators,
+        "flags": {"f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "targeting": {"$ref": "e39"}}}
+    });
+    for doc in [cycle, chain] {
+        let started = std::time::Instant::now();
+        let parsed = parse_json(doc);
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        let rule = parsed.config.flags[0].targeting.as_ref().unwrap();
+        assert!(rule.as_str().len() < 64 << 20, "{} bytes", rule.as_str().len());
+        let refs: Vec<&str> = parsed
+            .warnings
+            .iter()
+            .filter(|w| w.message.contains("unknown evaluator"))
+            .map(|w| w.message.as_str())
+            .collect();
+        assert!(
+            refs.len() <= 80,
+            "each failure is reported once per evaluator: {refs:?}"
+        );
+        assert!(refs.iter().any(|m| m.contains("expand to more than")), "{refs:?}");
+    }
+}
+
+/// Found by fuzzing: refs inlined into refs nested a rule deeper than the JSON parser reads back
+/// (128 levels), so the rule kept as text silently became `null` (the flag evaluated to its default
+/// instead of failing). Such a ref is now left in place and reported: the flag is a parse error.
+#[test]
+fn refs_that_would_nest_a_rule_too_deeply_are_left_in_place() {
+    let mut evaluators = serde_json::Map::new();
+    for i in 0..20 {
+        let mut rule = if i < 19 {
+            json!({"$ref": format!("d{}", i + 1)})
+        } else {
+            json!({"var": "x"})
+        };
+        for _ in 0..5 {
+            rule = json!({"!": [rule]});
+        }
+        evaluators.insert(format!("d{i}"), rule);
+    }
+    let parsed = parse_json(json!({
+        "$evaluators": evaluators,
+        "flags": {"f": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on",
+                        "targeting": {"if": [{"$ref": "d0"}, "off", "off"]}}}
+    }));
+    let rule = parsed.config.flags[0].targeting.as_ref().unwrap();
+    let reparsed: Value = serde_json::from_str(rule.as_str()).expect("the rule kept parses back");
+    assert_ne!(reparsed, Value::Null);
+    assert!(rule.as_str().contains("$ref"), "{}", rule.as_str());
+    assert!(
+        parsed.warnings.iter().any(|w| w.message.contains("deeper than")),
+        "{:?}",
+        parsed.warnings
+    );
+    // Shallow chains still inline completely.
+    let parsed = parse_json(json!({
+        "$evaluators": {"a": {"!": [{"$ref": "b"}]}, "b": {"!": [{"var": "x"}]}},
+        "flags": {"f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "targeting": {"$ref": "a"}}}
+    }));
+    assert_eq!(
+        parsed.config.flags[0].targeting.as_ref().unwrap().to_value(),
+        json!({"!": [{"!": [{"var": "x"}]}]})
+    );
+    assert!(
+        parsed.warnings.iter().all(|w| !w.message.contains("unknown evaluator")),
+        "{:?}",
+        parsed.warnings
+    );
+}
+
+/// Found by fuzzing: the YAML parser's time is quadratic in flow nesting (`{"a":` × 100k took
+/// minutes); such a document is now rejected at once with a clear error.
+#[test]
+fn deeply_nested_yaml_flow_collections_are_rejected_quickly() {
+    let started = std::time::Instant::now();
+    let text = format!("{}{}", "{\"a\":".repeat(100_000), "}".repeat(100_000));
+    let err = parse::parse_str(&text, Format::Yaml, Strictness::Flagd).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(err.to_string().contains("nest more than"), "{err}");
+    // Ordinary nesting still parses, and still fails past the YAML parser's own limit.
+    assert!(
+        parse::parse_str(
+            "flags: {a: {state: ENABLED, variants: {x: [[[1]]]}, defaultVariant: x}}",
+            Format::Yaml,
+            Strictness::Flagd
+        )
+        .is_ok()
+    );
+    let deep = format!("flags: {}{}", "[".repeat(500), "]".repeat(500));
+    assert!(parse::parse_str(&deep, Format::Yaml, Strictness::Flagd).is_err());
+}

@@ -138,13 +138,21 @@ pub struct ServeArgs {
     pub log_json: bool,
 }
 
+/// The longest duration flagd accepts (Go's `time.Duration`, int64 nanoseconds): about 292 years.
+/// Longer ones would overflow `Duration` (a panic in `from_secs_f64`) or `Instant` arithmetic.
+const MAX_SECONDS: f64 = 9_223_372_036.0;
+
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let s = s.trim_end_matches('s');
-    s.parse::<f64>()
+    let secs = s
+        .parse::<f64>()
         .ok()
         .filter(|f| f.is_finite() && *f >= 0.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("`{s}` is not a number of seconds"))
+        .ok_or_else(|| format!("`{s}` is not a number of seconds"))?;
+    if secs > MAX_SECONDS {
+        return Err(format!("`{s}` seconds is too long (at most {MAX_SECONDS} seconds)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_positive_seconds(s: &str) -> Result<Duration, String> {

@@ -17,6 +17,8 @@ mod connect;
 mod convert;
 mod error;
 mod flagd;
+#[doc(hidden)]
+pub mod fuzzing;
 mod management;
 pub mod metrics;
 mod ofrep;
