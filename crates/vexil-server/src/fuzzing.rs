@@ -261,7 +261,7 @@ fn flag_document(data: &[u8], format: Format) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let strictness = if data.len() % 2 == 0 {
+    let strictness = if data.len().is_multiple_of(2) {
         Strictness::Flagd
     } else {
         Strictness::Strict
@@ -775,8 +775,11 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// A fuzz target: arbitrary bytes in, a panic if a contract is broken.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (for drivers that take the target as an argument).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("flag_document_json", flag_document_json),
     ("flag_document_yaml", flag_document_yaml),
     ("evaluation_context", evaluation_context),

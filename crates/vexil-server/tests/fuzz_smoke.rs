@@ -279,7 +279,7 @@ fn hostile() -> Vec<Vec<u8>> {
 }
 
 fn smoke(name: &str, target: fn(&[u8]), extra: impl Fn(&mut Rng) -> Vec<u8>, random: usize) {
-    let mut rng = Rng(0x5eed_0000 ^ name.len() as u64 * 0x9e37_79b9);
+    let mut rng = Rng(0x5eed_0000 ^ (name.len() as u64 * 0x9e37_79b9));
     for seed in seeds(name) {
         run(name, target, &seed);
         for m in mutations(&seed, &mut rng, 12) {
