@@ -59,7 +59,10 @@ impl Server {
             .args(port_args(ports))
             .args(["--bind", "127.0.0.1"])
             .args(extra)
-            .env("VEXIL_LOG", "warn");
+            .env(
+                "VEXIL_LOG",
+                std::env::var("VEXIL_LOADGEN_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         Server::spawn(cmd, ports, stderr).with_context(|| format!("starting {}", binary.display()))
     }
 

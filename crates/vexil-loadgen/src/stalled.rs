@@ -90,6 +90,7 @@ async fn open_stream(
     client: &mut h2::client::SendRequest<Bytes>,
     path: &str,
     request: Bytes,
+    give_credit_back: bool,
 ) -> anyhow::Result<h2::RecvStream> {
     let head = http::Request::builder()
         .method("POST")
@@ -107,11 +108,27 @@ async fn open_stream(
         response.headers()
     );
     let mut body = response.into_body();
-    let first = tokio::time::timeout(Duration::from_secs(30), body.data())
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the stream ended at once"))??;
-    // Idle streams read their first message and give the credit back; stalled ones do not.
-    let _ = first;
+    // Idle streams read their whole first message and give the credit back; stalled ones read
+    // one chunk and give nothing back.
+    let mut received = 0usize;
+    let mut wanted = 5usize;
+    let mut head = Vec::with_capacity(5);
+    while received < wanted {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), body.data())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the stream ended at once"))??;
+        received += chunk.len();
+        if head.len() < 5 {
+            head.extend(chunk.iter().take(5 - head.len()));
+            if head.len() == 5 {
+                wanted = 5 + u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            }
+        }
+        if !give_credit_back {
+            break;
+        }
+        body.flow_control().release_capacity(chunk.len())?;
+    }
     Ok(body)
 }
 
@@ -149,7 +166,13 @@ pub async fn stalled(
     let mut held = Vec::new();
     for _ in 0..subscribers {
         let mut client = h2_connect(server.ports.sync).await?;
-        let body = open_stream(&mut client, "/flagd.sync.v1.FlagSyncService/SyncFlags", request.clone()).await?;
+        let body = open_stream(
+            &mut client,
+            "/flagd.sync.v1.FlagSyncService/SyncFlags",
+            request.clone(),
+            false,
+        )
+        .await?;
         held.push((client, body));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -210,7 +233,7 @@ pub async fn idle(vexil: &Path, dir: &Path, streams: usize, protocol: Protocol) 
     // Warm the connection path once, then measure.
     {
         let mut client = h2_connect(port).await?;
-        drop(open_stream(&mut client, route, request.clone()).await?);
+        drop(open_stream(&mut client, route, request.clone(), true).await?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss(&server)?;
@@ -223,7 +246,7 @@ pub async fn idle(vexil: &Path, dir: &Path, streams: usize, protocol: Protocol) 
         let opened = futures::future::try_join_all((0..n).map(|_| {
             let mut client = client.clone();
             let request = request.clone();
-            async move { open_stream(&mut client, route, request).await }
+            async move { open_stream(&mut client, route, request, true).await }
         }))
         .await?;
         held.extend(opened);
