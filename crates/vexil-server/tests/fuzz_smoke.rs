@@ -306,22 +306,8 @@ fn flag_document_json() {
         |rng| flag_document(rng).into_bytes(),
         600,
     );
-    // `$ref` bombs: each evaluator refers to the previous one twice.
-    let mut evaluators = vec![r#""e0": {"var": "x"}"#.to_owned()];
-    for i in 1..40 {
-        evaluators.push(format!(
-            r#""e{i}": {{"or": [{{"$ref": "e{}"}}, {{"$ref": "e{}"}}]}}"#,
-            i - 1,
-            i - 1
-        ));
-    }
-    let doc = format!(
-        r#"{{"$evaluators": {{{}}}, "flags": {{"f": {{"state": "ENABLED", "variants": {{"on": true}}, "defaultVariant": "on", "targeting": {{"$ref": "e39"}}}}}}}}"#,
-        evaluators.join(",")
-    );
-    run("flag_document_json", fuzzing::flag_document_json, doc.as_bytes());
-    let cycle = r#"{"$evaluators": {"a": [{"$ref": "a"}, {"$ref": "a"}]}, "flags": {"f": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "targeting": {"$ref": "a"}}}}"#;
-    run("flag_document_json", fuzzing::flag_document_json, cycle.as_bytes());
+    // (`$ref` bombs, which inline up to the parser's budget of a million values, are checked in
+    // vexil-core's `tests/parse.rs`: too slow for this run in debug builds.)
     run(
         "flag_document_json",
         fuzzing::flag_document_json,
