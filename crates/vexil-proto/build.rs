@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
         .file_descriptor_set_path(&descriptor_path)
+        .codec_path("crate::codec::Codec")
         .skip_protoc_run()
         .compile_fds(fds.clone())?;
 

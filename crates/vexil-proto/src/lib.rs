@@ -10,6 +10,8 @@
     rust_2018_idioms
 )]
 
+pub mod codec;
+
 /// The encoded `FileDescriptorSet` of every proto here (for server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
