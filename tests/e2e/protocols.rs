@@ -257,6 +257,9 @@ async fn resolve_all_uses_default_variant_types_and_skips_flags_without_one() {
     assert_eq!(all.flags["string"].reason, "STATIC");
     assert!(!all.flags.contains_key("no-default") && !all.flags.contains_key("disabled"));
     assert_eq!(all.flags["broken"].reason, "ERROR");
+    // As flagd: an erroring flag carries its type's zero value, no variant.
+    assert_eq!(all.flags["broken"].value, Some(V::DoubleValue(0.0)));
+    assert_eq!(all.flags["broken"].variant, "");
     assert!(
         all.flags["bool"]
             .metadata
@@ -1174,4 +1177,35 @@ async fn ofrep_writes_exact_json_for_escapes_objects_and_selector_metadata() {
     assert_eq!(single["value"], "line\nbreak <&>");
     assert_eq!(single["variant"], "va\"r");
     assert_eq!(single["reason"], "DEFAULT");
+}
+
+#[tokio::test]
+async fn cors_allows_every_origin_by_default_like_flagd() {
+    let (s, _dir) = start(FLAGS, &[]);
+    let http = reqwest::Client::new();
+    for url in [
+        s.ofrep_url("/ofrep/v1/evaluate/flags"),
+        format!("{}/flagd.evaluation.v1.Service/ResolveAll", s.grpc_url()),
+    ] {
+        let r = http
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", "https://any.example.net")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,flagd-selector")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{url}: {}", r.status());
+        assert_eq!(r.headers()["access-control-allow-origin"], "*", "{url}");
+    }
+    let r = http
+        .post(s.ofrep_url("/ofrep/v1/evaluate/flags"))
+        .header("origin", "https://any.example.net")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let exposed = r.headers()["access-control-expose-headers"].to_str().unwrap().to_ascii_lowercase();
+    assert!(exposed.contains("etag"), "{exposed}");
 }

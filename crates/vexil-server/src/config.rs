@@ -77,7 +77,8 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub context_from_header: Vec<String>,
-    /// Allowed CORS origins for browser clients (gRPC-web, Connect, OFREP); `*` for any.
+    /// Allowed CORS origins for browser clients (gRPC-web, Connect, OFREP); none given (the default)
+    /// or `*`: any origin, as flagd.
     #[arg(short = 'C', long = "cors-origin", env = "VEXIL_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<String>,
     /// TLS certificate (PEM chain) for the evaluation, sync and OFREP ports; needs --server-key-path.

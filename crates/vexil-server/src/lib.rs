@@ -73,10 +73,10 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     });
 
     let cors = cors(&args.cors_origin);
-    let evaluation = with_cors(evaluation_router(&app, args.max_request_body)?, cors.clone());
+    let evaluation = evaluation_router(&app, args.max_request_body)?.layer(cors.clone());
     let sync = sync_router(&app, args.max_request_body);
     let management = management::router(live.clone(), prometheus).merge(health_router());
-    let ofrep = with_cors(ofrep::router(app.clone()), cors);
+    let ofrep = ofrep::router(app.clone()).layer(cors);
 
     let tls = match (&args.server_cert_path, &args.server_key_path) {
         (Some(cert), Some(key)) => Some(serve::tls_acceptor(cert, key)?),
@@ -201,11 +201,10 @@ fn health_router() -> Router {
     tonic::service::Routes::new(health_service()).into_axum_router()
 }
 
-fn cors(origins: &[String]) -> Option<CorsLayer> {
-    if origins.is_empty() {
-        return None;
-    }
-    let allow = if origins.iter().any(|o| o == "*") {
+/// CORS for the flagd protocols (8013, 8016). Like flagd, no `-C` allows every origin (browser
+/// providers work against a default server); `-C` restricts to the origins given.
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.is_empty() || origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
@@ -218,20 +217,11 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
         "etag",
     ]
     .map(http::HeaderName::from_static);
-    Some(
-        CorsLayer::new()
-            .allow_origin(allow)
-            .allow_methods(Any)
-            .allow_headers(Any)
-            .expose_headers(exposed),
-    )
-}
-
-fn with_cors(router: Router, cors: Option<CorsLayer>) -> Router {
-    match cors {
-        Some(layer) => router.layer(layer),
-        None => router,
-    }
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods(Any)
+        .allow_headers(Any)
+        .expose_headers(exposed)
 }
 
 /// Keeps the configuration gauges current.

@@ -34,7 +34,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(FLAGS, "Flags in the configuration being served");
     metrics::describe_gauge!(STREAMS, "Open EventStream and SyncFlags streams");
     metrics::describe_counter!(STREAMS_REJECTED, "Streams refused because --max-streams were open");
-    metrics::describe_counter!(CONNECTIONS_REJECTED, "Connections refused because --max-connections were open");
+    metrics::describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Connections refused because --max-connections were open"
+    );
     Ok(handle)
 }
 

@@ -22,9 +22,9 @@ use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tower::ServiceExt;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 /// How long shutdown waits for open connections before closing them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -113,7 +113,8 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let result = match tls {
-                Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
+                {
                     Ok(Ok(tls_stream)) => connection(tls_stream, builder, router, limits, shutdown).await,
                     Ok(Err(e)) => {
                         tracing::debug!(server = name, %peer, "TLS handshake failed: {e}");
@@ -334,7 +335,10 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// `RESOURCE_EXHAUSTED`), then closes it.
 async fn reject(stream: TcpStream, tls: Option<TlsAcceptor>, builder: auto::Builder<TokioExecutor>, limits: Limits) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        std::future::ready(Ok::<_, std::convert::Infallible>(refusal(&request, limits.max_connections)))
+        std::future::ready(Ok::<_, std::convert::Infallible>(refusal(
+            &request,
+            limits.max_connections,
+        )))
     });
     let _ = tokio::time::timeout(REFUSAL_LINGER, async move {
         match tls {

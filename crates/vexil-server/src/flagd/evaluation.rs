@@ -257,8 +257,18 @@ fn any_flag(ty: ValueType, ev: Evaluated) -> v1::AnyFlag {
                 Some(value),
             )
         }
-        // Errors, and a targeted variant of another type than the default (flagd: TYPE_MISMATCH).
-        _ => (Reason::Error.as_str().to_owned(), String::new(), None),
+        // Errors, and a targeted variant of another type than the default (flagd: TYPE_MISMATCH):
+        // flagd sends the zero value of the flag's type (flagd-web reads a missing value as
+        // TYPE_MISMATCH rather than the error).
+        _ => {
+            let zero = match ty {
+                ValueType::Boolean => V::BoolValue(false),
+                ValueType::String => V::StringValue(String::new()),
+                ValueType::Object => V::ObjectValue(Struct::default()),
+                _ => V::DoubleValue(0.0),
+            };
+            (Reason::Error.as_str().to_owned(), String::new(), Some(zero))
+        }
     };
     v1::AnyFlag {
         reason,

@@ -199,7 +199,9 @@ async fn open_grpc(app: &App, request: http::Request<Body>) -> Result<Updates, S
     let (parts, body) = request.into_parts();
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     if !content_type.is_some_and(|ct| ct.starts_with("application/grpc")) {
-        return Err(Status::invalid_argument("SyncFlags speaks gRPC: content-type must be application/grpc"));
+        return Err(Status::invalid_argument(
+            "SyncFlags speaks gRPC: content-type must be application/grpc",
+        ));
     }
     if let Some(encoding) = parts.headers.get("grpc-encoding")
         && encoding != "identity"
@@ -211,7 +213,7 @@ async fn open_grpc(app: &App, request: http::Request<Body>) -> Result<Updates, S
         .await
         .map_err(|_| Status::out_of_range(format!("request larger than {limit} bytes")))?;
     let message = match body.as_ref() {
-        [0, len @ .., ] if len.len() >= 4 => {
+        [0, len @ ..] if len.len() >= 4 => {
             let declared = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
             let message = &len[4..];
             if declared != message.len() {
@@ -256,9 +258,7 @@ impl FlagSyncService for Sync {
     ) -> Result<Response<Self::SyncFlagsStream>, Status> {
         let selector = selector(&request, &request.get_ref().selector)?;
         let messages = updates(&self.app, selector)?.map(|item| {
-            item.and_then(|bytes| {
-                sync::SyncFlagsResponse::decode(bytes).map_err(|e| Status::internal(e.to_string()))
-            })
+            item.and_then(|bytes| sync::SyncFlagsResponse::decode(bytes).map_err(|e| Status::internal(e.to_string())))
         });
         Ok(Response::new(Box::pin(messages)))
     }
