@@ -366,3 +366,57 @@ async fn connections_beyond_max_connections_are_refused_with_a_status() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     drop(holder);
 }
+
+/// The gRPC status of a call whose request body is `body`, raw.
+async fn grpc_status_of(port: u16, path: &str, body: Bytes) -> (Option<Code>, String) {
+    let mut client = h2_connect(port).await;
+    let (response, mut request) = client.send_request(grpc_request(path), false).unwrap();
+    request.send_data(body, true).unwrap();
+    let response = tokio::time::timeout(PATIENCE, response).await.unwrap().unwrap();
+    let headers = response.headers().clone();
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    let source = if headers.contains_key("grpc-status") {
+        &headers
+    } else {
+        &trailers
+    };
+    let code = source
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+        .map(Code::from_i32);
+    let message = source
+        .get("grpc-message")
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    (code, message)
+}
+
+#[tokio::test]
+async fn requests_that_are_not_protobuf_are_invalid_arguments() {
+    let (s, _dir) = start(&generation(2, 0), &[]);
+    // A length-delimited field whose length runs past the end of the message.
+    let garbage = Bytes::from_static(&[0, 0, 0, 0, 3, 0x0a, 0x7f, 0x41]);
+    for (port, path) in [
+        (s.ports.evaluation, "/flagd.evaluation.v1.Service/ResolveBoolean"),
+        (s.ports.evaluation, "/flagd.evaluation.v2.Service/ResolveString"),
+        (s.ports.evaluation, "/flagd.evaluation.v1.Service/EventStream"),
+        (s.ports.sync, "/flagd.sync.v1.FlagSyncService/FetchAllFlags"),
+        (s.ports.sync, "/flagd.sync.v1.FlagSyncService/SyncFlags"),
+    ] {
+        let (code, message) = grpc_status_of(port, path, garbage.clone()).await;
+        assert_eq!(code, Some(Code::InvalidArgument), "{path}: {message}");
+        assert!(!message.is_empty(), "{path}: a message says what is wrong");
+    }
+    // A frame that is not one whole message.
+    let (code, _) = grpc_status_of(
+        s.ports.sync,
+        "/flagd.sync.v1.FlagSyncService/SyncFlags",
+        Bytes::from_static(&[0, 0, 0]),
+    )
+    .await;
+    assert_eq!(code, Some(Code::InvalidArgument));
+}

@@ -1,11 +1,14 @@
-//! The protobuf codec of every generated client and server: prost's, with a smaller encode
-//! buffer. tonic allocates the buffer for each call up front (8 KiB by default) and keeps it for the
-//! life of a server stream; flagd's messages are mostly under 512 bytes and the buffer grows for
-//! the rest, so an idle EventStream costs a fraction of what it would.
+//! The protobuf codec of every generated client and server: prost's, with
+//! - a smaller encode buffer: tonic allocates the buffer for each call up front (8 KiB by default)
+//!   and keeps it for the life of a server stream; flagd's messages are mostly under 512 bytes and
+//!   the buffer grows for the rest, so an idle EventStream costs a fraction of what it would;
+//! - `INVALID_ARGUMENT` for a message that is not valid protobuf (prost's codec says `INTERNAL`;
+//!   flagd answers `invalid_argument`).
 
 use std::marker::PhantomData;
 
-use tonic::codec::BufferSettings;
+use tonic::Status;
+use tonic::codec::{BufferSettings, DecodeBuf};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// Initial size of a call's encode buffer, in bytes.
@@ -31,13 +34,35 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = Decoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::new(BufferSettings::new(ENCODE_BUFFER, YIELD_THRESHOLD))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::default()
+        Decoder(ProstDecoder::default())
+    }
+}
+
+/// prost's decoder; a malformed message is the sender's error.
+#[derive(Debug)]
+pub struct Decoder<U>(ProstDecoder<U>);
+
+impl<U: prost::Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|status| match status.code() {
+            tonic::Code::Internal => {
+                Status::invalid_argument(format!("invalid protobuf message: {}", status.message()))
+            }
+            _ => status,
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
     }
 }
