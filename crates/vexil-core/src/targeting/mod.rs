@@ -99,24 +99,29 @@ impl std::fmt::Debug for Prepared<'_> {
     }
 }
 
-/// Converts `context` into this thread's evaluation arena and runs `f` with it. Not reentrant: `f`
-/// must not call `with_context` again (evaluations inside use the prepared context).
+/// Converts `context` into this thread's evaluation arena and runs `f` with it. Re-entrant: a call
+/// inside `f` finds the thread's arena in use and gets an arena of its own.
 pub fn with_context<R>(context: &Map<String, Value>, now: i64, f: impl FnOnce(&Prepared<'_>) -> R) -> R {
-    ARENA.with(|cell| {
-        let mut bump = cell.borrow_mut();
-        bump.reset();
-        let arena: &Bump = &bump;
-        let mut entries = BumpVec::with_capacity_in(context.len() + 1, arena);
-        for (k, v) in context {
-            if k != "$flagd" {
-                entries.push((k.as_str(), data_value(v, arena)));
-            }
+    ARENA.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bump) => {
+            bump.reset();
+            prepare(&bump, context, now, f)
         }
-        f(&Prepared {
-            arena,
-            entries: entries.into_bump_slice(),
-            now,
-        })
+        Err(_) => prepare(&Bump::new(), context, now, f),
+    })
+}
+
+fn prepare<R>(arena: &Bump, context: &Map<String, Value>, now: i64, f: impl FnOnce(&Prepared<'_>) -> R) -> R {
+    let mut entries = BumpVec::with_capacity_in(context.len() + 1, arena);
+    for (k, v) in context {
+        if k != "$flagd" {
+            entries.push((k.as_str(), data_value(v, arena)));
+        }
+    }
+    f(&Prepared {
+        arena,
+        entries: entries.into_bump_slice(),
+        now,
     })
 }
 
@@ -302,6 +307,24 @@ mod tests {
         with_context(&context, 1_700_000_000, |p| {
             evaluate(&engine, &rule, "my-flag", &variants(names), p)
         })
+    }
+
+    #[test]
+    fn an_evaluation_inside_another_gets_its_own_arena() {
+        let engine = Engine::new(FractionalMode::V3);
+        let rule = engine
+            .compile(&json!({"if": [{"==": [{"var": "who"}, "inner"]}, "b", "a"]}))
+            .unwrap();
+        let outer = json!({"who": "outer"}).as_object().cloned().unwrap();
+        let inner = json!({"who": "inner"}).as_object().cloned().unwrap();
+        let names = variants(&["a", "b"]);
+        let (nested, after) = with_context(&outer, 0, |p| {
+            let nested = with_context(&inner, 0, |q| evaluate(&engine, &rule, "f", &names, q));
+            // The outer context is untouched by the nested evaluation.
+            (nested, evaluate(&engine, &rule, "f", &names, p))
+        });
+        assert_eq!(nested, Outcome::Variant(1));
+        assert_eq!(after, Outcome::Variant(0));
     }
 
     #[test]
