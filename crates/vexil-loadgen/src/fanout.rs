@@ -41,7 +41,8 @@ pub struct FanoutResult {
 
 const PER_CONNECTION: usize = 100;
 
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to `path` by a temporary file and a rename (as editors and ConfigMaps do).
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use vexil_proto::flagd::evaluation::v1;
 use vexil_proto::flagd::sync::v1 as sync;
 
-use crate::fanout::Protocol;
+use crate::fanout::{Protocol, write_atomically};
 use crate::process::Server;
 
 /// Figures of a stalled-subscriber run.
@@ -60,12 +60,6 @@ fn rss(server: &Server) -> anyhow::Result<u64> {
     server
         .rss_bytes()
         .ok_or_else(|| anyhow::anyhow!("cannot read the server's RSS"))
-}
-
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// One gRPC message in its 5-byte frame.
