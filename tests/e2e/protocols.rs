@@ -680,7 +680,10 @@ async fn file_edits_are_served_and_invalid_ones_keep_the_last_good_flags() {
     };
     assert_eq!(value().await, "alpha");
     dir.write("flags.json", &FLAGS.replace(r#""alpha""#, r#""edited""#));
-    wait_for("the edit served", || async { (value().await == "edited").then_some(()) }).await;
+    wait_for("the edit served", || async {
+        (value().await == "edited").then_some(())
+    })
+    .await;
 
     // An invalid edit: the last good flags keep serving, and readiness turns 412 once the source
     // has been failing for --stale-after (not before: the write is at or before `written`).
@@ -689,10 +692,13 @@ async fn file_edits_are_served_and_invalid_ones_keep_the_last_good_flags() {
         "flags.json",
         &FLAGS.replace(r#""defaultVariant": "a""#, r#""defaultVariant": "nope""#),
     );
-    wait_for("not ready once the source has failed for longer than --stale-after", || async {
-        assert_eq!(value().await, "edited", "the last good flags keep serving");
-        (s.http_status("/readyz") == Some(412)).then_some(())
-    })
+    wait_for(
+        "not ready once the source has failed for longer than --stale-after",
+        || async {
+            assert_eq!(value().await, "edited", "the last good flags keep serving");
+            (s.http_status("/readyz") == Some(412)).then_some(())
+        },
+    )
     .await;
     assert!(
         written.elapsed() >= stale_after,
