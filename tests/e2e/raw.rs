@@ -2,7 +2,8 @@
 //! protocol, with our own minimal clients speaking the wire (no provider library, so none of the
 //! OpenFeature clients' limitations): gRPC `flagd.evaluation.v1` and `flagd.evaluation.v2` (the
 //! tonic clients of vexil-proto), Connect JSON (`POST /flagd.evaluation.v1.Service/Resolve<Type>`,
-//! `content-type: application/json`) and OFREP (`POST /ofrep/v1/evaluate/flags/{key}`).
+//! `content-type: application/json`) and OFREP (`POST /ofrep/v1/evaluate/flags/{key}`, and the
+//! flag's entry in the bulk `POST /ofrep/v1/evaluate/flags`).
 //!
 //! Every scenario of the testbed's evaluation features whose steps are all evaluation steps runs
 //! once, and its "When the flag was evaluated with details" step asks every protocol that applies;
@@ -23,14 +24,15 @@
 //!   string.
 //! - OFREP: 200 with `key`, `reason`, `metadata` and optional `value`/`variant`; 404 with
 //!   `errorCode: FLAG_NOT_FOUND`; 400 with one of the spec's error codes; OFREP is untyped, so the
-//!   client checks the value's type itself (TYPE_MISMATCH), as an OFREP provider does.
+//!   client checks the value's type itself (TYPE_MISMATCH), as an OFREP provider does. A bulk
+//!   entry is read as the single body it equals; a flag missing from the bulk answer is not found.
 //!
 //! - Connect JSON may leave out an unset message (an Object value, the metadata): proto3 JSON's
 //!   unset message.
 //!
 //! Every value that comes with a variant must be that variant's value in the served flag
 //! definitions. The answers must also agree across protocols: v1 and Connect JSON are the same
-//! service, v2 and OFREP give the same answers, and v1 and v2 differ only where v1 says
+//! service, v2, OFREP and OFREP bulk give the same answers, and v1 and v2 differ only where v1 says
 //! FLAG_NOT_FOUND for a flag v2 resolves to the code default.
 //!
 //! Servers are configured like the testbed's launchpad (see `providers.rs`): one stable server
@@ -62,13 +64,15 @@ enum Protocol {
     GrpcV2,
     ConnectJson,
     Ofrep,
+    OfrepBulk,
 }
 
-const PROTOCOLS: [Protocol; 4] = [
+const PROTOCOLS: [Protocol; 5] = [
     Protocol::GrpcV1,
     Protocol::GrpcV2,
     Protocol::ConnectJson,
     Protocol::Ofrep,
+    Protocol::OfrepBulk,
 ];
 
 impl Protocol {
@@ -78,6 +82,7 @@ impl Protocol {
             Protocol::GrpcV2 => "grpc flagd.evaluation.v2",
             Protocol::ConnectJson => "connect-json flagd.evaluation.v1",
             Protocol::Ofrep => "ofrep",
+            Protocol::OfrepBulk => "ofrep bulk",
         }
     }
 
@@ -584,6 +589,56 @@ async fn ofrep(
     let status = response.status().as_u16();
     let text = response.text().await.map_err(|e| e.to_string())?;
     let body: Value = serde_json::from_str(&text).map_err(|e| format!("HTTP {status}: {e}: {text}"))?;
+    ofrep_flag(ty, key, status, &body)
+}
+
+/// OFREP's bulk evaluation, read like the single one for `key`: each entry is an evaluation
+/// success or failure, in a 200 response; a flag that is not there was not found.
+async fn ofrep_bulk(
+    env: &Env,
+    target: &Target,
+    ty: &str,
+    key: &str,
+    ctx: &Map<String, Value>,
+    sel: Option<&str>,
+) -> Result<Answer, String> {
+    let mut request = env
+        .http
+        .post(target.server.ofrep_url("/ofrep/v1/evaluate/flags"))
+        .header("content-type", "application/json")
+        .body(json!({ "context": ctx }).to_string());
+    if let Some(s) = sel {
+        request = request.header("Flagd-Selector", s);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("HTTP {status}: {text}"));
+    }
+    let body: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+    let Some(flags) = body["flags"].as_array() else {
+        return Err(format!("no flags array: {text}"));
+    };
+    let mut entries = flags.iter().filter(|f| f["key"] == key);
+    match (entries.next(), entries.next()) {
+        (None, _) => Ok(Answer::error("FLAG_NOT_FOUND", Map::new())),
+        (Some(entry), None) => {
+            // An entry is a single evaluation's body; failures carry the status they would have.
+            let status = match entry["errorCode"].as_str() {
+                None => 200,
+                Some("FLAG_NOT_FOUND") => 404,
+                Some(_) => 400,
+            };
+            ofrep_flag(ty, key, status, entry)
+        }
+        (Some(_), Some(_)) => Err(format!("`{key}` twice: {text}")),
+    }
+}
+
+/// One flag's OFREP evaluation body with its HTTP status.
+fn ofrep_flag(ty: &str, key: &str, status: u16, body: &Value) -> Result<Answer, String> {
+    let text = body.to_string();
     if body["key"] != key {
         return Err(format!("HTTP {status} for another key: {text}"));
     }
@@ -688,6 +743,7 @@ async fn evaluate(world: &mut RawWorld) {
             Protocol::GrpcV2 => grpc_v2(target, &ty, &key, ctx, sel).await,
             Protocol::ConnectJson => connect_json(&env, target, &ty, &key, ctx, sel).await,
             Protocol::Ofrep => ofrep(&env, target, &ty, &key, ctx, sel).await,
+            Protocol::OfrepBulk => ofrep_bulk(&env, target, &ty, &key, ctx, sel).await,
         };
         match answer {
             Ok(a) => {
@@ -726,6 +782,7 @@ async fn evaluate(world: &mut RawWorld) {
     let pairs = [
         (Protocol::GrpcV1, Protocol::ConnectJson),
         (Protocol::GrpcV2, Protocol::Ofrep),
+        (Protocol::Ofrep, Protocol::OfrepBulk),
         (Protocol::GrpcV1, Protocol::GrpcV2),
     ];
     for (a, b) in pairs {
