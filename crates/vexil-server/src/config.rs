@@ -247,46 +247,91 @@ pub(crate) fn flagd_fallbacks(sub: &ArgMatches, env: &impl Fn(&str) -> Option<St
 }
 
 impl ServeArgs {
+    /// The sources and static context, or every problem with the options that give them (all at
+    /// once, not the first only).
+    pub fn check(&self) -> Result<(Vec<SourceSpec>, StaticContext), Vec<String>> {
+        let (sources, mut problems) = self.sources_checked();
+        let (statics, more) = self.static_checked();
+        problems.extend(more);
+        if problems.is_empty() {
+            Ok((sources, statics))
+        } else {
+            Err(problems)
+        }
+    }
+
     /// The sources, in priority order: `--sources` entries, then `--uri`s.
     pub fn source_specs(&self) -> Result<Vec<SourceSpec>, String> {
+        let (sources, problems) = self.sources_checked();
+        if problems.is_empty() {
+            Ok(sources)
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// `-X` and `-H` as a [`StaticContext`].
+    pub fn static_context(&self) -> Result<StaticContext, String> {
+        let (statics, problems) = self.static_checked();
+        if problems.is_empty() {
+            Ok(statics)
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    fn sources_checked(&self) -> (Vec<SourceSpec>, Vec<String>) {
+        let mut problems = Vec::new();
         let mut uris: Vec<String> = Vec::new();
         if let Some(json) = &self.sources {
-            let list: Vec<Map<String, Value>> =
-                serde_json::from_str(json).map_err(|e| format!("--sources is not a JSON array of sources: {e}"))?;
-            for entry in list {
-                let uri = entry
-                    .get("uri")
-                    .and_then(Value::as_str)
-                    .ok_or("every --sources entry needs a `uri`")?;
-                match entry.get("provider").and_then(Value::as_str) {
-                    None | Some("file") | Some("fsnotify") | Some("fileinfo") => uris.push(uri.to_owned()),
-                    Some(other) => {
-                        return Err(format!("--sources provider `{other}` is not supported yet (use file)"));
+            match serde_json::from_str::<Vec<Map<String, Value>>>(json) {
+                Err(e) => problems.push(format!("--sources is not a JSON array of sources: {e}")),
+                Ok(list) => {
+                    for (i, entry) in list.iter().enumerate() {
+                        let Some(uri) = entry.get("uri").and_then(Value::as_str) else {
+                            problems.push(format!("--sources entry {i} needs a `uri`"));
+                            continue;
+                        };
+                        match entry.get("provider").and_then(Value::as_str) {
+                            None | Some("file") | Some("fsnotify") | Some("fileinfo") => uris.push(uri.to_owned()),
+                            Some(other) => {
+                                problems.push(format!("--sources provider `{other}` is not supported yet (use file)"));
+                            }
+                        }
                     }
                 }
             }
         }
         uris.extend(self.uri.iter().cloned());
-        uris.iter().map(|u| SourceSpec::parse(u)).collect()
+        let mut sources = Vec::new();
+        for uri in &uris {
+            match SourceSpec::parse(uri) {
+                Ok(spec) => sources.push(spec),
+                Err(e) => problems.push(e),
+            }
+        }
+        (sources, problems)
     }
 
-    /// `-X` and `-H` as a [`StaticContext`].
-    pub fn static_context(&self) -> Result<StaticContext, String> {
+    fn static_checked(&self) -> (StaticContext, Vec<String>) {
+        let mut problems = Vec::new();
         let mut values = Map::new();
         for kv in &self.context_value {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("--context-value `{kv}` is not key=value"))?;
-            values.insert(k.to_owned(), Value::String(v.to_owned()));
+            match kv.split_once('=') {
+                Some((k, v)) => {
+                    values.insert(k.to_owned(), Value::String(v.to_owned()));
+                }
+                None => problems.push(format!("--context-value `{kv}` is not key=value")),
+            }
         }
         let mut from_headers = Vec::new();
         for hk in &self.context_from_header {
-            let (h, k) = hk
-                .split_once('=')
-                .ok_or_else(|| format!("--context-from-header `{hk}` is not Header=key"))?;
-            from_headers.push((h.to_ascii_lowercase(), k.to_owned()));
+            match hk.split_once('=') {
+                Some((h, k)) => from_headers.push((h.to_ascii_lowercase(), k.to_owned())),
+                None => problems.push(format!("--context-from-header `{hk}` is not Header=key")),
+            }
         }
-        Ok(StaticContext { values, from_headers })
+        (StaticContext { values, from_headers }, problems)
     }
 }
 
@@ -379,6 +424,30 @@ mod tests {
         assert!(s.source_specs().unwrap_err().contains("kubernetes"));
         let s = serve(&["vexil", "serve", "-X", "novalue"], &[]);
         assert!(s.static_context().is_err());
+        // Every problem at once.
+        let s = serve(
+            &[
+                "vexil",
+                "serve",
+                "--sources",
+                r#"[{"uri":"x","provider":"kubernetes"}, {"provider":"file"}]"#,
+                "-X",
+                "novalue",
+                "-H",
+                "nokey",
+            ],
+            &[],
+        );
+        let problems = s.check().unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(
+            problems[0].contains("kubernetes") && problems[1].contains("entry 1"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].contains("novalue") && problems[3].contains("nokey"),
+            "{problems:?}"
+        );
         assert!(Cli::try_parse_from(["vexil", "serve", "--fractional", "v9"]).is_err());
     }
 }

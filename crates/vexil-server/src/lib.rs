@@ -44,8 +44,9 @@ use crate::config::ServeArgs;
 
 /// Runs the server until `shutdown` turns `true` (or SIGTERM/SIGINT when called from `main`).
 pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let sources = args.source_specs().map_err(anyhow::Error::msg)?;
-    let statics = args.static_context().map_err(anyhow::Error::msg)?;
+    let (sources, statics) = args
+        .check()
+        .map_err(|problems| anyhow::anyhow!("invalid configuration:\n  - {}", problems.join("\n  - ")))?;
     let live_config = LiveConfig {
         sources,
         fractional: args.fractional,

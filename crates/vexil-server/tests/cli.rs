@@ -71,6 +71,24 @@ fn bad_arguments_are_rejected_with_a_message() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    // Every problem is reported, not the first only.
+    let out = vexil()
+        .args([
+            "start",
+            "--uri",
+            "s3://bucket/flags.json",
+            "-X",
+            "novalue",
+            "-H",
+            "nokey",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for problem in ["s3://", "novalue", "nokey"] {
+        assert!(stderr.contains(problem), "{problem} in {stderr}");
+    }
     let help = vexil().args(["start", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for option in [
