@@ -150,6 +150,28 @@ impl Limit {
             && when
     }
 
+    /// "reason step expecting \"DISABLED\" saw \"ERROR\" (flag `x`): <limitation>".
+    fn describe(&self) -> String {
+        let expected = self.expected.map(|e| format!(" expecting {e:?}")).unwrap_or_default();
+        let flag = self.flag.map(|k| format!(" (flag `{k}`)")).unwrap_or_default();
+        let when = match self.when {
+            When::Always => "",
+            When::ObjectInContext => ", object in the context",
+            When::Selector => ", with a selector",
+        };
+        let client = match self.mode {
+            Mode::Rpc => "open-feature-flagd 0.3 (RPC)",
+            Mode::Rest => "open-feature-ofrep 0.1.2",
+            Mode::InProcess => "flagd-evaluation-engine 0.1",
+        };
+        format!(
+            "{} step{expected} saw {:?}{flag}{when}: {client} {}",
+            self.step.name(),
+            self.observed,
+            self.limitation
+        )
+    }
+
     const fn flag(self, flag: &'static str) -> Limit {
         Limit {
             flag: Some(flag),
@@ -272,8 +294,10 @@ const KNOWN_CLIENT_LIMITS: &[Limit] = &[
         .flag("fractional-flag-B-shared-seed")
         .when(Obj),
     limit(Rest, OFREP_STATIC, Reason, "STATIC", 30),
-    limit(Rest, OFREP_NO_VALUE, Reason, "ERROR", 11),
-    limit(Rest, OFREP_400, ErrorCode, "INVALID_CONTEXT", 3),
+    limit(Rest, OFREP_NO_VALUE, Reason, "ERROR", 5).expected("DISABLED"),
+    limit(Rest, OFREP_NO_VALUE, Reason, "ERROR", 6).expected("DEFAULT"),
+    limit(Rest, OFREP_400, ErrorCode, "INVALID_CONTEXT", 2).expected("PARSE_ERROR"),
+    limit(Rest, OFREP_400, ErrorCode, "INVALID_CONTEXT", 1).expected("GENERAL"),
     limit(Rest, NO_SELECTOR, V, "true", 1)
         .flag("cross-flagset-flag")
         .when(Selector),
@@ -1221,13 +1245,7 @@ fn account(results: &[Outcome], ran: impl Fn(Mode) -> bool) -> bool {
         );
         for (limit, n) in KNOWN_CLIENT_LIMITS.iter().zip(&seen) {
             if limit.mode == *mode && *n > 0 {
-                println!(
-                    "    {n:>3} × {} step saw {:?}{}: {}",
-                    limit.step.name(),
-                    limit.observed,
-                    limit.flag.map(|k| format!(" (flag `{k}`)")).unwrap_or_default(),
-                    limit.limitation
-                );
+                println!("    {n:>3} × {}", limit.describe());
             }
         }
     }
@@ -1235,12 +1253,9 @@ fn account(results: &[Outcome], ran: impl Fn(Mode) -> bool) -> bool {
         if ran(limit.mode) && *n != limit.count {
             good = false;
             println!(
-                "COUNT CHANGED [{}] {} step saw {:?}{} ({}): pinned {}, now {n} ({:+})",
+                "COUNT CHANGED [{}] {}: pinned {}, now {n} ({:+})",
                 limit.mode.name(),
-                limit.step.name(),
-                limit.observed,
-                limit.flag.map(|k| format!(" for `{k}`")).unwrap_or_default(),
-                limit.limitation,
+                limit.describe(),
                 limit.count,
                 *n as i64 - limit.count as i64
             );
