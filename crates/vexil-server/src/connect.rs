@@ -114,13 +114,47 @@ fn unary_error(status: &Status) -> Response {
         .into_response()
 }
 
+/// Turns every integer that a double cannot hold exactly (|n| >= 2^53) into the nearest double;
+/// returns whether there was any.
+fn integers_to_doubles(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_i64() || n.is_u64() => {
+            let exact = n.as_i64().is_some_and(|i| i.unsigned_abs() < 1 << f64::MANTISSA_DIGITS)
+                || n.as_u64().is_some_and(|u| u < 1 << f64::MANTISSA_DIGITS);
+            if exact {
+                return false;
+            }
+            let rounded = n.as_f64().and_then(serde_json::Number::from_f64);
+            match rounded {
+                Some(d) => {
+                    *n = d;
+                    true
+                }
+                None => false,
+            }
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |any, v| integers_to_doubles(v) | any),
+        Value::Object(map) => map.values_mut().fold(false, |any, v| integers_to_doubles(v) | any),
+        _ => false,
+    }
+}
+
 fn decode<T: DeserializeOwned + Message + Default>(codec: Codec, bytes: &[u8]) -> Result<T, Status> {
     match codec {
         // An empty JSON body is the empty message.
         Codec::Json if bytes.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
-        Codec::Json => {
-            serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("invalid JSON request: {e}")))
-        }
+        Codec::Json => serde_json::from_slice(bytes).or_else(|e| {
+            // protojson reads every JSON number of a `google.protobuf.Value` as a double, however
+            // large (flagd accepts 2^53 and above, rounded); pbjson refuses integers it cannot
+            // represent exactly. Retry with such integers turned into doubles.
+            let mut value: serde_json::Value = serde_json::from_slice(bytes)
+                .map_err(|_| Status::invalid_argument(format!("invalid JSON request: {e}")))?;
+            if !integers_to_doubles(&mut value) {
+                return Err(Status::invalid_argument(format!("invalid JSON request: {e}")));
+            }
+            serde_json::from_value(value).map_err(|e| Status::invalid_argument(format!("invalid JSON request: {e}")))
+        }),
         Codec::Proto => {
             T::decode(bytes).map_err(|e| Status::invalid_argument(format!("invalid protobuf request: {e}")))
         }
@@ -369,4 +403,29 @@ pub async fn handle(app: App, path: &str, headers: HeaderMap, body: Body) -> Res
                 .into_response(),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use vexil_proto::pbjson_types::value::Kind as ValueKind;
+
+    use super::*;
+
+    fn number(request: &v1::ResolveBooleanRequest, key: &str) -> f64 {
+        match request.context.as_ref().unwrap().fields[key].kind {
+            Some(ValueKind::NumberValue(n)) => n,
+            ref other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_numbers_beyond_two_to_the_53_are_read_as_doubles_like_protojson() {
+        let body = br#"{"flagKey": "f", "context": {"big": 9007199254740993, "neg": -9223372036854775808, "small": 3, "nested": {"n": [18446744073709551615]}}}"#;
+        let request: v1::ResolveBooleanRequest = decode(Codec::Json, body).unwrap();
+        assert_eq!(number(&request, "big"), 9_007_199_254_740_992.0);
+        assert_eq!(number(&request, "neg"), -9_223_372_036_854_775_808.0);
+        assert_eq!(number(&request, "small"), 3.0);
+        let bad = decode::<v1::ResolveBooleanRequest>(Codec::Json, br#"{"flagKey": 1}"#).unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument);
+    }
 }

@@ -10,7 +10,6 @@
 //! copy or a backlog (see `crate::streams`).
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -21,16 +20,14 @@ use http::{HeaderMap, HeaderValue, header};
 use hyper::body::Frame;
 use prost::Message;
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until};
 use tonic::{Request, Response, Status};
 use vexil_core::{Selector, Snapshot};
 use vexil_proto::flagd::sync::v1::{self as sync, flag_sync_service_server::FlagSyncService};
-use vexil_service::{Published, StaticContext};
+use vexil_service::StaticContext;
 
 use crate::app::App;
 use crate::convert::json_to_struct;
-use crate::streams::StreamPermit;
+use crate::streams::{Event, Subscription};
 
 /// The path SyncFlags is routed on.
 pub const SYNC_FLAGS_PATH: &str = "/flagd.sync.v1.FlagSyncService/SyncFlags";
@@ -99,71 +96,26 @@ pub fn encode_response(snapshot: &Snapshot, selector: &Selector, statics: &Stati
 /// A SyncFlags stream: encoded `SyncFlagsResponse`s.
 type Updates = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
-/// One SyncFlags subscriber. `previous` is the snapshot it was last sent: the next message, built
-/// when the transport pulls it, is the newest payload if the selected flags changed since.
-struct Subscriber {
-    app: App,
-    selector: Selector,
-    config: watch::Receiver<Arc<Published>>,
-    previous: Option<Arc<Snapshot>>,
-    shutdown: watch::Receiver<bool>,
-    deadline: Option<Instant>,
-    done: bool,
-    _permit: StreamPermit,
-}
-
-impl Subscriber {
-    async fn next(&mut self) -> Option<Result<Bytes, Status>> {
-        if self.done {
-            return None;
-        }
-        let Some(previous) = &self.previous else {
-            let current = self.config.borrow_and_update().snapshot.clone();
-            let payload = self.app.sync_payload(&current, &self.selector);
-            self.previous = Some(current);
-            return Some(Ok(payload));
-        };
-        let mut previous = previous.clone();
-        loop {
-            tokio::select! {
-                changed = self.config.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                    let current = self.config.borrow_and_update().snapshot.clone();
-                    let changed = !self.app.changes(&previous, &current, &self.selector).is_empty();
-                    previous = current;
-                    self.previous = Some(previous.clone());
-                    if changed {
-                        return Some(Ok(self.app.sync_payload(&previous, &self.selector)));
-                    }
-                }
-                () = crate::app::stopping(&mut self.shutdown) => return None,
-                () = sleep_until(self.deadline.unwrap_or_else(Instant::now)), if self.deadline.is_some() => {
-                    self.done = true;
-                    return Some(Err(Status::deadline_exceeded("stream deadline reached")));
-                }
-            }
-        }
-    }
-}
-
-/// Opens a SyncFlags stream (refused with `RESOURCE_EXHAUSTED` at `--max-streams`).
+/// Opens a SyncFlags stream (refused with `RESOURCE_EXHAUSTED` at `--max-streams`): the selected
+/// flags now, then the newest flags whenever they changed since the subscriber's last message
+/// (built as the transport pulls them, see `crate::streams`).
 fn updates(app: &App, selector: Selector) -> Result<Updates, Status> {
-    let subscriber = Subscriber {
-        _permit: app.streams().admit("sync_flags")?,
-        app: app.clone(),
-        selector,
-        config: app.live().subscribe(),
-        previous: None,
-        shutdown: app.shutdown(),
-        deadline: app.stream_deadline().map(|d| Instant::now() + d),
-        done: false,
-    };
-    Ok(Box::pin(futures::stream::unfold(subscriber, |mut s| async move {
-        let item = s.next().await?;
-        Some((item, s))
-    })))
+    let subscription = Subscription::open(app, "sync_flags", selector, None)?;
+    let first = app.sync_payload(subscription.snapshot(), subscription.selector());
+    let rest = futures::stream::unfold((subscription, app.clone()), |(mut subscription, app)| async move {
+        loop {
+            let item = match subscription.next().await? {
+                Event::Changed { snapshot, .. } => Ok(app.sync_payload(&snapshot, subscription.selector())),
+                // SyncFlags has no keep-alive message (and asks for none).
+                Event::Quiet => continue,
+                // The stream ends with OK, as flagd's does.
+                Event::ShuttingDown => return None,
+                Event::DeadlineReached => Err(Status::deadline_exceeded("stream deadline reached")),
+            };
+            return Some((item, (subscription, app)));
+        }
+    });
+    Ok(Box::pin(futures::stream::once(async { Ok(first) }).chain(rest)))
 }
 
 /// SyncFlags over gRPC on port 8015 (routed ahead of tonic): the request is one gRPC message; the
