@@ -31,7 +31,8 @@
 //!   unset message.
 //!
 //! Every value that comes with a variant must be that variant's value in the served flag
-//! definitions. The answers must also agree across protocols: v1 and Connect JSON are the same
+//! definitions, and every success must carry exactly the metadata flagd gives it (the selector's
+//! reflection, the flag set's metadata, the flag's). The answers must also agree across protocols: v1 and Connect JSON are the same
 //! service, v2, OFREP and OFREP bulk give the same answers, and v1 and v2 differ only where v1 says
 //! FLAG_NOT_FOUND for a flag v2 resolves to the code default.
 //!
@@ -139,6 +140,37 @@ impl Target {
             channel,
             documents,
         }
+    }
+
+    /// The metadata a successful evaluation of `key` may carry, one candidate per served document
+    /// that defines it: the selector's reflection (`{"source": ..}` or `{"flagSetId": ..}`),
+    /// overlaid by the document's (flag set's) metadata, overlaid by the flag's (flagd's rule).
+    fn metadata_candidates(&self, key: &str, selector: Option<&str>) -> Vec<Map<String, Value>> {
+        let mut reflection = Map::new();
+        if let Some(s) = selector.filter(|s| !s.is_empty()) {
+            match s.split_once('=') {
+                Some((k, v)) => reflection.insert(k.to_owned(), json!(v)),
+                None => reflection.insert("source".to_owned(), json!(s)),
+            };
+        }
+        self.documents
+            .iter()
+            .filter_map(|d| {
+                let flag = d["flags"].get(key)?;
+                let mut m = reflection.clone();
+                for layer in [&d["metadata"], &flag["metadata"]] {
+                    if let Some(layer) = layer.as_object() {
+                        m.extend(
+                            layer
+                                .iter()
+                                .filter(|(_, v)| !v.is_null())
+                                .map(|(k, v)| (k.clone(), v.clone())),
+                        );
+                    }
+                }
+                Some(m)
+            })
+            .collect()
     }
 
     /// The values the flag's `variant` has in the served documents (a key may be in several sets).
@@ -776,6 +808,18 @@ async fn evaluate(world: &mut RawWorld) {
     }
     for (protocol, expected, value) in wrong {
         world.fail(protocol, "variant value", expected, value);
+    }
+    // A success carries exactly the metadata flagd gives it.
+    let candidates = world.target().metadata_candidates(&key, world.selector.as_deref());
+    let mut wrong = Vec::new();
+    for (protocol, a) in &answers {
+        let actual = Value::Object(a.metadata.clone());
+        if a.error_code.is_none() && !candidates.iter().any(|m| same(&actual, &Value::Object(m.clone()))) {
+            wrong.push((*protocol, format!("one of {candidates:?}"), actual));
+        }
+    }
+    for (protocol, expected, actual) in wrong {
+        world.fail(protocol, "metadata (definition)", expected, actual);
     }
     // Agreement: v1 = Connect (one service), v2 = OFREP, v1 = v2 but for v1's FLAG_NOT_FOUND
     // where v2 gives the code default (a flag without a default variant).
