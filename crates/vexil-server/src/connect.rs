@@ -20,8 +20,10 @@ use prost::Message;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+#[cfg(test)]
+use tonic::Code;
+use tonic::Status;
 use tonic::metadata::MetadataMap;
-use tonic::{Code, Status};
 use vexil_proto::flagd::evaluation::v1::service_server::Service as V1;
 use vexil_proto::flagd::evaluation::v2::service_server::Service as V2;
 use vexil_proto::flagd::evaluation::{v1, v2};
@@ -29,6 +31,7 @@ use vexil_proto::schema::v1 as schema_v1;
 use vexil_proto::schema::v1::service_server::Service as SchemaV1Service;
 
 use crate::app::App;
+use crate::error::{self, ErrorKind};
 use crate::flagd::evaluation::{EvaluationV1, EvaluationV2, SchemaV1};
 
 /// Whether a request is Connect (rather than gRPC or gRPC-web), by its content type.
@@ -60,54 +63,13 @@ fn content_type(headers: &HeaderMap) -> Option<(Kind, Codec)> {
     }
 }
 
-/// Connect's name of a status code.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "canceled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
-}
-
-/// The HTTP status of a unary Connect error.
-fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Ok => StatusCode::OK,
-        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
 fn error_json(status: &Status) -> serde_json::Value {
-    json!({ "code": code_name(status.code()), "message": status.message() })
+    json!({ "code": crate::error::connect(status.code()).name, "message": status.message() })
 }
 
 fn unary_error(status: &Status) -> Response {
     (
-        http_status(status.code()),
+        crate::error::connect(status.code()).http,
         [(header::CONTENT_TYPE, "application/json")],
         error_json(status).to_string(),
     )
@@ -149,21 +111,25 @@ fn decode<T: DeserializeOwned + Message + Default>(codec: Codec, bytes: &[u8]) -
             // large (flagd accepts 2^53 and above, rounded); pbjson refuses integers it cannot
             // represent exactly. Retry with such integers turned into doubles.
             let mut value: serde_json::Value = serde_json::from_slice(bytes)
-                .map_err(|_| Status::invalid_argument(format!("invalid JSON request: {e}")))?;
+                .map_err(|_| error::grpc_status(ErrorKind::InvalidArgument, format!("invalid JSON request: {e}")))?;
             if !integers_to_doubles(&mut value) {
-                return Err(Status::invalid_argument(format!("invalid JSON request: {e}")));
+                return Err(error::grpc_status(
+                    ErrorKind::InvalidArgument,
+                    format!("invalid JSON request: {e}"),
+                ));
             }
-            serde_json::from_value(value).map_err(|e| Status::invalid_argument(format!("invalid JSON request: {e}")))
+            serde_json::from_value(value)
+                .map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, format!("invalid JSON request: {e}")))
         }),
-        Codec::Proto => {
-            T::decode(bytes).map_err(|e| Status::invalid_argument(format!("invalid protobuf request: {e}")))
-        }
+        Codec::Proto => T::decode(bytes)
+            .map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, format!("invalid protobuf request: {e}"))),
     }
 }
 
 fn encode<T: Serialize + Message>(codec: Codec, message: &T) -> Result<Vec<u8>, Status> {
     match codec {
-        Codec::Json => serde_json::to_vec(message).map_err(|e| Status::internal(format!("encoding the response: {e}"))),
+        Codec::Json => serde_json::to_vec(message)
+            .map_err(|e| error::grpc_status(ErrorKind::Internal, format!("encoding the response: {e}"))),
         Codec::Proto => Ok(message.encode_to_vec()),
     }
 }
@@ -228,14 +194,17 @@ fn unwrap_envelope(body: &[u8]) -> Result<&[u8], Status> {
         return Ok(body);
     }
     if body.len() < 5 {
-        return Err(Status::invalid_argument("truncated Connect envelope"));
+        return Err(error::grpc_status(
+            ErrorKind::InvalidArgument,
+            "truncated Connect envelope",
+        ));
     }
     if body[0] & 0x01 != 0 {
         return Err(Status::unimplemented("compressed Connect messages are not supported"));
     }
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
     body.get(5..5 + len)
-        .ok_or_else(|| Status::invalid_argument("truncated Connect envelope"))
+        .ok_or_else(|| error::grpc_status(ErrorKind::InvalidArgument, "truncated Connect envelope"))
 }
 
 async fn server_stream<Req, Resp, F, Fut, S>(codec: Codec, headers: &HeaderMap, body: &[u8], call: F) -> Response
@@ -334,15 +303,18 @@ macro_rules! resolve_methods {
 /// Answers a Connect request for flagd's evaluation services.
 pub async fn handle(app: App, path: &str, headers: HeaderMap, body: Body) -> Response {
     let Some((kind, codec)) = content_type(&headers) else {
-        return unary_error(&Status::invalid_argument("unsupported content type"));
+        return unary_error(&error::grpc_status(
+            ErrorKind::InvalidArgument,
+            "unsupported content type",
+        ));
     };
     let body = match axum::body::to_bytes(body, app.max_body()).await {
         Ok(b) => b,
         Err(_) => {
-            return unary_error(&Status::resource_exhausted(format!(
-                "request body larger than {} bytes",
-                app.max_body()
-            )));
+            return unary_error(&crate::error::grpc_status(
+                crate::error::ErrorKind::PayloadTooLarge,
+                format!("request body larger than {} bytes", app.max_body()),
+            ));
         }
     };
     let (v1s, v2s, legacy) = (

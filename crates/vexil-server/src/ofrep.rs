@@ -14,11 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Serialize;
 use serde::ser::SerializeMap as _;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use vexil_core::{CompiledFlag, Metadata, Resolution, Selector, ValueType};
 
 use crate::app::App;
-use crate::error;
+use crate::error::{self, ErrorKind};
 
 const PROTOCOL: &str = "ofrep";
 
@@ -40,21 +40,46 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
-/// A request that cannot be evaluated: the JSON error body and status.
-struct Rejection(StatusCode, Value);
+/// A request that cannot be evaluated, answered with the error table's HTTP status and OFREP
+/// error body (`key` when the request names a flag).
+struct Rejection {
+    kind: ErrorKind,
+    details: String,
+    key: Option<String>,
+}
+
+impl Rejection {
+    fn new(kind: ErrorKind, details: impl Into<String>, key: Option<&str>) -> Rejection {
+        Rejection {
+            kind,
+            details: details.into(),
+            key: key.map(str::to_owned),
+        }
+    }
+}
 
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
-        json_response(self.0, &self.1)
+        let m = error::mapping(self.kind);
+        let mut body = Map::new();
+        if let Some(key) = self.key {
+            body.insert("key".into(), Value::String(key));
+        }
+        if let Some(code) = m.ofrep_code {
+            body.insert("errorCode".into(), Value::String(code.into()));
+        }
+        body.insert("errorDetails".into(), Value::String(self.details));
+        json_response(m.http, &Value::Object(body))
     }
 }
 
 /// Reads the body up to the configured limit.
 async fn read_body(app: &App, body: Body) -> Result<Bytes, Rejection> {
     axum::body::to_bytes(body, app.max_body()).await.map_err(|_| {
-        Rejection(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            json!({ "errorDetails": format!("request body too large (limit {} bytes)", app.max_body()) }),
+        Rejection::new(
+            ErrorKind::PayloadTooLarge,
+            format!("request body too large (limit {} bytes)", app.max_body()),
+            None,
         )
     })
 }
@@ -76,11 +101,11 @@ fn request_context(
                 _ => Map::new(),
             },
             Ok(_) | Err(_) => {
-                let mut failure = json!({ "errorCode": "INVALID_CONTEXT", "errorDetails": "Provider context is not valid: the body must be a JSON object" });
-                if let Some(key) = key {
-                    failure["key"] = json!(key);
-                }
-                return Err(Rejection(StatusCode::BAD_REQUEST, failure));
+                return Err(Rejection::new(
+                    ErrorKind::InvalidContext,
+                    "Provider context is not valid: the body must be a JSON object",
+                    key,
+                ));
             }
         }
     };
@@ -95,13 +120,7 @@ fn selector(headers: &HeaderMap, key: Option<&str>) -> Result<Selector, Rejectio
         .to_str()
         .map_err(|_| "the Flagd-Selector header is not valid text".to_owned())
         .and_then(|s| Selector::parse(s).map_err(|e| e.to_string()));
-    parsed.map_err(|details| {
-        let mut failure = json!({ "errorCode": "GENERAL", "errorDetails": details });
-        if let Some(key) = key {
-            failure["key"] = json!(key);
-        }
-        Rejection(StatusCode::BAD_REQUEST, failure)
-    })
+    parsed.map_err(|details| Rejection::new(ErrorKind::InvalidArgument, details, key))
 }
 
 /// A flag's metadata as OFREP reports it: the selector's reflection with the flag's own metadata
@@ -143,9 +162,9 @@ fn write_flag_object(
     }
     let status = match &r.error {
         Some(err) => {
-            let m = error::mapping(err.code);
+            let m = error::mapping(ErrorKind::Evaluation(err.code));
             out.extend_from_slice(b",\"errorCode\":\"");
-            out.extend_from_slice(m.ofrep_code.as_bytes());
+            out.extend_from_slice(m.ofrep_code.unwrap_or("GENERAL").as_bytes());
             out.extend_from_slice(b"\",\"errorDetails\":");
             write_json(out, &err.message);
             m.http

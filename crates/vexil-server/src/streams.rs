@@ -162,10 +162,10 @@ impl StreamLimit {
             }),
             Err(_) => {
                 crate::metrics::stream_rejected(kind);
-                Err(Status::resource_exhausted(format!(
-                    "too many open streams: this server allows {} (--max-streams)",
-                    self.max
-                )))
+                Err(crate::error::grpc_status(
+                    crate::error::ErrorKind::ResourceExhausted,
+                    format!("too many open streams: this server allows {} (--max-streams)", self.max),
+                ))
             }
         }
     }

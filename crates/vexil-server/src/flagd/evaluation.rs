@@ -17,7 +17,7 @@ use vexil_proto::schema::v1 as schema_v1;
 use super::events::{self, EventStream};
 use crate::app::{App, Evaluated};
 use crate::convert::{json_to_struct, struct_to_json};
-use crate::error;
+use crate::error::{self, ErrorKind};
 
 /// Which flagd evaluation API is answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,10 +50,13 @@ pub(crate) fn selector<T>(request: &Request<T>) -> Result<Selector, Status> {
     match request.metadata().get("flagd-selector") {
         None => Ok(Selector::All),
         Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| Status::invalid_argument("the Flagd-Selector header is not valid text"))?;
-            Selector::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
+            let s = v.to_str().map_err(|_| {
+                error::grpc_status(
+                    ErrorKind::InvalidArgument,
+                    "the Flagd-Selector header is not valid text",
+                )
+            })?;
+            Selector::parse(s).map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e.to_string()))
         }
     }
 }

@@ -27,6 +27,7 @@ use vexil_service::StaticContext;
 
 use crate::app::App;
 use crate::convert::json_to_struct;
+use crate::error::{self, ErrorKind};
 use crate::streams::{Event, Subscription};
 
 /// The path SyncFlags is routed on.
@@ -45,12 +46,15 @@ fn selector<T>(request: &Request<T>, body: &str) -> Result<Selector, Status> {
 
 fn selector_from(headers: &HeaderMap, body: &str) -> Result<Selector, Status> {
     let text = match headers.get("flagd-selector") {
-        Some(v) => v
-            .to_str()
-            .map_err(|_| Status::invalid_argument("the Flagd-Selector header is not valid text"))?,
+        Some(v) => v.to_str().map_err(|_| {
+            error::grpc_status(
+                ErrorKind::InvalidArgument,
+                "the Flagd-Selector header is not valid text",
+            )
+        })?,
         None => body,
     };
-    Selector::parse(text).map_err(|e| Status::invalid_argument(e.to_string()))
+    Selector::parse(text).map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e.to_string()))
 }
 
 /// flagd's sync payload for the flags `selector` sees.
@@ -151,7 +155,8 @@ async fn open_grpc(app: &App, request: http::Request<Body>) -> Result<Updates, S
     let (parts, body) = request.into_parts();
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     if !content_type.is_some_and(|ct| ct.starts_with("application/grpc")) {
-        return Err(Status::invalid_argument(
+        return Err(error::grpc_status(
+            ErrorKind::InvalidArgument,
             "SyncFlags speaks gRPC: content-type must be application/grpc",
         ));
     }
@@ -163,21 +168,29 @@ async fn open_grpc(app: &App, request: http::Request<Body>) -> Result<Updates, S
     let limit = app.max_body();
     let body = axum::body::to_bytes(body, limit.saturating_add(5))
         .await
-        .map_err(|_| Status::out_of_range(format!("request larger than {limit} bytes")))?;
+        .map_err(|_| error::grpc_status(ErrorKind::PayloadTooLarge, format!("request larger than {limit} bytes")))?;
     let message = match body.as_ref() {
         [0, len @ ..] if len.len() >= 4 => {
             let declared = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
             let message = &len[4..];
             if declared != message.len() {
-                return Err(Status::invalid_argument("the request is not one whole gRPC message"));
+                return Err(error::grpc_status(
+                    ErrorKind::InvalidArgument,
+                    "the request is not one whole gRPC message",
+                ));
             }
             message
         }
         [1, ..] => return Err(Status::unimplemented("compressed requests are not supported")),
-        _ => return Err(Status::invalid_argument("the request is not one whole gRPC message")),
+        _ => {
+            return Err(error::grpc_status(
+                ErrorKind::InvalidArgument,
+                "the request is not one whole gRPC message",
+            ));
+        }
     };
     let request = sync::SyncFlagsRequest::decode(message)
-        .map_err(|e| Status::invalid_argument(format!("invalid SyncFlagsRequest: {e}")))?;
+        .map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, format!("invalid SyncFlagsRequest: {e}")))?;
     let selector = selector_from(&parts.headers, &request.selector)?;
     updates(app, selector)
 }
@@ -210,7 +223,10 @@ impl FlagSyncService for Sync {
     ) -> Result<Response<Self::SyncFlagsStream>, Status> {
         let selector = selector(&request, &request.get_ref().selector)?;
         let messages = updates(&self.app, selector)?.map(|item| {
-            item.and_then(|bytes| sync::SyncFlagsResponse::decode(bytes).map_err(|e| Status::internal(e.to_string())))
+            item.and_then(|bytes| {
+                sync::SyncFlagsResponse::decode(bytes)
+                    .map_err(|e| error::grpc_status(ErrorKind::Internal, e.to_string()))
+            })
         });
         Ok(Response::new(Box::pin(messages)))
     }
