@@ -21,5 +21,5 @@ pub mod targeting;
 pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, JsonFragments, Reason, Resolution};
 pub use model::{Flag, FlagConfig, FlagState, Metadata, RuleText, ValueType};
 pub use parse::{Diagnostic, Format, ParseError, Parsed, Severity, Strictness};
-pub use snapshot::{Selector, SelectorError, Snapshot, SourceConfig};
+pub use snapshot::{Revision, Selector, SelectorError, Snapshot, SourceConfig};
 pub use targeting::{Engine, FractionalMode, Prepared};

@@ -13,9 +13,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
+use serde_json::Value;
 
 use crate::eval::{CompiledFlag, Context, Resolution};
-use crate::model::{FlagConfig, ValueType};
+use crate::model::{FlagConfig, RuleText, ValueType};
 use crate::parse::{Diagnostic, Severity};
 use crate::targeting::{Engine, FractionalMode};
 
@@ -116,6 +117,48 @@ pub struct Snapshot {
     /// For [`Selector::All`]: the winning entry of every key, sorted by key.
     winners: Vec<usize>,
     sources: Vec<Arc<str>>,
+    revision: Revision,
+}
+
+/// Identifies a snapshot's content: equal for snapshots built from equal sources (the same names,
+/// the same flags in the same order, the same `fractional` mode), in this process or the next one
+/// of the same build. Caches of per-snapshot work key on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Revision(pub u64);
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A hash of everything a snapshot is built from (a fixed seed: the same input gives the same
+/// revision in every process).
+fn revision(mode: FractionalMode, sources: &[SourceConfig]) -> Revision {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = foldhash::quality::FixedState::with_seed(0x7665_7869_6c5f_7276).build_hasher();
+    let text = |h: &mut foldhash::quality::FoldHasher<'_>, s: &str| {
+        h.write_usize(s.len());
+        h.write(s.as_bytes());
+    };
+    text(&mut h, &format!("{mode:?}"));
+    for source in sources {
+        text(&mut h, &source.name);
+        h.write_usize(source.config.flags.len());
+        for flag in &source.config.flags {
+            text(&mut h, &flag.key);
+            text(&mut h, flag.state.as_str());
+            text(&mut h, flag.default_variant.as_deref().unwrap_or("\u{0}"));
+            h.write_usize(flag.variants.len());
+            for (name, value) in &flag.variants {
+                text(&mut h, name);
+                text(&mut h, &value.to_string());
+            }
+            text(&mut h, flag.targeting.as_ref().map_or("", RuleText::as_str));
+            text(&mut h, &Value::Object(flag.metadata.clone()).to_string());
+        }
+    }
+    Revision(h.finish())
 }
 
 impl Snapshot {
@@ -127,6 +170,7 @@ impl Snapshot {
     /// Compiles `sources` (in priority order: later wins) into a snapshot. Targeting rules that do
     /// not compile are reported as warnings and evaluate as parse errors, as in flagd.
     pub fn build(engine: Arc<Engine>, sources: Vec<SourceConfig>) -> (Snapshot, Vec<Diagnostic>) {
+        let revision = revision(engine.fractional_mode(), &sources);
         let mut warnings = Vec::new();
         let mut entries: Vec<Entry> = Vec::new();
         let mut by_id: HashMap<(Option<String>, String), usize> = HashMap::new();
@@ -176,9 +220,15 @@ impl Snapshot {
                 by_key,
                 winners,
                 sources: names,
+                revision,
             },
             warnings,
         )
+    }
+
+    /// What this snapshot's content is (see [`Revision`]).
+    pub fn revision(&self) -> Revision {
+        self.revision
     }
 
     /// The engine the flags were compiled with.

@@ -305,3 +305,40 @@ fn evaluating_all_flags_at_once_matches_one_by_one() {
         }
     }
 }
+
+#[test]
+fn the_revision_names_the_content() {
+    let doc = || json!({"flags": {"a": flag("ENABLED", json!(1)), "b": flag("ENABLED", json!("x"))}});
+    let one = snapshot(vec![source("f.json", doc())]);
+    let again = snapshot(vec![source("f.json", doc())]);
+    assert_eq!(one.revision(), again.revision(), "the same input, the same revision");
+    assert_eq!(
+        one.revision().to_string().len(),
+        16,
+        "shown as 16 hex digits: {}",
+        one.revision()
+    );
+    let mut changed = doc();
+    changed["flags"]["b"]["variants"]["v"] = json!("y");
+    let mut metadata = doc();
+    metadata["metadata"] = json!({"team": "core"});
+    let mut disabled = doc();
+    disabled["flags"]["a"]["state"] = json!("DISABLED");
+    let mut targeted = doc();
+    targeted["flags"]["a"]["targeting"] = json!({"if": [true, "v", null]});
+    let others = [
+        snapshot(vec![source("f.json", changed)]),
+        snapshot(vec![source("f.json", metadata)]),
+        snapshot(vec![source("f.json", disabled)]),
+        snapshot(vec![source("f.json", targeted)]),
+        snapshot(vec![source("g.json", doc())]),
+        snapshot(vec![source("f.json", doc()), source("g.json", json!({"flags": {}}))]),
+        Snapshot::build(Arc::new(Engine::new(FractionalMode::V2)), vec![source("f.json", doc())]).0,
+    ];
+    let mut revisions: Vec<_> = others.iter().map(Snapshot::revision).collect();
+    revisions.push(one.revision());
+    let count = revisions.len();
+    revisions.sort();
+    revisions.dedup();
+    assert_eq!(revisions.len(), count, "every change of content changes the revision");
+}

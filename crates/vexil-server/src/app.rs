@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 use vexil_core::snapshot::Change;
-use vexil_core::{CompiledFlag, Context, Metadata, Reason, Resolution, Selector, Snapshot, ValueType};
+use vexil_core::{CompiledFlag, Context, Metadata, Reason, Resolution, Revision, Selector, Snapshot, ValueType};
 use vexil_service::{Live, StaticContext, merge_context};
 
 use crate::metrics;
@@ -119,24 +119,24 @@ impl App {
 
     /// What changed for `selector` from `old` to `new` (computed once for all subscribers that
     /// are up to date; a subscriber catching up from an older snapshot gets its own entry).
-    pub fn changes(&self, old: &Arc<Snapshot>, new: &Arc<Snapshot>, selector: &Selector) -> Changes {
+    pub fn changes(&self, old: &Snapshot, new: &Snapshot, selector: &Selector) -> Changes {
+        let (from, to) = (old.revision(), new.revision());
         let mut cache = self.inner.fanout.lock().unwrap_or_else(|e| e.into_inner());
         let hit = cache
             .changes
             .iter()
-            .find(|e| Arc::ptr_eq(&e.old, old) && Arc::ptr_eq(&e.new, new) && e.selector == *selector);
+            .find(|e| e.from == from && e.to == to && e.selector == *selector);
         if let Some(e) = hit {
             return e.changes.clone();
         }
         let changes = Arc::new(new.changes_since(old, selector));
-        // Entries hold their snapshots, so a cached address is never reused by another snapshot.
         // Only changes into the newest snapshot are worth keeping.
-        cache.changes.retain(|e| Arc::ptr_eq(&e.new, new));
+        cache.changes.retain(|e| e.to == to);
         bounded_push(
             &mut cache.changes,
             ChangesEntry {
-                old: old.clone(),
-                new: new.clone(),
+                from,
+                to,
                 selector: selector.clone(),
                 changes: changes.clone(),
             },
@@ -146,22 +146,23 @@ impl App {
 
     /// The encoded flagd `SyncFlagsResponse` of `snapshot` for `selector`, computed once and shared
     /// (reference-counted) by every subscriber.
-    pub fn sync_payload(&self, snapshot: &Arc<Snapshot>, selector: &Selector) -> Bytes {
+    pub fn sync_payload(&self, snapshot: &Snapshot, selector: &Selector) -> Bytes {
+        let revision = snapshot.revision();
         let mut cache = self.inner.fanout.lock().unwrap_or_else(|e| e.into_inner());
         let hit = cache
             .payloads
             .iter()
-            .find(|e| Arc::ptr_eq(&e.snapshot, snapshot) && e.selector == *selector);
+            .find(|e| e.revision == revision && e.selector == *selector);
         if let Some(e) = hit {
             return e.payload.clone();
         }
         let payload = crate::flagd::sync::encode_response(snapshot, selector, &self.inner.statics);
         // Only payloads of the newest snapshot are worth keeping (slow subscribers keep theirs).
-        cache.payloads.retain(|e| Arc::ptr_eq(&e.snapshot, snapshot));
+        cache.payloads.retain(|e| e.revision == revision);
         bounded_push(
             &mut cache.payloads,
             PayloadEntry {
-                snapshot: snapshot.clone(),
+                revision,
                 selector: selector.clone(),
                 payload: payload.clone(),
             },
@@ -276,7 +277,7 @@ pub type Changes = Arc<Vec<(String, Change)>>;
 /// Selectors cached per snapshot; beyond this the oldest entry goes.
 const FANOUT_ENTRIES: usize = 256;
 
-/// See [`App::changes`] and [`App::sync_payload`].
+/// See [`App::changes`] and [`App::sync_payload`]: keyed by snapshot revision and selector.
 #[derive(Debug, Default)]
 struct FanoutCache {
     changes: Vec<ChangesEntry>,
@@ -285,15 +286,15 @@ struct FanoutCache {
 
 #[derive(Debug)]
 struct ChangesEntry {
-    old: Arc<Snapshot>,
-    new: Arc<Snapshot>,
+    from: Revision,
+    to: Revision,
     selector: Selector,
     changes: Changes,
 }
 
 #[derive(Debug)]
 struct PayloadEntry {
-    snapshot: Arc<Snapshot>,
+    revision: Revision,
     selector: Selector,
     payload: Bytes,
 }
