@@ -22,6 +22,7 @@ pub mod fuzzing;
 mod management;
 pub mod metrics;
 mod ofrep;
+mod selector;
 mod serve;
 mod streams;
 pub mod validate;

@@ -113,14 +113,8 @@ fn request_context(
 }
 
 fn selector(headers: &HeaderMap, key: Option<&str>) -> Result<Selector, Rejection> {
-    let Some(value) = headers.get("flagd-selector") else {
-        return Ok(Selector::All);
-    };
-    let parsed = value
-        .to_str()
-        .map_err(|_| "the Flagd-Selector header is not valid text".to_owned())
-        .and_then(|s| Selector::parse(s).map_err(|e| e.to_string()));
-    parsed.map_err(|details| Rejection::new(ErrorKind::InvalidArgument, details, key))
+    crate::selector::from_headers(headers, "")
+        .map_err(|details| Rejection::new(ErrorKind::InvalidArgument, details, key))
 }
 
 /// A flag's metadata as OFREP reports it: the selector's reflection with the flag's own metadata

@@ -47,18 +47,8 @@ struct Answer {
 
 /// The selector of a request: the `Flagd-Selector` header.
 pub(crate) fn selector<T>(request: &Request<T>) -> Result<Selector, Status> {
-    match request.metadata().get("flagd-selector") {
-        None => Ok(Selector::All),
-        Some(v) => {
-            let s = v.to_str().map_err(|_| {
-                error::grpc_status(
-                    ErrorKind::InvalidArgument,
-                    "the Flagd-Selector header is not valid text",
-                )
-            })?;
-            Selector::parse(s).map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e.to_string()))
-        }
-    }
+    crate::selector::from_headers(request.metadata().as_ref(), "")
+        .map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e))
 }
 
 /// The evaluation context: the request's `context` merged with `-X` values and `-H` headers.

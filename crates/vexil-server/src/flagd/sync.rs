@@ -45,16 +45,7 @@ fn selector<T>(request: &Request<T>, body: &str) -> Result<Selector, Status> {
 }
 
 fn selector_from(headers: &HeaderMap, body: &str) -> Result<Selector, Status> {
-    let text = match headers.get("flagd-selector") {
-        Some(v) => v.to_str().map_err(|_| {
-            error::grpc_status(
-                ErrorKind::InvalidArgument,
-                "the Flagd-Selector header is not valid text",
-            )
-        })?,
-        None => body,
-    };
-    Selector::parse(text).map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e.to_string()))
+    crate::selector::from_headers(headers, body).map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e))
 }
 
 /// flagd's sync payload for the flags `selector` sees.
