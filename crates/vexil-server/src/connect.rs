@@ -7,32 +7,30 @@
 //!   every response message in a 5-byte envelope, then an end-of-stream envelope (flag `0x02`)
 //!   carrying `{"error": …}` when the stream failed.
 //!
-//! Requests are decoded and handed to the very same tonic service implementations the gRPC
-//! transport calls, so both protocols answer identically.
+//! One generic layer, no table of methods: the method is looked up in the protos' descriptors by
+//! its path, the request is turned into a gRPC request (JSON transcoded to protobuf with
+//! `prost-reflect`) and handed to the very router that serves gRPC, and the gRPC response is turned
+//! back. Every service on the port — flagd's and any added later — answers Connect identically to
+//! gRPC, through the same handlers.
 
-use std::future::Future;
+use std::sync::LazyLock;
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use http_body_util::{BodyExt, BodyStream};
 use prost::Message;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions,
+};
 use serde_json::json;
-#[cfg(test)]
-use tonic::Code;
 use tonic::Status;
-use tonic::metadata::MetadataMap;
-use vexil_proto::flagd::evaluation::v1::service_server::Service as V1;
-use vexil_proto::flagd::evaluation::v2::service_server::Service as V2;
-use vexil_proto::flagd::evaluation::{v1, v2};
-use vexil_proto::schema::v1 as schema_v1;
-use vexil_proto::schema::v1::service_server::Service as SchemaV1Service;
+use tower::ServiceExt;
 
-use crate::app::App;
 use crate::error::{self, ErrorKind};
-use crate::flagd::evaluation::{EvaluationV1, EvaluationV2, SchemaV1};
 
 /// Whether a request is Connect (rather than gRPC or gRPC-web), by its content type.
 pub fn is_connect(headers: &HeaderMap) -> bool {
@@ -63,81 +61,6 @@ fn content_type(headers: &HeaderMap) -> Option<(Kind, Codec)> {
     }
 }
 
-fn error_json(status: &Status) -> serde_json::Value {
-    json!({ "code": crate::error::connect(status.code()).name, "message": status.message() })
-}
-
-fn unary_error(status: &Status) -> Response {
-    (
-        crate::error::connect(status.code()).http,
-        [(header::CONTENT_TYPE, "application/json")],
-        error_json(status).to_string(),
-    )
-        .into_response()
-}
-
-/// Turns every integer that a double cannot hold exactly (|n| >= 2^53) into the nearest double;
-/// returns whether there was any.
-fn integers_to_doubles(value: &mut serde_json::Value) -> bool {
-    use serde_json::Value;
-    match value {
-        Value::Number(n) if n.is_i64() || n.is_u64() => {
-            let exact = n.as_i64().is_some_and(|i| i.unsigned_abs() < 1 << f64::MANTISSA_DIGITS)
-                || n.as_u64().is_some_and(|u| u < 1 << f64::MANTISSA_DIGITS);
-            if exact {
-                return false;
-            }
-            let rounded = n.as_f64().and_then(serde_json::Number::from_f64);
-            match rounded {
-                Some(d) => {
-                    *n = d;
-                    true
-                }
-                None => false,
-            }
-        }
-        Value::Array(items) => items.iter_mut().fold(false, |any, v| integers_to_doubles(v) | any),
-        Value::Object(map) => map.values_mut().fold(false, |any, v| integers_to_doubles(v) | any),
-        _ => false,
-    }
-}
-
-fn decode<T: DeserializeOwned + Message + Default>(codec: Codec, bytes: &[u8]) -> Result<T, Status> {
-    match codec {
-        // An empty JSON body is the empty message.
-        Codec::Json if bytes.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
-        Codec::Json => serde_json::from_slice(bytes).or_else(|e| {
-            // protojson reads every JSON number of a `google.protobuf.Value` as a double, however
-            // large (flagd accepts 2^53 and above, rounded); pbjson refuses integers it cannot
-            // represent exactly. Retry with such integers turned into doubles.
-            let mut value: serde_json::Value = serde_json::from_slice(bytes)
-                .map_err(|_| error::grpc_status(ErrorKind::InvalidArgument, format!("invalid JSON request: {e}")))?;
-            if !integers_to_doubles(&mut value) {
-                return Err(error::grpc_status(
-                    ErrorKind::InvalidArgument,
-                    format!("invalid JSON request: {e}"),
-                ));
-            }
-            serde_json::from_value(value)
-                .map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, format!("invalid JSON request: {e}")))
-        }),
-        Codec::Proto => T::decode(bytes)
-            .map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, format!("invalid protobuf request: {e}"))),
-    }
-}
-
-fn encode<T: Serialize + Message>(codec: Codec, message: &T) -> Result<Vec<u8>, Status> {
-    match codec {
-        Codec::Json => serde_json::to_vec(message)
-            .map_err(|e| error::grpc_status(ErrorKind::Internal, format!("encoding the response: {e}"))),
-        Codec::Proto => Ok(message.encode_to_vec()),
-    }
-}
-
-fn request<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
-    tonic::Request::from_parts(MetadataMap::from_headers(headers.clone()), Default::default(), message)
-}
-
 fn content_type_header(kind: Kind, codec: Codec) -> HeaderValue {
     HeaderValue::from_static(match (kind, codec) {
         (Kind::Unary, Codec::Json) => "application/json",
@@ -147,20 +70,203 @@ fn content_type_header(kind: Kind, codec: Codec) -> HeaderValue {
     })
 }
 
-async fn unary<Req, Resp, F, Fut>(codec: Codec, headers: &HeaderMap, body: &[u8], call: F) -> Response
-where
-    Req: DeserializeOwned + Message + Default,
-    Resp: Serialize + Message,
-    F: FnOnce(tonic::Request<Req>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
-{
-    let result = async {
-        let message = decode::<Req>(codec, body)?;
-        let response = call(request(headers, message)).await?;
-        encode(codec, response.get_ref())
+/// The descriptors of every service served on the port.
+static DESCRIPTORS: LazyLock<Result<DescriptorPool, String>> =
+    LazyLock::new(|| DescriptorPool::decode(vexil_proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()));
+
+/// The method at `path` (`/<package.Service>/<Method>`).
+fn method(path: &str) -> Result<MethodDescriptor, Status> {
+    let pool = DESCRIPTORS
+        .as_ref()
+        .map_err(|e| error::grpc_status(ErrorKind::Internal, format!("descriptors: {e}")))?;
+    let (service, name) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
+    pool.get_service_by_name(service)
+        .and_then(|s| s.methods().find(|m| m.name() == name))
+        .ok_or_else(|| Status::unimplemented(format!("no method {path}")))
+}
+
+/// The Connect side of the evaluation port: the gRPC router it hands requests to.
+#[derive(Debug, Clone)]
+pub struct Connect {
+    grpc: Router,
+    max_body: usize,
+}
+
+impl Connect {
+    /// Connect in front of `grpc` (tonic's routes), with requests up to `max_body` bytes.
+    pub fn new(grpc: Router, max_body: usize) -> Connect {
+        Connect { grpc, max_body }
     }
-    .await;
-    match result {
+}
+
+/// Answers a Connect request.
+pub async fn handle(connect: &Connect, path: &str, headers: HeaderMap, body: Body) -> Response {
+    let Some((kind, codec)) = content_type(&headers) else {
+        return unary_error(&error::grpc_status(
+            ErrorKind::InvalidArgument,
+            "unsupported content type",
+        ));
+    };
+    let reply = |status: Status| match kind {
+        Kind::Unary => unary_error(&status),
+        Kind::Streaming => stream_response(codec, futures::stream::once(async move { end_stream(Some(&status)) })),
+    };
+    let body = match axum::body::to_bytes(body, connect.max_body).await {
+        Ok(b) => b,
+        Err(_) => {
+            return reply(error::grpc_status(
+                ErrorKind::PayloadTooLarge,
+                format!("request body larger than {} bytes", connect.max_body),
+            ));
+        }
+    };
+    let method = match method(path) {
+        Ok(m) if m.is_server_streaming() == (kind == Kind::Streaming) && !m.is_client_streaming() => m,
+        Ok(_) | Err(_) => {
+            let what = if kind == Kind::Streaming { "streaming" } else { "unary" };
+            return reply(Status::unimplemented(format!("no {what} method {path}")));
+        }
+    };
+    let message = match kind {
+        Kind::Unary => Ok(&body[..]),
+        Kind::Streaming => unwrap_envelope(&body),
+    };
+    let request = match message.and_then(|m| to_protobuf(codec, &method.input(), m)) {
+        Ok(r) => r,
+        Err(status) => return reply(status),
+    };
+    let response = match connect
+        .grpc
+        .clone()
+        .oneshot(grpc_request(path, &headers, &request))
+        .await
+    {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    match kind {
+        Kind::Unary => unary_reply(codec, &method.output(), response).await,
+        Kind::Streaming => stream_reply(codec, method.output(), response),
+    }
+}
+
+/// Headers that belong to the Connect exchange, not to the call.
+const CONNECT_ONLY: [&str; 10] = [
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "accept-encoding",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+    "connect-content-encoding",
+    "connect-accept-encoding",
+    "te",
+    "transfer-encoding",
+];
+
+/// The gRPC request for `message` (protobuf), with the caller's headers (selector, `-H` context).
+fn grpc_request(path: &str, headers: &HeaderMap, message: &[u8]) -> axum::extract::Request {
+    let mut request = axum::extract::Request::new(Body::from(grpc_frame(message)));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = path.parse().unwrap_or_default();
+    let forwarded = request.headers_mut();
+    for (name, value) in headers {
+        if !CONNECT_ONLY.contains(&name.as_str()) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    forwarded.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    forwarded.insert(header::TE, HeaderValue::from_static("trailers"));
+    request
+}
+
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(5 + message.len());
+    frame.extend_from_slice(&[0]);
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(message);
+    frame.freeze()
+}
+
+/// The request message as protobuf: JSON transcoded with the message's descriptor.
+fn to_protobuf(codec: Codec, input: &MessageDescriptor, message: &[u8]) -> Result<Vec<u8>, Status> {
+    match codec {
+        Codec::Proto => Ok(message.to_vec()),
+        // An empty JSON body is the empty message.
+        Codec::Json if message.iter().all(u8::is_ascii_whitespace) => Ok(Vec::new()),
+        Codec::Json => {
+            let invalid = |e: serde_json::Error| {
+                error::grpc_status(ErrorKind::InvalidArgument, format!("invalid JSON request: {e}"))
+            };
+            let mut deserializer = serde_json::Deserializer::from_slice(message);
+            // Unknown fields are ignored, as flagd's connect-go does.
+            let options = DeserializeOptions::new().deny_unknown_fields(false);
+            let decoded = DynamicMessage::deserialize_with_options(input.clone(), &mut deserializer, &options)
+                .map_err(invalid)?;
+            deserializer.end().map_err(invalid)?;
+            Ok(decoded.encode_to_vec())
+        }
+    }
+}
+
+/// A response message (protobuf) in the request's codec: JSON emits every field, as flagd does.
+fn from_protobuf(codec: Codec, output: &MessageDescriptor, message: Bytes) -> Result<Vec<u8>, Status> {
+    match codec {
+        Codec::Proto => Ok(message.to_vec()),
+        Codec::Json => {
+            let internal = |e: String| error::grpc_status(ErrorKind::Internal, format!("encoding the response: {e}"));
+            let decoded = DynamicMessage::decode(output.clone(), message).map_err(|e| internal(e.to_string()))?;
+            let mut serializer = serde_json::Serializer::new(Vec::new());
+            decoded
+                .serialize_with_options(&mut serializer, &SerializeOptions::new().skip_default_fields(false))
+                .map_err(|e| internal(e.to_string()))?;
+            Ok(serializer.into_inner())
+        }
+    }
+}
+
+/// The gRPC status of a response, from its headers (trailers-only) or trailers.
+fn status_of(map: &HeaderMap) -> Option<Status> {
+    Status::from_header_map(map)
+}
+
+/// Splits the complete gRPC messages off the front of `buffer`.
+fn take_messages(buffer: &mut BytesMut) -> Result<Vec<Bytes>, Status> {
+    let mut messages = Vec::new();
+    while buffer.len() >= 5 {
+        if buffer[0] != 0 {
+            return Err(error::grpc_status(ErrorKind::Internal, "a compressed gRPC response"));
+        }
+        let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+        if buffer.len() < 5 + len {
+            break;
+        }
+        buffer.advance(5);
+        messages.push(buffer.split_to(len).freeze());
+    }
+    Ok(messages)
+}
+
+async fn unary_reply(codec: Codec, output: &MessageDescriptor, response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    if let Some(status) = status_of(&parts.headers).filter(|s| s.code() != tonic::Code::Ok) {
+        return unary_error(&status);
+    }
+    let collected = match body.collect().await {
+        Ok(c) => c,
+        Err(e) => return unary_error(&error::grpc_status(ErrorKind::Internal, e.to_string())),
+    };
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    if let Some(status) = status_of(&trailers).filter(|s| s.code() != tonic::Code::Ok) {
+        return unary_error(&status);
+    }
+    let mut buffer = BytesMut::from(collected.to_bytes().as_ref());
+    let message = match take_messages(&mut buffer).map(|m| m.into_iter().next()) {
+        Ok(Some(m)) => m,
+        Ok(None) => return unary_error(&error::grpc_status(ErrorKind::Internal, "no response message")),
+        Err(status) => return unary_error(&status),
+    };
+    match from_protobuf(codec, output, message) {
         Ok(bytes) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, content_type_header(Kind::Unary, codec))],
@@ -171,10 +277,99 @@ where
     }
 }
 
+/// The gRPC response stream as Connect envelopes, pulled as the client reads.
+fn stream_reply(codec: Codec, output: MessageDescriptor, response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    if let Some(status) = status_of(&parts.headers).filter(|s| s.code() != tonic::Code::Ok) {
+        return stream_response(codec, futures::stream::once(async move { end_stream(Some(&status)) }));
+    }
+    struct State {
+        frames: BodyStream<Body>,
+        buffer: BytesMut,
+        done: bool,
+    }
+    let state = State {
+        frames: BodyStream::new(body),
+        buffer: BytesMut::new(),
+        done: false,
+    };
+    let envelopes = futures::stream::unfold(state, move |mut s| {
+        let output = output.clone();
+        async move {
+            if s.done {
+                return None;
+            }
+            loop {
+                let out = match s.frames.next().await {
+                    Some(Ok(frame)) if frame.is_data() => {
+                        s.buffer.extend_from_slice(&frame.into_data().unwrap_or_default());
+                        let envelopes: Result<Vec<Bytes>, Status> = take_messages(&mut s.buffer).and_then(|messages| {
+                            messages
+                                .into_iter()
+                                .map(|m| from_protobuf(codec, &output, m).map(|bytes| envelope(0x00, &bytes)))
+                                .collect()
+                        });
+                        match envelopes {
+                            Ok(e) if e.is_empty() => continue,
+                            Ok(e) => e,
+                            Err(status) => {
+                                s.done = true;
+                                vec![end_stream(Some(&status))]
+                            }
+                        }
+                    }
+                    Some(Ok(frame)) => {
+                        let trailers = frame.into_trailers().unwrap_or_default();
+                        s.done = true;
+                        let status = status_of(&trailers).filter(|s| s.code() != tonic::Code::Ok);
+                        vec![end_stream(status.as_ref())]
+                    }
+                    Some(Err(e)) => {
+                        s.done = true;
+                        vec![end_stream(Some(&error::grpc_status(
+                            ErrorKind::Internal,
+                            e.to_string(),
+                        )))]
+                    }
+                    None => {
+                        s.done = true;
+                        vec![end_stream(None)]
+                    }
+                };
+                return Some((futures::stream::iter(out), s));
+            }
+        }
+    })
+    .flatten();
+    stream_response(codec, envelopes)
+}
+
+fn stream_response(codec: Codec, envelopes: impl futures::Stream<Item = Bytes> + Send + 'static) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type_header(Kind::Streaming, codec))],
+        Body::from_stream(envelopes.map(Ok::<_, std::convert::Infallible>)),
+    )
+        .into_response()
+}
+
+fn error_json(status: &Status) -> serde_json::Value {
+    json!({ "code": error::connect(status.code()).name, "message": status.message() })
+}
+
+fn unary_error(status: &Status) -> Response {
+    (
+        error::connect(status.code()).http,
+        [(header::CONTENT_TYPE, "application/json")],
+        error_json(status).to_string(),
+    )
+        .into_response()
+}
+
 fn envelope(flags: u8, payload: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(payload.len() + 5);
     out.push(flags);
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(payload);
     Bytes::from(out)
 }
@@ -207,178 +402,9 @@ fn unwrap_envelope(body: &[u8]) -> Result<&[u8], Status> {
         .ok_or_else(|| error::grpc_status(ErrorKind::InvalidArgument, "truncated Connect envelope"))
 }
 
-async fn server_stream<Req, Resp, F, Fut, S>(codec: Codec, headers: &HeaderMap, body: &[u8], call: F) -> Response
-where
-    Req: DeserializeOwned + Message + Default,
-    Resp: Serialize + Message + Send + 'static,
-    F: FnOnce(tonic::Request<Req>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<S>, Status>>,
-    S: Stream<Item = Result<Resp, Status>> + Send + 'static,
-{
-    let started = async {
-        let message = decode::<Req>(codec, unwrap_envelope(body)?)?;
-        call(request(headers, message)).await
-    }
-    .await;
-    let frames: futures::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>> = match started {
-        Ok(response) => {
-            let messages = response.into_inner();
-            // Each message in an envelope; the first error (or the end) closes the stream.
-            let stream = futures::stream::unfold((Box::pin(messages), false), move |(mut messages, done)| async move {
-                if done {
-                    return None;
-                }
-                match messages.next().await {
-                    Some(Ok(m)) => match encode(codec, &m) {
-                        Ok(bytes) => Some((envelope(0x00, &bytes), (messages, false))),
-                        Err(status) => Some((end_stream(Some(&status)), (messages, true))),
-                    },
-                    Some(Err(status)) => Some((end_stream(Some(&status)), (messages, true))),
-                    None => Some((end_stream(None), (messages, true))),
-                }
-            });
-            stream.map(Ok).boxed()
-        }
-        Err(status) => futures::stream::once(async move { Ok(end_stream(Some(&status))) }).boxed(),
-    };
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, content_type_header(Kind::Streaming, codec))],
-        Body::from_stream(frames),
-    )
-        .into_response()
-}
-
-/// The five typed Resolve* methods of one flagd evaluation API, by method name.
-macro_rules! resolve_methods {
-    ($service:expr, $pkg:ident, $method:expr, $codec:expr, $headers:expr, $body:expr) => {
-        match $method {
-            "ResolveBoolean" => Some(
-                unary(
-                    $codec,
-                    $headers,
-                    $body,
-                    |r: tonic::Request<$pkg::ResolveBooleanRequest>| $service.resolve_boolean(r),
-                )
-                .await,
-            ),
-            "ResolveString" => Some(
-                unary(
-                    $codec,
-                    $headers,
-                    $body,
-                    |r: tonic::Request<$pkg::ResolveStringRequest>| $service.resolve_string(r),
-                )
-                .await,
-            ),
-            "ResolveFloat" => Some(
-                unary(
-                    $codec,
-                    $headers,
-                    $body,
-                    |r: tonic::Request<$pkg::ResolveFloatRequest>| $service.resolve_float(r),
-                )
-                .await,
-            ),
-            "ResolveInt" => Some(
-                unary($codec, $headers, $body, |r: tonic::Request<$pkg::ResolveIntRequest>| {
-                    $service.resolve_int(r)
-                })
-                .await,
-            ),
-            "ResolveObject" => Some(
-                unary(
-                    $codec,
-                    $headers,
-                    $body,
-                    |r: tonic::Request<$pkg::ResolveObjectRequest>| $service.resolve_object(r),
-                )
-                .await,
-            ),
-            _ => None,
-        }
-    };
-}
-
-/// Answers a Connect request for flagd's evaluation services.
-pub async fn handle(app: App, path: &str, headers: HeaderMap, body: Body) -> Response {
-    let Some((kind, codec)) = content_type(&headers) else {
-        return unary_error(&error::grpc_status(
-            ErrorKind::InvalidArgument,
-            "unsupported content type",
-        ));
-    };
-    let body = match axum::body::to_bytes(body, app.max_body()).await {
-        Ok(b) => b,
-        Err(_) => {
-            return unary_error(&crate::error::grpc_status(
-                crate::error::ErrorKind::PayloadTooLarge,
-                format!("request body larger than {} bytes", app.max_body()),
-            ));
-        }
-    };
-    let (v1s, v2s, legacy) = (
-        EvaluationV1 { app: app.clone() },
-        EvaluationV2 { app: app.clone() },
-        SchemaV1 { app },
-    );
-    let (h, b) = (&headers, &body[..]);
-    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
-    let response = match (kind, service, method) {
-        (Kind::Unary, "flagd.evaluation.v1.Service", "ResolveAll") => Some(
-            unary(codec, h, b, |r: tonic::Request<v1::ResolveAllRequest>| {
-                v1s.resolve_all(r)
-            })
-            .await,
-        ),
-        (Kind::Unary, "flagd.evaluation.v1.Service", m) => resolve_methods!(v1s, v1, m, codec, h, b),
-        (Kind::Unary, "flagd.evaluation.v2.Service", m) => resolve_methods!(v2s, v2, m, codec, h, b),
-        (Kind::Unary, "schema.v1.Service", "ResolveAll") => Some(
-            unary(codec, h, b, |r: tonic::Request<schema_v1::ResolveAllRequest>| {
-                legacy.resolve_all(r)
-            })
-            .await,
-        ),
-        (Kind::Unary, "schema.v1.Service", m) => resolve_methods!(legacy, schema_v1, m, codec, h, b),
-        (Kind::Streaming, "flagd.evaluation.v1.Service", "EventStream") => Some(
-            server_stream(codec, h, b, |r: tonic::Request<v1::EventStreamRequest>| {
-                v1s.event_stream(r)
-            })
-            .await,
-        ),
-        (Kind::Streaming, "flagd.evaluation.v2.Service", "EventStream") => Some(
-            server_stream(codec, h, b, |r: tonic::Request<v2::EventStreamRequest>| {
-                v2s.event_stream(r)
-            })
-            .await,
-        ),
-        (Kind::Streaming, "schema.v1.Service", "EventStream") => Some(
-            server_stream(codec, h, b, |r: tonic::Request<schema_v1::EventStreamRequest>| {
-                legacy.event_stream(r)
-            })
-            .await,
-        ),
-        _ => None,
-    };
-    response.unwrap_or_else(|| {
-        let status = Status::unimplemented(format!(
-            "no {} method {path}",
-            if kind == Kind::Streaming { "streaming" } else { "unary" }
-        ));
-        match kind {
-            Kind::Unary => unary_error(&status),
-            Kind::Streaming => (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, content_type_header(kind, codec))],
-                end_stream(Some(&status)),
-            )
-                .into_response(),
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use vexil_proto::flagd::evaluation::v1;
     use vexil_proto::pbjson_types::value::Kind as ValueKind;
 
     use super::*;
@@ -392,12 +418,48 @@ mod tests {
 
     #[test]
     fn json_numbers_beyond_two_to_the_53_are_read_as_doubles_like_protojson() {
-        let body = br#"{"flagKey": "f", "context": {"big": 9007199254740993, "neg": -9223372036854775808, "small": 3, "nested": {"n": [18446744073709551615]}}}"#;
-        let request: v1::ResolveBooleanRequest = decode(Codec::Json, body).unwrap();
+        let input = method("/flagd.evaluation.v1.Service/ResolveBoolean").unwrap().input();
+        let body = br#"{"flagKey": "f", "unknownField": 1, "context": {"big": 9007199254740993, "neg": -9223372036854775808, "small": 3, "nested": {"n": [18446744073709551615]}}}"#;
+        let bytes = to_protobuf(Codec::Json, &input, body).unwrap();
+        let request = v1::ResolveBooleanRequest::decode(&bytes[..]).unwrap();
+        assert_eq!(request.flag_key, "f");
         assert_eq!(number(&request, "big"), 9_007_199_254_740_992.0);
         assert_eq!(number(&request, "neg"), -9_223_372_036_854_775_808.0);
         assert_eq!(number(&request, "small"), 3.0);
-        let bad = decode::<v1::ResolveBooleanRequest>(Codec::Json, br#"{"flagKey": 1}"#).unwrap_err();
-        assert_eq!(bad.code(), Code::InvalidArgument);
+        let bad = to_protobuf(Codec::Json, &input, br#"{"flagKey": 1}"#).unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        let trailing = to_protobuf(Codec::Json, &input, br#"{"flagKey": "f"} x"#).unwrap_err();
+        assert_eq!(trailing.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn methods_are_found_by_path_in_the_descriptors() {
+        assert!(method("/flagd.evaluation.v2.Service/ResolveObject").is_ok());
+        assert!(
+            method("/flagd.evaluation.v1.Service/EventStream")
+                .unwrap()
+                .is_server_streaming()
+        );
+        assert_eq!(
+            method("/nope.Service/X").unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
+        assert_eq!(method("garbage").unwrap_err().code(), tonic::Code::Unimplemented);
+    }
+
+    #[test]
+    fn responses_emit_every_field_and_int64_as_strings() {
+        let output = method("/flagd.evaluation.v1.Service/ResolveInt").unwrap().output();
+        let message = v1::ResolveIntResponse {
+            value: 42,
+            reason: "STATIC".into(),
+            variant: String::new(),
+            metadata: None,
+        };
+        let json = from_protobuf(Codec::Json, &output, Bytes::from(message.encode_to_vec())).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json["value"], "42");
+        assert_eq!(json["variant"], "");
+        assert_eq!(json["reason"], "STATIC");
     }
 }

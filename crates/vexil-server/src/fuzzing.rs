@@ -349,6 +349,8 @@ pub fn evaluation_context(data: &[u8]) {
 struct Server {
     app: App,
     ofrep: axum::Router,
+    /// The evaluation port's router (gRPC, gRPC-web and Connect).
+    evaluation: axum::Router,
     runtime: tokio::runtime::Runtime,
     _stop: watch::Sender<bool>,
 }
@@ -406,8 +408,17 @@ fn start_server() -> Server {
         Ok(r) => r,
         Err(e) => panic!("building the runtime: {e}"),
     };
+    let evaluation = {
+        // The health service spawns a task: build the router inside the runtime.
+        let _entered = runtime.enter();
+        match crate::evaluation_router(&app, MAX_BODY) {
+            Ok(r) => r,
+            Err(e) => panic!("building the evaluation router: {e}"),
+        }
+    };
     Server {
         ofrep: crate::ofrep::router(app.clone()),
+        evaluation,
         app,
         runtime,
         _stop: stop,
@@ -560,9 +571,16 @@ pub fn connect(data: &[u8]) {
     let streaming = content_type.contains("connect+");
     let body = Body::from(body.to_vec());
     with_server(|server| {
-        let app = server.app.clone();
+        let mut request = axum::extract::Request::new(body);
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = http::Uri::from_static(path);
+        *request.headers_mut() = headers;
+        let router = server.evaluation.clone();
         server.runtime.block_on(async {
-            let response = crate::connect::handle(app, path, headers, body).await;
+            let response = match tower::ServiceExt::oneshot(router, request).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
             // Evaluation errors map to 5xx statuses here (flagd's DataLoss/Unknown), so any status goes.
             drain(response, streaming).await;
         });

@@ -123,7 +123,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
 }
 
 /// 8013: flagd's evaluation APIs over gRPC and gRPC-web, health and reflection.
-fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
+pub(crate) fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vexil_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -147,16 +147,17 @@ fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
     .add_service(health_service())
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
-    let grpc = routes.into_axum_router().layer(tonic_web::GrpcWebLayer::new());
-    // One port, three protocols: Connect requests are told apart by their content type; gRPC and
-    // gRPC-web go to tonic.
-    let app = app.clone();
+    let tonic = routes.into_axum_router();
+    let connect = connect::Connect::new(tonic.clone(), max_body);
+    let grpc = tonic.layer(tonic_web::GrpcWebLayer::new());
+    // One port, three protocols: Connect requests are told apart by their content type and reach
+    // the same tonic routes through the generic Connect layer; gRPC and gRPC-web go to tonic.
     let dispatch = tower::service_fn(move |request: axum::extract::Request| {
-        let (grpc, app) = (grpc.clone(), app.clone());
+        let (grpc, connect) = (grpc.clone(), connect.clone());
         async move {
             if connect::is_connect(request.headers()) {
                 let (parts, body) = request.into_parts();
-                Ok(connect::handle(app, parts.uri.path(), parts.headers, body).await)
+                Ok(connect::handle(&connect, parts.uri.path(), parts.headers, body).await)
             } else {
                 grpc.oneshot(request).await
             }
