@@ -113,6 +113,7 @@ pub async fn run(evaluation: u16, management: u16, ofrep: u16, canned: Canned) -
     let canned = Arc::new(canned);
     let grpc = tonic::service::Routes::new(v1::service_server::ServiceServer::new(NoOp(canned.clone())))
         .add_service(v2::service_server::ServiceServer::new(NoOp(canned.clone())))
+        .add_service(tonic_health::server::health_reporter().1)
         .into_axum_router();
     let (single, bulk) = (
         Bytes::from(canned.ofrep_single.clone()),

@@ -272,6 +272,8 @@ async fn capture(client: &Client, pools: &[(Scenario, Arc<Vec<Req>>)]) -> anyhow
             Req::Str(r) => canned.resolve_string = client.v1().resolve_string(r.clone()).await?.into_inner(),
             Req::All(r) => canned.resolve_all = client.v1().resolve_all(r.clone()).await?.into_inner(),
             Req::V2Bool(r) => canned.v2_boolean = client.v2().resolve_boolean(r.clone()).await?.into_inner(),
+            // The baseline runs tonic's own health service: nothing to capture.
+            Req::Health => {}
             Req::Http { path, body } => {
                 let answer = client.fetch_http(path, body.clone()).await?;
                 match scenario {

@@ -9,6 +9,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Map, Value, json};
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::pbjson_types::{Struct, Value as PValue, value::Kind};
 
@@ -30,6 +32,9 @@ pub enum Scenario {
     OfrepSingle,
     /// OFREP bulk evaluation (HTTP/1.1 JSON).
     OfrepBulk,
+    /// grpc.health.v1 Check over gRPC: the same stack doing no evaluation (the yardstick of the
+    /// ResolveBoolean speed target).
+    Health,
 }
 
 impl Scenario {
@@ -41,6 +46,7 @@ impl Scenario {
             Scenario::V2Boolean => "v2-boolean",
             Scenario::OfrepSingle => "ofrep-single",
             Scenario::OfrepBulk => "ofrep-bulk",
+            Scenario::Health => "health",
         }
     }
 
@@ -56,6 +62,7 @@ pub enum Req {
     Str(v1::ResolveStringRequest),
     All(v1::ResolveAllRequest),
     V2Bool(v2::ResolveBooleanRequest),
+    Health,
     Http { path: String, body: Bytes },
 }
 
@@ -112,6 +119,7 @@ pub fn requests(scenario: Scenario, flags: &[GeneratedFlag], attributes: usize, 
                     path: "/ofrep/v1/evaluate/flags".into(),
                     body: Bytes::from(json!({ "context": ctx }).to_string()),
                 },
+                Scenario::Health => Req::Health,
             }
         })
         .collect()
@@ -122,6 +130,7 @@ pub fn requests(scenario: Scenario, flags: &[GeneratedFlag], attributes: usize, 
 pub struct Client {
     v1: Vec<v1::service_client::ServiceClient<Channel>>,
     v2: Vec<v2::service_client::ServiceClient<Channel>>,
+    health: Vec<HealthClient<Channel>>,
     http: HttpClient<HttpConnector, Full<Bytes>>,
     http_base: String,
     next: AtomicUsize,
@@ -137,12 +146,14 @@ impl Client {
     pub async fn connect_to(host: &str, grpc_port: u16, http_port: u16, connections: usize) -> anyhow::Result<Client> {
         let mut v1s = Vec::new();
         let mut v2s = Vec::new();
+        let mut healths = Vec::new();
         for _ in 0..connections.max(1) {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{host}:{grpc_port}"))?
                 .tcp_nodelay(true)
                 .connect()
                 .await?;
             v1s.push(v1::service_client::ServiceClient::new(channel.clone()));
+            healths.push(HealthClient::new(channel.clone()));
             v2s.push(v2::service_client::ServiceClient::new(channel));
         }
         let mut connector = HttpConnector::new();
@@ -153,6 +164,7 @@ impl Client {
         Ok(Client {
             v1: v1s,
             v2: v2s,
+            health: healths,
             http,
             http_base: format!("http://{host}:{http_port}"),
             next: AtomicUsize::new(0),
@@ -185,6 +197,12 @@ impl Client {
             Req::V2Bool(r) => self.v2[i % self.v2.len()]
                 .clone()
                 .resolve_boolean(r.clone())
+                .await
+                .map(drop)
+                .map_err(err),
+            Req::Health => self.health[i % self.health.len()]
+                .clone()
+                .check(HealthCheckRequest::default())
                 .await
                 .map(drop)
                 .map_err(err),
