@@ -25,7 +25,7 @@ const MAX_REF_DEPTH: usize = 32;
 /// How many JSON values `$ref` inlining may copy into one document's rules in all. Refs that
 /// refer to an evaluator more than once at each level expand exponentially (`a: [$ref b, $ref b]`,
 /// `b: [$ref c, $ref c]`, …); past this budget the remaining refs are left in place and reported.
-const MAX_INLINED_VALUES: usize = 1_000_000;
+const MAX_INLINED_VALUES: usize = 250_000;
 
 /// How deeply an inlined rule may nest: a rule is kept as JSON text and parsed back when it is
 /// compiled or synced, and the JSON parser stops at 128 levels.
@@ -500,14 +500,15 @@ fn check_variant_types(key: &str, variants: &[(String, Value)], pointer: &str, o
 /// following refs inside evaluators up to [`MAX_REF_DEPTH`]. Unknown names are left in place (they
 /// evaluate as an unknown operator, which flagd reports as a parse error) and collected, and so are
 /// refs past the inlining budget or whose copy would nest the rule deeper than [`MAX_RULE_DEPTH`].
-/// `at` is (ref nesting, JSON nesting of `rule` within the flag's rule).
+/// `at` is (ref nesting, JSON nesting of `rule` within the flag's rule). Returns how many arrays
+/// and objects nest in `rule` once inlined (0 for a scalar).
 fn inline_refs(
     rule: &mut Value,
     evaluators: &Map<String, Value>,
     at: (usize, usize),
     budget: &mut usize,
     unknown: &mut Vec<String>,
-) {
+) -> usize {
     let (depth, level) = at;
     match rule {
         Value::Object(map) => {
@@ -525,35 +526,40 @@ fn inline_refs(
                                 ),
                             );
                             *budget = 0;
-                            return;
+                            return 1;
                         }
                         *budget -= size;
                         let mut target = target.clone();
-                        inline_refs(&mut target, evaluators, (depth + 1, level), budget, unknown);
-                        if level + nesting(&target) > MAX_RULE_DEPTH {
+                        let nested = inline_refs(&mut target, evaluators, (depth + 1, level), budget, unknown);
+                        if level + nested > MAX_RULE_DEPTH {
                             report(
                                 unknown,
                                 format!("{name} (inlined, the rule would nest deeper than {MAX_RULE_DEPTH} levels)"),
                             );
-                            return;
+                            return 1;
                         }
                         *rule = target;
+                        return nested;
                     }
                     Some(_) => report(unknown, format!("{name} (nested too deeply: is it recursive?)")),
                     None => report(unknown, name.clone()),
                 }
-                return;
+                return 1;
             }
-            for value in map.values_mut() {
-                inline_refs(value, evaluators, (depth, level + 1), budget, unknown);
-            }
+            1 + map
+                .values_mut()
+                .map(|value| inline_refs(value, evaluators, (depth, level + 1), budget, unknown))
+                .max()
+                .unwrap_or(0)
         }
         Value::Array(items) => {
-            for item in items {
-                inline_refs(item, evaluators, (depth, level + 1), budget, unknown);
-            }
+            1 + items
+                .iter_mut()
+                .map(|item| inline_refs(item, evaluators, (depth, level + 1), budget, unknown))
+                .max()
+                .unwrap_or(0)
         }
-        _ => {}
+        _ => 0,
     }
 }
 
@@ -570,15 +576,6 @@ fn values(value: &Value) -> usize {
         Value::Object(map) => 1 + map.values().map(values).sum::<usize>(),
         Value::Array(items) => 1 + items.iter().map(values).sum::<usize>(),
         _ => 1,
-    }
-}
-
-/// How many arrays and objects nest in `value` (0 for a scalar).
-fn nesting(value: &Value) -> usize {
-    match value {
-        Value::Object(map) => 1 + map.values().map(nesting).max().unwrap_or(0),
-        Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
-        _ => 0,
     }
 }
 

@@ -306,7 +306,7 @@ fn flag_document_json() {
         |rng| flag_document(rng).into_bytes(),
         600,
     );
-    // (`$ref` bombs, which inline up to the parser's budget of a million values, are checked in
+    // (`$ref` bombs, which inline up to the parser's budget of 250,000 values, are checked in
     // vexil-core's `tests/parse.rs`: too slow for this run in debug builds.)
     run(
         "flag_document_json",
