@@ -216,11 +216,58 @@ fn from_protobuf(codec: Codec, output: &MessageDescriptor, message: Bytes) -> Re
         Codec::Json => {
             let internal = |e: String| error::grpc_status(ErrorKind::Internal, format!("encoding the response: {e}"));
             let decoded = DynamicMessage::decode(output.clone(), message).map_err(|e| internal(e.to_string()))?;
-            let mut serializer = serde_json::Serializer::new(Vec::new());
-            decoded
-                .serialize_with_options(&mut serializer, &SerializeOptions::new().skip_default_fields(false))
+            let mut json = decoded
+                .serialize_with_options(
+                    serde_json::value::Serializer,
+                    &SerializeOptions::new().skip_default_fields(false),
+                )
                 .map_err(|e| internal(e.to_string()))?;
-            Ok(serializer.into_inner())
+            null_unset_messages(output, &mut json);
+            serde_json::to_vec(&json).map_err(|e| internal(e.to_string()))
+        }
+    }
+}
+
+/// protojson's `EmitUnpopulated` (flagd's codec) writes an unset message field as `null`;
+/// prost-reflect leaves it out.
+fn null_unset_messages(descriptor: &MessageDescriptor, json: &mut serde_json::Value) {
+    let serde_json::Value::Object(object) = json else {
+        return;
+    };
+    let own = |m: &MessageDescriptor| !m.full_name().starts_with("google.protobuf.");
+    for field in descriptor.fields() {
+        let prost_reflect::Kind::Message(inner) = field.kind() else {
+            continue;
+        };
+        if field.is_map() {
+            // A map's entries: recurse into message values.
+            let value_kind = inner.map_entry_value_field().kind();
+            if let (prost_reflect::Kind::Message(value), Some(serde_json::Value::Object(entries))) =
+                (value_kind, object.get_mut(field.json_name()))
+                && own(&value)
+            {
+                entries.values_mut().for_each(|v| null_unset_messages(&value, v));
+            }
+            continue;
+        }
+        if field.is_list() {
+            if let Some(serde_json::Value::Array(items)) = object.get_mut(field.json_name())
+                && own(&inner)
+            {
+                items.iter_mut().for_each(|v| null_unset_messages(&inner, v));
+            }
+            continue;
+        }
+        if field.containing_oneof().is_some() {
+            continue;
+        }
+        match object.get_mut(field.json_name()) {
+            None => {
+                object.insert(field.json_name().to_owned(), serde_json::Value::Null);
+            }
+            // Well-known types have JSON forms of their own.
+            Some(value) if own(&inner) => null_unset_messages(&inner, value),
+            Some(_) => {}
         }
     }
 }
@@ -461,5 +508,35 @@ mod tests {
         assert_eq!(json["value"], "42");
         assert_eq!(json["variant"], "");
         assert_eq!(json["reason"], "STATIC");
+        // Unset messages are emitted as null, as protojson's EmitUnpopulated does (flagd).
+        let output = method("/flagd.evaluation.v1.Service/ResolveObject").unwrap().output();
+        let message = v1::ResolveObjectResponse {
+            value: None,
+            reason: "DISABLED".into(),
+            variant: String::new(),
+            metadata: None,
+        };
+        let json = from_protobuf(Codec::Json, &output, Bytes::from(message.encode_to_vec())).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json.get("value"), Some(&serde_json::Value::Null), "{json}");
+        // Also inside maps (ResolveAll's flags).
+        let output = method("/flagd.evaluation.v1.Service/ResolveAll").unwrap().output();
+        let mut flags = std::collections::HashMap::new();
+        flags.insert(
+            "f".to_owned(),
+            v1::AnyFlag {
+                reason: "STATIC".into(),
+                variant: "on".into(),
+                value: Some(v1::any_flag::Value::BoolValue(true)),
+                metadata: None,
+            },
+        );
+        let message = v1::ResolveAllResponse { flags, metadata: None };
+        let json = from_protobuf(Codec::Json, &output, Bytes::from(message.encode_to_vec())).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json["flags"]["f"]["metadata"], serde_json::Value::Null, "{json}");
+        assert_eq!(json["flags"]["f"]["boolValue"], true, "{json}");
+        assert_eq!(json["metadata"], serde_json::Value::Null, "{json}");
+        assert!(json.as_object().unwrap().contains_key("metadata"), "{json}");
     }
 }
