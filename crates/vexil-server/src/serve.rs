@@ -103,7 +103,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (builder, tls) = (builder.clone(), tls.clone());
         let Some(slot) = open.enter(limits.max_connections) else {
-            tracing::warn!(server = name, %peer, max = limits.max_connections, "connection refused: --max-connections reached");
+            // Counted in vexil_connections_rejected_total; a flood must not flood the log too.
+            tracing::debug!(server = name, %peer, max = limits.max_connections, "connection refused: --max-connections reached");
             crate::metrics::connection_rejected(name);
             tokio::spawn(reject(stream, tls, builder, limits));
             continue;
