@@ -1107,19 +1107,7 @@ fn scenario_key(scenario: &cucumber::gherkin::Scenario) -> String {
 async fn run(mode: Mode, fractional: &'static str, features: &Path) {
     let env = Arc::new(environment(mode, fractional));
     *ENV.lock().unwrap() = Some((mode, env.clone()));
-    // Cucumber's own report goes to stderr only when asked for (VEXIL_E2E_VERBOSE=1); the summary
-    // printed by `main` names every failure.
-    let verbose = std::env::var_os("VEXIL_E2E_VERBOSE").is_some();
-    let out: Box<dyn std::io::Write> = if verbose {
-        Box::new(std::io::stderr())
-    } else {
-        Box::new(std::io::sink())
-    };
-    let writer = cucumber::writer::Basic::raw(
-        out,
-        cucumber::writer::Coloring::Never,
-        cucumber::writer::Verbosity::Default,
-    );
+    let writer = support::report_writer();
     ProviderWorld::cucumber()
         .with_writer(cucumber::WriterExt::normalized(writer))
         .max_concurrent_scenarios(1)

@@ -1023,17 +1023,7 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         *ENV.lock().unwrap() = Some(Arc::new(environment()));
-        let verbose = std::env::var_os("VEXIL_E2E_VERBOSE").is_some();
-        let out: Box<dyn std::io::Write> = if verbose {
-            Box::new(std::io::stderr())
-        } else {
-            Box::new(std::io::sink())
-        };
-        let writer = cucumber::writer::Basic::raw(
-            out,
-            cucumber::writer::Coloring::Never,
-            cucumber::writer::Verbosity::Default,
-        );
+        let writer = support::report_writer();
         RawWorld::cucumber()
             .with_writer(cucumber::WriterExt::normalized(writer))
             .max_concurrent_scenarios(16)

@@ -1,6 +1,7 @@
 //! Shared by the test suites that run the flagd-testbed (`crates/vexil-core/tests/testbed.rs` and
 //! `tests/e2e/providers.rs`, which include this file with `#[path]`): loading the testbed's flags
 //! the way its launchpad does, and preparing its `.feature` files for the gherkin crate.
+//! `tests/e2e/raw.rs` includes it too.
 
 use std::path::{Path, PathBuf};
 
@@ -78,4 +79,20 @@ fn escape_cell_text(line: &str) -> String {
         }
     }
     out
+}
+
+/// Cucumber's report: on stderr with `VEXIL_E2E_VERBOSE=1`, else nowhere (the runners print their
+/// own summaries, naming every failure).
+#[allow(dead_code, reason = "the vexil-core runner keeps cucumber's default report")]
+pub fn report_writer() -> cucumber::writer::Basic<Box<dyn std::io::Write>> {
+    let out: Box<dyn std::io::Write> = if std::env::var_os("VEXIL_E2E_VERBOSE").is_some() {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::sink())
+    };
+    cucumber::writer::Basic::raw(
+        out,
+        cucumber::writer::Coloring::Never,
+        cucumber::writer::Verbosity::Default,
+    )
 }
