@@ -59,6 +59,34 @@ struct Worker {
     latency: Histogram<u64>,
 }
 
+/// One worker's arrivals: open loop, `interval` apart and offset so `workers` workers interleave
+/// evenly (latency is then measured from the intended start: coordinated-omission-safe); closed
+/// loop (now, every time) without an interval.
+#[derive(Debug)]
+pub struct Pacer {
+    next: Option<Instant>,
+    interval: Option<Duration>,
+}
+
+impl Pacer {
+    pub fn new(start: Instant, interval: Option<Duration>, worker: usize, workers: usize) -> Pacer {
+        let next = interval.map(|iv| start + iv.mul_f64(worker as f64 / workers.max(1) as f64));
+        Pacer { next, interval }
+    }
+
+    /// Waits for the next arrival and returns its intended time.
+    pub async fn next(&mut self) -> Instant {
+        match (self.next, self.interval) {
+            (Some(at), Some(iv)) => {
+                tokio::time::sleep_until(at).await;
+                self.next = Some(at + iv);
+                at
+            }
+            _ => Instant::now(),
+        }
+    }
+}
+
 /// Runs `spec` with `requests` (used round-robin) against `client`. `measuring` is called once when
 /// the warm-up ends (to sample CPU counters) and its result returned beside the measurement.
 pub async fn drive<T: Send + 'static>(
@@ -84,17 +112,9 @@ pub async fn drive<T: Send + 'static>(
                 latency: histogram(),
             };
             let mut i = w;
-            // Open loop: this worker's arrivals, offset so workers interleave evenly.
-            let mut next = per_worker_interval.map(|iv| start + iv.mul_f64(w as f64 / spec.concurrency as f64));
+            let mut pacer = Pacer::new(start, per_worker_interval, w, spec.concurrency);
             loop {
-                let intended = match (next, per_worker_interval) {
-                    (Some(at), Some(iv)) => {
-                        tokio::time::sleep_until(at).await;
-                        next = Some(at + iv);
-                        at
-                    }
-                    _ => Instant::now(),
-                };
+                let intended = pacer.next().await;
                 if intended >= end {
                     break;
                 }

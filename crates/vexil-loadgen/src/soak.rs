@@ -30,6 +30,7 @@ use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::flagd::sync::v1 as sync;
 use vexil_proto::pbjson_types::{Struct, value::Kind as PKind};
 
+use crate::driver::Pacer;
 use crate::flags::{GeneratedFlag, catalog, context};
 use crate::process::Server;
 use crate::workload::to_struct;
@@ -792,17 +793,10 @@ async fn drive(
     for w in 0..concurrency {
         let (load, stats) = (load.clone(), stats.clone());
         tasks.push(tokio::spawn(async move {
-            let mut next = interval.map(|iv| start + iv.mul_f64(w as f64 / concurrency as f64));
+            let mut pacer = Pacer::new(start, interval, w, concurrency);
             let mut i = w;
             loop {
-                let intended = match (next, interval) {
-                    (Some(at), Some(iv)) => {
-                        tokio::time::sleep_until(at).await;
-                        next = Some(at + iv);
-                        at
-                    }
-                    _ => Instant::now(),
-                };
+                let intended = pacer.next().await;
                 if intended >= end {
                     break;
                 }
