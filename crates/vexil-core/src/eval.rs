@@ -7,6 +7,7 @@
 //!    name that is not a variant → `ERROR`/`GENERAL`; an engine failure → `ERROR`/`PARSE_ERROR`.
 //! 4. The value must have the requested type, or `ERROR`/`TYPE_MISMATCH`.
 
+use std::any::Any;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -153,45 +154,8 @@ pub struct CompiledFlag {
     flag: Arc<Flag>,
     default_index: Option<usize>,
     targeting: Targeting,
-    json: OnceLock<JsonFragments>,
-}
-
-/// The JSON text of a flag's key, variant names and values, and metadata, for encoders that
-/// write responses directly (OFREP): computed on first use, then kept with the compiled flag.
-#[derive(Debug)]
-pub struct JsonFragments {
-    /// The key as a JSON string (with quotes).
-    pub key: Box<str>,
-    /// Per variant, in definition order: its name as a JSON string and its value as JSON.
-    pub variants: Vec<(Box<str>, Box<str>)>,
-    /// The flag metadata as a JSON object.
-    pub metadata: Box<str>,
-}
-
-impl JsonFragments {
-    fn of(flag: &Flag) -> JsonFragments {
-        fn text<T: serde::Serialize + ?Sized>(v: &T) -> Box<str> {
-            // Strings, maps and JSON values always serialize.
-            serde_json::to_string(v)
-                .unwrap_or_else(|_| "null".to_owned())
-                .into_boxed_str()
-        }
-        JsonFragments {
-            key: text(&flag.key),
-            variants: flag
-                .variants
-                .iter()
-                .map(|(name, value)| (text(name), text(value)))
-                .collect(),
-            metadata: text(&flag.metadata),
-        }
-    }
-
-    /// The JSON name and value of the variant called `name`.
-    pub fn variant(&self, flag: &Flag, name: &str) -> Option<(&str, &str)> {
-        let index = flag.variants.iter().position(|(n, _)| n == name)?;
-        self.variants.get(index).map(|(n, v)| (&**n, &**v))
-    }
+    /// See [`CompiledFlag::memo`].
+    memo: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 #[derive(Debug)]
@@ -223,7 +187,7 @@ impl CompiledFlag {
                 flag,
                 default_index,
                 targeting,
-                json: OnceLock::new(),
+                memo: OnceLock::new(),
             },
             problem,
         )
@@ -234,9 +198,12 @@ impl CompiledFlag {
         &self.flag
     }
 
-    /// The flag's key, variants and metadata as JSON text (computed once).
-    pub fn json(&self) -> &JsonFragments {
-        self.json.get_or_init(|| JsonFragments::of(&self.flag))
+    /// A value a wire encoder derives from the flag's definition (e.g. its variants pre-encoded
+    /// in the wire format), computed by `init` on first use and kept for as long as the compiled
+    /// flag lives. One slot per flag: the first type asked for holds it, and asking with another
+    /// type returns `None` (the encoder then works from [`CompiledFlag::flag`]).
+    pub fn memo<T: Any + Send + Sync>(&self, init: impl FnOnce(&Flag) -> T) -> Option<&T> {
+        self.memo.get_or_init(|| Box::new(init(&self.flag))).downcast_ref()
     }
 
     /// The flag key.

@@ -18,7 +18,7 @@ pub mod schema;
 pub mod snapshot;
 pub mod targeting;
 
-pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, JsonFragments, Reason, Resolution};
+pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, Reason, Resolution};
 pub use model::{Flag, FlagConfig, FlagState, Metadata, RuleText, ValueType};
 pub use parse::{Diagnostic, Format, ParseError, Parsed, Severity, Strictness};
 pub use snapshot::{Revision, Selector, SelectorError, Snapshot, SourceConfig};

@@ -342,3 +342,19 @@ fn the_revision_names_the_content() {
     revisions.dedup();
     assert_eq!(revisions.len(), count, "every change of content changes the revision");
 }
+
+#[test]
+fn a_compiled_flag_memoizes_one_derived_value() {
+    let snap = snapshot(vec![source("a", json!({"flags": {"f": flag("ENABLED", json!(1))}}))]);
+    let compiled = snap.get("f", &Selector::All).unwrap();
+    let mut calls = 0;
+    let first = compiled
+        .memo(|f| {
+            calls += 1;
+            format!("{}:{}", f.key, f.variants.len())
+        })
+        .cloned();
+    let again = compiled.memo(|_| -> String { unreachable!("computed once") }).cloned();
+    assert_eq!((first.as_deref(), again.as_deref(), calls), (Some("f:1"), Some("f:1"), 1));
+    assert_eq!(compiled.memo(|_| 7_u32), None, "the slot holds the first type only");
+}

@@ -3,6 +3,7 @@
 use pbjson_types::value::Kind;
 use pbjson_types::{ListValue, Struct, Value as PValue};
 use serde_json::{Map, Number, Value};
+use vexil_core::{Metadata, Selector};
 use vexil_proto::pbjson_types;
 
 /// A protobuf `Struct` as a JSON object.
@@ -35,6 +36,20 @@ pub fn json_to_struct(m: &Map<String, Value>) -> Struct {
     Struct {
         fields: m.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
     }
+}
+
+/// A flag's metadata as flagd reports it in a response: the selector's reflection (`{"flagSetId": …}`
+/// or `{"source": …}`) with the flag's own metadata over it.
+pub fn metadata_struct(selector: &Selector, flag: Option<&Metadata>) -> Struct {
+    let mut fields: std::collections::HashMap<String, PValue> = selector
+        .metadata()
+        .into_iter()
+        .map(|(k, v)| (k, json_to_value(&v)))
+        .collect();
+    for (k, v) in flag.into_iter().flatten() {
+        fields.insert(k.clone(), json_to_value(v));
+    }
+    Struct { fields }
 }
 
 /// A JSON value as a protobuf `Value`.

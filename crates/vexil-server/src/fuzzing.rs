@@ -248,7 +248,7 @@ fn evaluate_everything(snapshot: &Snapshot, context: &Map<String, Value>) {
                 assert!(!err.message.is_empty(), "empty evaluation error: {r:?}");
             }
         });
-        let payload = crate::flagd::sync::flag_configuration(snapshot, selector);
+        let payload = vexil_service::flag_configuration(snapshot, selector);
         assert!(
             serde_json::from_str::<Value>(&payload).is_ok(),
             "sync payload is not JSON"

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use vexil_core::Reason;
+use vexil_service::{Observer, ReasonTally};
 
 const EVALUATIONS: &str = "vexil_evaluations_total";
 const LATENCY: &str = "vexil_evaluation_duration_seconds";
@@ -54,22 +55,9 @@ pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
     })
 }
 
-const REASONS: [Reason; 6] = [
-    Reason::Static,
-    Reason::TargetingMatch,
-    Reason::Default,
-    Reason::Disabled,
-    Reason::Split,
-    Reason::Error,
-];
-
-fn reason_index(reason: Reason) -> usize {
-    REASONS.iter().position(|r| *r == reason).unwrap_or(REASONS.len() - 1)
-}
-
 /// The metric handles of one protocol, looked up in the registry once.
 struct Handles {
-    evaluations: [metrics::Counter; 6],
+    evaluations: [metrics::Counter; ReasonTally::REASONS.len()],
     latency: metrics::Histogram,
 }
 
@@ -84,7 +72,7 @@ fn handles(protocol: &'static str) -> std::rc::Rc<Handles> {
             return h.clone();
         }
         let h = std::rc::Rc::new(Handles {
-            evaluations: REASONS
+            evaluations: ReasonTally::REASONS
                 .map(|r| metrics::counter!(EVALUATIONS, "protocol" => protocol, "reason" => r.as_str())),
             latency: metrics::histogram!(LATENCY, "protocol" => protocol),
         });
@@ -93,34 +81,25 @@ fn handles(protocol: &'static str) -> std::rc::Rc<Handles> {
     })
 }
 
-/// One evaluation: counted by reason, timed.
-pub fn evaluation(protocol: &'static str, reason: Reason, took: Duration) {
-    let h = handles(protocol);
-    h.evaluations[reason_index(reason)].increment(1);
-    h.latency.record(took.as_secs_f64());
-}
+/// Records the flag service's evaluations: counted by protocol and reason, timed by protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Evaluations;
 
-/// The latency of a request whose evaluations were counted with a [`Tally`].
-pub fn latency(protocol: &'static str, took: Duration) {
-    handles(protocol).latency.record(took.as_secs_f64());
-}
-
-/// Counts a bulk request's evaluations by reason, recorded once at the end.
-#[derive(Debug, Default)]
-pub struct Tally([u64; 6]);
-
-impl Tally {
-    pub fn add(&mut self, reason: Reason) {
-        self.0[reason_index(reason)] += 1;
+impl Observer for Evaluations {
+    fn evaluation(&self, protocol: &'static str, reason: Reason, took: Duration) {
+        let h = handles(protocol);
+        h.evaluations[ReasonTally::index(reason)].increment(1);
+        h.latency.record(took.as_secs_f64());
     }
 
-    pub fn record(&self, protocol: &'static str) {
+    fn bulk_evaluation(&self, protocol: &'static str, tally: &ReasonTally, took: Duration) {
         let h = handles(protocol);
-        for (counter, n) in h.evaluations.iter().zip(self.0) {
+        for (counter, &n) in h.evaluations.iter().zip(tally.counts()) {
             if n > 0 {
                 counter.increment(n);
             }
         }
+        h.latency.record(took.as_secs_f64());
     }
 }
 

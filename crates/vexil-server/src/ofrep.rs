@@ -15,7 +15,7 @@ use axum::routing::post;
 use serde::Serialize;
 use serde::ser::SerializeMap as _;
 use serde_json::{Map, Value};
-use vexil_core::{CompiledFlag, Metadata, Resolution, Selector, ValueType};
+use vexil_core::{CompiledFlag, Flag, Metadata, Resolution, Selector, ValueType};
 
 use crate::app::App;
 use crate::error::{self, ErrorKind};
@@ -109,7 +109,9 @@ fn request_context(
             }
         }
     };
-    Ok(app.context(own, |name| headers.get(name).and_then(|v| v.to_str().ok())))
+    Ok(app
+        .flags()
+        .context(own, |name| headers.get(name).and_then(|v| v.to_str().ok())))
 }
 
 fn selector(headers: &HeaderMap, key: Option<&str>) -> Result<Selector, Rejection> {
@@ -139,6 +141,45 @@ impl Serialize for MergedMetadata<'_> {
     }
 }
 
+/// A flag's key, variant names and values, and metadata as JSON text: encoded on first use, then
+/// kept with the compiled flag (its [`CompiledFlag::memo`]), so answering copies bytes instead of
+/// serializing values.
+#[derive(Debug)]
+struct Fragments {
+    /// The key as a JSON string (with quotes).
+    key: Box<str>,
+    /// Per variant, in definition order: its name as a JSON string and its value as JSON.
+    variants: Vec<(Box<str>, Box<str>)>,
+    /// The flag metadata as a JSON object.
+    metadata: Box<str>,
+}
+
+impl Fragments {
+    fn of(flag: &Flag) -> Fragments {
+        fn text<T: Serialize + ?Sized>(v: &T) -> Box<str> {
+            // Strings, maps and JSON values always serialize.
+            serde_json::to_string(v)
+                .unwrap_or_else(|_| "null".to_owned())
+                .into_boxed_str()
+        }
+        Fragments {
+            key: text(&flag.key),
+            variants: flag
+                .variants
+                .iter()
+                .map(|(name, value)| (text(name), text(value)))
+                .collect(),
+            metadata: text(&flag.metadata),
+        }
+    }
+
+    /// The JSON name and value of the variant called `name`.
+    fn variant(&self, flag: &Flag, name: &str) -> Option<(&str, &str)> {
+        let index = flag.variants.iter().position(|(n, _)| n == name)?;
+        self.variants.get(index).map(|(n, v)| (&**n, &**v))
+    }
+}
+
 /// Appends one flag's OFREP object (success or failure) to `out`, from the flag's pre-encoded JSON
 /// fragments; returns its HTTP status (for the single-flag endpoint).
 fn write_flag_object(
@@ -148,7 +189,7 @@ fn write_flag_object(
     r: &Resolution<'_>,
     selector: &Metadata,
 ) -> StatusCode {
-    let fragments = flag.map(CompiledFlag::json);
+    let fragments = flag.and_then(|f| f.memo(Fragments::of));
     out.extend_from_slice(b"{\"key\":");
     match fragments {
         Some(f) => out.extend_from_slice(f.key.as_bytes()),
@@ -232,7 +273,7 @@ async fn single(
     let context = request_context(&app, &bytes, &headers, Some(&key))?;
     let selector_metadata = selector.metadata();
     let mut body = Vec::with_capacity(256);
-    let status = app.evaluate_with(
+    let status = app.flags().evaluate(
         PROTOCOL,
         &key,
         &selector,
@@ -251,12 +292,13 @@ async fn bulk(State(app): State<App>, headers: HeaderMap, body: Body) -> Result<
     let mut body = Vec::with_capacity(4096);
     body.extend_from_slice(b"{\"flags\":[");
     let mut first = true;
-    app.evaluate_all_borrowed(PROTOCOL, &selector, &context, |flag, resolution| {
-        if !std::mem::take(&mut first) {
-            body.push(b',');
-        }
-        write_flag_object(&mut body, Some(flag), flag.key(), resolution, &selector_metadata);
-    });
+    app.flags()
+        .evaluate_all(PROTOCOL, &selector, &context, |flag, resolution| {
+            if !std::mem::take(&mut first) {
+                body.push(b',');
+            }
+            write_flag_object(&mut body, Some(flag), flag.key(), resolution, &selector_metadata);
+        });
     body.extend_from_slice(b"],\"metadata\":");
     write_json(&mut body, &selector_metadata);
     body.push(b'}');

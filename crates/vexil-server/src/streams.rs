@@ -18,9 +18,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tonic::Status;
 use vexil_core::{Selector, Snapshot};
-use vexil_service::Published;
+use vexil_service::{Changes, Published};
 
-use crate::app::{App, Changes};
+use crate::app::App;
 use crate::metrics::StreamGuard;
 
 /// What a subscription has to tell its subscriber next.
@@ -104,7 +104,7 @@ impl Subscription {
                         return None;
                     }
                     let current = self.config.borrow_and_update().snapshot.clone();
-                    let changes = self.app.changes(&self.told, &current, &self.selector);
+                    let changes = self.app.flags().changes(&self.told, &current, &self.selector);
                     self.told = current;
                     if !changes.is_empty() {
                         break Event::Changed { snapshot: self.told.clone(), changes };

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
+use vexil_core::Reason;
 use vexil_server::metrics;
+use vexil_service::Observer as _;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -17,7 +19,7 @@ const SAMPLES_PER_ROUND: usize = 10_000;
 /// Records a round of latency samples, then lets the paused clock pass one upkeep interval.
 async fn round() {
     for i in 0..SAMPLES_PER_ROUND {
-        metrics::latency("test", Duration::from_nanos(500 + i as u64));
+        metrics::Evaluations.evaluation("test", Reason::Static, Duration::from_nanos(500 + i as u64));
     }
     tokio::time::sleep(metrics::UPKEEP_INTERVAL).await;
 }

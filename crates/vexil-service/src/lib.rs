@@ -6,9 +6,11 @@
 //! snapshot against the new one for their selector.
 
 mod evaluate;
+mod flags;
 mod live;
 mod sources;
 
 pub use evaluate::{StaticContext, merge_context};
+pub use flags::{Changes, Flags, FlagsConfig, Observer, ReasonTally, Unobserved, flag_configuration};
 pub use live::{Live, LiveConfig, Published, Readiness};
 pub use sources::{FileSource, LoadError, SourceSpec};

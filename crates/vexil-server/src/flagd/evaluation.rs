@@ -1,5 +1,5 @@
 //! flagd's evaluation services on port 8013: `flagd.evaluation.v1`, `flagd.evaluation.v2` and the
-//! legacy `schema.v1`. Handlers are thin: request → [`App::evaluate`] → the version's encoding.
+//! legacy `schema.v1`. Handlers are thin: request → [`vexil_service::Flags::evaluate`] → the version's encoding.
 //!
 //! The three versions differ only in how they report "use the caller's code default" (no default
 //! variant, or a disabled flag): v1 answers `NOT_FOUND` for a missing default variant and zero
@@ -8,15 +8,16 @@
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
-use vexil_core::{Reason, Selector, ValueType};
+use vexil_core::{Reason, Resolution, Selector, ValueType};
 use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::pbjson_types::Struct;
 use vexil_proto::schema::v1 as schema_v1;
 
 use super::events::{self, EventStream};
-use crate::app::{App, Evaluated};
-use crate::convert::{json_to_struct, struct_to_json};
+use crate::app::App;
+use crate::convert::{json_to_struct, metadata_struct, struct_to_json};
 use crate::error::{self, ErrorKind};
 
 /// Which flagd evaluation API is answering.
@@ -37,38 +38,38 @@ impl Api {
     }
 }
 
-/// What a typed Resolve* answers: value (None = zero value / unset), reason, variant, metadata.
-struct Answer {
-    value: Option<Value>,
-    reason: String,
-    variant: Option<String>,
+/// What a typed Resolve* answers, borrowed from the resolution: value (None = zero value / unset),
+/// reason, variant, metadata.
+struct Answer<'r> {
+    value: Option<&'r Value>,
+    reason: &'static str,
+    variant: Option<&'r str>,
     metadata: Struct,
 }
 
 /// The selector of a request: the `Flagd-Selector` header.
-pub(crate) fn selector<T>(request: &Request<T>) -> Result<Selector, Status> {
-    crate::selector::from_headers(request.metadata().as_ref(), "")
-        .map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e))
+pub(crate) fn selector(metadata: &MetadataMap) -> Result<Selector, Status> {
+    crate::selector::from_headers(metadata.as_ref(), "").map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e))
 }
 
 /// The evaluation context: the request's `context` merged with `-X` values and `-H` headers.
-pub(crate) fn context<T>(app: &App, request: &Request<T>, context: Option<Struct>) -> Map<String, Value> {
+fn context(app: &App, metadata: &MetadataMap, context: Option<Struct>) -> Map<String, Value> {
     let own = context.map(struct_to_json).unwrap_or_default();
-    let metadata = request.metadata();
-    app.context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()))
+    app.flags()
+        .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()))
 }
 
-fn answer(api: Api, ev: Evaluated) -> Result<Answer, Status> {
-    if let Some(err) = &ev.error {
+fn answer<'r>(api: Api, r: &Resolution<'r>, selector: &Selector) -> Result<Answer<'r>, Status> {
+    if let Some(err) = &r.error {
         return Err(error::status(err.code, &err.message));
     }
-    let metadata = json_to_struct(&ev.metadata);
-    if ev.value.is_none() {
+    let metadata = metadata_struct(selector, r.metadata);
+    if r.value.is_none() {
         // The caller's code default applies (no default variant, or a disabled flag).
-        return match (api, ev.reason) {
+        return match (api, r.reason) {
             (Api::V2, reason) => Ok(Answer {
                 value: None,
-                reason: reason.as_str().into(),
+                reason: reason.as_str(),
                 variant: None,
                 metadata,
             }),
@@ -78,37 +79,45 @@ fn answer(api: Api, ev: Evaluated) -> Result<Answer, Status> {
             )),
             (Api::SchemaV1, Reason::Default) => Ok(Answer {
                 value: None,
-                reason: "FALLBACK".into(),
-                variant: Some(String::new()),
+                reason: "FALLBACK",
+                variant: Some(""),
                 metadata,
             }),
             (_, reason) => Ok(Answer {
                 value: None,
-                reason: reason.as_str().into(),
-                variant: Some(String::new()),
+                reason: reason.as_str(),
+                variant: Some(""),
                 metadata,
             }),
         };
     }
     Ok(Answer {
-        value: ev.value,
-        reason: ev.reason.as_str().into(),
-        variant: ev.variant,
+        value: r.value,
+        reason: r.reason.as_str(),
+        variant: r.variant,
         metadata,
     })
 }
 
-fn resolve<T>(
+/// A typed Resolve*: the request taken apart (nothing copied), evaluated, and the answer built
+/// into `Resp` by `build` from the result borrowed from the snapshot.
+fn resolve<Req, Resp>(
     app: &App,
     api: Api,
-    request: &Request<T>,
-    key: &str,
-    ctx: Option<Struct>,
+    request: Request<Req>,
     ty: ValueType,
-) -> Result<Answer, Status> {
-    let selector = selector(request)?;
-    let context = context(app, request, ctx);
-    answer(api, app.evaluate(api.protocol(), key, &selector, &context, ty))
+    parts: impl FnOnce(Req) -> (String, Option<Struct>),
+    build: impl FnOnce(Answer<'_>) -> Resp,
+) -> Result<Response<Resp>, Status> {
+    let (metadata, _, message) = request.into_parts();
+    let selector = selector(&metadata)?;
+    let (key, ctx) = parts(message);
+    let context = context(app, &metadata, ctx);
+    app.flags()
+        .evaluate(api.protocol(), &key, &selector, &context, ty, |_, r| {
+            answer(api, r, &selector).map(build)
+        })
+        .map(Response::new)
 }
 
 fn as_bool(v: &Value) -> bool {
@@ -144,10 +153,9 @@ macro_rules! service_impl {
         impl $pkg::service_server::Service for $ty {
             $(
                 async fn $method(&self, request: Request<$pkg::$req>) -> Result<Response<$pkg::$resp>, Status> {
-                    let key = request.get_ref().flag_key.clone();
-                    let ctx = request.get_ref().context.clone();
-                    let a = resolve(&self.app, $api, &request, &key, ctx, $vt)?;
-                    Ok(Response::new(service_impl!(@build $unset, $kind, $pkg, $resp, a, $conv)))
+                    resolve(&self.app, $api, request, $vt, |m| (m.flag_key, m.context), |a| {
+                        service_impl!(@build $unset, $kind, $pkg, $resp, a, $conv)
+                    })
                 }
             )*
             $($extra)*
@@ -156,24 +164,29 @@ macro_rules! service_impl {
     // v1/schema.v1 scalars: the zero value when there is none.
     (@build false, scalar, $pkg:ident, $resp:ident, $a:ident, $conv:ident) => {
         $pkg::$resp {
-            value: $a.value.as_ref().map($conv).unwrap_or_default(),
-            reason: $a.reason,
-            variant: $a.variant.unwrap_or_default(),
+            value: $a.value.map($conv).unwrap_or_default(),
+            reason: $a.reason.to_owned(),
+            variant: $a.variant.unwrap_or_default().to_owned(),
             metadata: Some($a.metadata),
         }
     };
     // v1/schema.v1 objects: the value is a message, unset when there is none.
     (@build false, message, $pkg:ident, $resp:ident, $a:ident, $conv:ident) => {
         $pkg::$resp {
-            value: $a.value.as_ref().map($conv),
-            reason: $a.reason,
-            variant: $a.variant.unwrap_or_default(),
+            value: $a.value.map($conv),
+            reason: $a.reason.to_owned(),
+            variant: $a.variant.unwrap_or_default().to_owned(),
             metadata: Some($a.metadata),
         }
     };
     // v2: value and variant unset when there is none.
     (@build true, $kind:ident, $pkg:ident, $resp:ident, $a:ident, $conv:ident) => {
-        $pkg::$resp { value: $a.value.as_ref().map($conv), reason: $a.reason, variant: $a.variant, metadata: Some($a.metadata) }
+        $pkg::$resp {
+            value: $a.value.map($conv),
+            reason: $a.reason.to_owned(),
+            variant: $a.variant.map(str::to_owned),
+            metadata: Some($a.metadata),
+        }
     };
 }
 
@@ -188,8 +201,7 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
         &self,
         request: Request<v1::ResolveAllRequest>,
     ) -> Result<Response<v1::ResolveAllResponse>, Status> {
-        let ctx = request.get_ref().context.clone();
-        let (flags, selector) = resolve_all(&self.app, Api::V1, &request, ctx)?;
+        let (flags, selector) = resolve_all(&self.app, Api::V1, request, |m| m.context)?;
         Ok(Response::new(v1::ResolveAllResponse {
             flags,
             metadata: Some(json_to_struct(&selector.metadata())),
@@ -202,7 +214,7 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
         &self,
         request: Request<v1::EventStreamRequest>,
     ) -> Result<Response<Self::EventStreamStream>, Status> {
-        let selector = selector(&request)?;
+        let selector = selector(request.metadata())?;
         Ok(Response::new(events::stream(&self.app, selector, |kind, data| {
             v1::EventStreamResponse {
                 r#type: kind.into(),
@@ -217,26 +229,28 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
 fn resolve_all<T>(
     app: &App,
     api: Api,
-    request: &Request<T>,
-    ctx: Option<Struct>,
+    request: Request<T>,
+    ctx: impl FnOnce(T) -> Option<Struct>,
 ) -> Result<(HashMap<String, v1::AnyFlag>, Selector), Status> {
-    let selector = selector(request)?;
-    let context = context(app, request, ctx);
+    let (metadata, _, message) = request.into_parts();
+    let selector = selector(&metadata)?;
+    let context = context(app, &metadata, ctx(message));
     let mut flags = HashMap::new();
-    app.evaluate_all(api.protocol(), &selector, &context, |key, default_type, ev| {
-        let Some(ty) = default_type else { return };
-        if ev.reason != Reason::Disabled {
-            flags.insert(key.to_owned(), any_flag(ty, ev));
-        }
-    });
+    app.flags()
+        .evaluate_all(api.protocol(), &selector, &context, |flag, r| {
+            let Some(ty) = flag.default_type() else { return };
+            if r.reason != Reason::Disabled {
+                flags.insert(flag.key().to_owned(), any_flag(ty, r, &selector));
+            }
+        });
     Ok((flags, selector))
 }
 
-fn any_flag(ty: ValueType, ev: Evaluated) -> v1::AnyFlag {
+fn any_flag(ty: ValueType, r: &Resolution<'_>, selector: &Selector) -> v1::AnyFlag {
     use v1::any_flag::Value as V;
-    let metadata = Some(json_to_struct(&ev.metadata));
-    let value = ev.value.as_ref().filter(|v| ty.accepts(v));
-    let (reason, variant, value) = match (&ev.error, value) {
+    let metadata = Some(metadata_struct(selector, r.metadata));
+    let value = r.value.filter(|v| ty.accepts(v));
+    let (reason, variant, value) = match (&r.error, value) {
         (None, Some(v)) => {
             let value = match ty {
                 ValueType::Boolean => V::BoolValue(as_bool(v)),
@@ -244,11 +258,7 @@ fn any_flag(ty: ValueType, ev: Evaluated) -> v1::AnyFlag {
                 ValueType::Object => V::ObjectValue(as_object(v)),
                 _ => V::DoubleValue(as_float(v)),
             };
-            (
-                ev.reason.as_str().to_owned(),
-                ev.variant.unwrap_or_default(),
-                Some(value),
-            )
+            (r.reason, r.variant.unwrap_or_default(), value)
         }
         // Errors, and a targeted variant of another type than the default (flagd: TYPE_MISMATCH):
         // flagd sends the zero value of the flag's type (flagd-web reads a missing value as
@@ -260,13 +270,13 @@ fn any_flag(ty: ValueType, ev: Evaluated) -> v1::AnyFlag {
                 ValueType::Object => V::ObjectValue(Struct::default()),
                 _ => V::DoubleValue(0.0),
             };
-            (Reason::Error.as_str().to_owned(), String::new(), Some(zero))
+            (Reason::Error, "", zero)
         }
     };
     v1::AnyFlag {
-        reason,
-        variant,
-        value,
+        reason: reason.as_str().to_owned(),
+        variant: variant.to_owned(),
+        value: Some(value),
         metadata,
     }
 }
@@ -284,7 +294,7 @@ service_impl!(EvaluationV2, v2, Api::V2, unset = true, {
         &self,
         request: Request<v2::EventStreamRequest>,
     ) -> Result<Response<Self::EventStreamStream>, Status> {
-        let selector = selector(&request)?;
+        let selector = selector(request.metadata())?;
         Ok(Response::new(events::stream(&self.app, selector, |kind, data| {
             v2::EventStreamResponse {
                 r#type: kind.into(),
@@ -307,8 +317,7 @@ service_impl!(SchemaV1, schema_v1, Api::SchemaV1, unset = false, {
     ) -> Result<Response<schema_v1::ResolveAllResponse>, Status> {
         use schema_v1::any_flag::Value as S;
         use v1::any_flag::Value as V;
-        let ctx = request.get_ref().context.clone();
-        let (flags, _) = resolve_all(&self.app, Api::SchemaV1, &request, ctx)?;
+        let (flags, _) = resolve_all(&self.app, Api::SchemaV1, request, |m| m.context)?;
         // schema.v1's AnyFlag is evaluation.v1's without metadata.
         let flags = flags
             .into_iter()
@@ -338,7 +347,7 @@ service_impl!(SchemaV1, schema_v1, Api::SchemaV1, unset = false, {
         &self,
         request: Request<schema_v1::EventStreamRequest>,
     ) -> Result<Response<Self::EventStreamStream>, Status> {
-        let selector = selector(&request)?;
+        let selector = selector(request.metadata())?;
         Ok(Response::new(events::stream(&self.app, selector, |kind, data| {
             schema_v1::EventStreamResponse {
                 r#type: kind.into(),

@@ -19,7 +19,6 @@ use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, header};
 use hyper::body::Frame;
 use prost::Message;
-use serde_json::{Map, Value, json};
 use tonic::{Request, Response, Status};
 use vexil_core::{Selector, Snapshot};
 use vexil_proto::flagd::sync::v1::{self as sync, flag_sync_service_server::FlagSyncService};
@@ -48,44 +47,20 @@ fn selector_from(headers: &HeaderMap, body: &str) -> Result<Selector, Status> {
     crate::selector::from_headers(headers, body).map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e))
 }
 
-/// flagd's sync payload for the flags `selector` sees.
-pub fn flag_configuration(snapshot: &Snapshot, selector: &Selector) -> String {
-    let mut flags = Map::new();
-    for compiled in snapshot.flags(selector) {
-        let flag = compiled.flag();
-        let mut out = Map::new();
-        out.insert("state".into(), json!(flag.state.as_str()));
-        out.insert(
-            "defaultVariant".into(),
-            json!(flag.default_variant.as_deref().unwrap_or("")),
-        );
-        out.insert(
-            "variants".into(),
-            Value::Object(flag.variants.iter().cloned().collect()),
-        );
-        if let Some(t) = &flag.targeting {
-            out.insert("targeting".into(), t.to_value());
-        }
-        out.insert(
-            "source".into(),
-            json!(snapshot.source_of(&flag.key, selector).unwrap_or("")),
-        );
-        if !flag.metadata.is_empty() {
-            out.insert("metadata".into(), Value::Object(flag.metadata.clone()));
-        }
-        flags.insert(flag.key.clone(), Value::Object(out));
-    }
-    json!({ "flags": flags }).to_string()
-}
-
-/// The encoded `SyncFlagsResponse` for `snapshot` and `selector` (what [`App::sync_payload`]
-/// caches and shares).
-pub fn encode_response(snapshot: &Snapshot, selector: &Selector, statics: &StaticContext) -> Bytes {
+/// The encoded `SyncFlagsResponse` carrying `flag_configuration` (flagd's JSON of the selected
+/// flags, see [`vexil_service::flag_configuration`]): the payload [`vexil_service::Flags::sync_payload`]
+/// encodes once per snapshot and selector.
+fn encode_response(flag_configuration: String, statics: &StaticContext) -> Bytes {
     let response = sync::SyncFlagsResponse {
-        flag_configuration: flag_configuration(snapshot, selector),
+        flag_configuration,
         sync_context: Some(json_to_struct(&statics.values)),
     };
     Bytes::from(response.encode_to_vec())
+}
+
+fn payload(app: &App, snapshot: &Snapshot, selector: &Selector) -> Bytes {
+    let flags = app.flags();
+    flags.sync_payload(snapshot, selector, |config| encode_response(config, flags.statics()))
 }
 
 /// A SyncFlags stream: encoded `SyncFlagsResponse`s.
@@ -96,11 +71,11 @@ type Updates = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 /// (built as the transport pulls them, see `crate::streams`).
 fn updates(app: &App, selector: Selector) -> Result<Updates, Status> {
     let subscription = Subscription::open(app, "sync_flags", selector, None)?;
-    let first = app.sync_payload(subscription.snapshot(), subscription.selector());
+    let first = payload(app, subscription.snapshot(), subscription.selector());
     let rest = futures::stream::unfold((subscription, app.clone()), |(mut subscription, app)| async move {
         loop {
             let item = match subscription.next().await? {
-                Event::Changed { snapshot, .. } => Ok(app.sync_payload(&snapshot, subscription.selector())),
+                Event::Changed { snapshot, .. } => Ok(payload(&app, &snapshot, subscription.selector())),
                 // SyncFlags has no keep-alive message (and asks for none).
                 Event::Quiet => continue,
                 // The stream ends with OK, as flagd's does.
@@ -229,7 +204,7 @@ impl FlagSyncService for Sync {
         let selector = selector(&request, &request.get_ref().selector)?;
         let snapshot = self.app.live().snapshot();
         Ok(Response::new(sync::FetchAllFlagsResponse {
-            flag_configuration: flag_configuration(&snapshot, &selector),
+            flag_configuration: vexil_service::flag_configuration(&snapshot, &selector),
         }))
     }
 
@@ -243,7 +218,7 @@ impl FlagSyncService for Sync {
             ));
         }
         Ok(Response::new(sync::GetMetadataResponse {
-            metadata: Some(json_to_struct(&self.app.statics().values)),
+            metadata: Some(json_to_struct(&self.app.flags().statics().values)),
         }))
     }
 }
