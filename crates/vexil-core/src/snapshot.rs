@@ -6,7 +6,9 @@
 //! highest-priority source; with one, to the flag in the selected flag set or source.
 //!
 //! A snapshot is built once per configuration change and shared as `Arc<Snapshot>`; reading it takes
-//! no lock.
+//! no lock. Each source is compiled on its own into an `Arc<CompiledSource>`: when one source
+//! changes, the next snapshot is assembled from the other sources' compiled flags as they are
+//! ([`Snapshot::assemble`]) and only the changed source is compiled again.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -89,7 +91,7 @@ impl fmt::Display for Selector {
     }
 }
 
-/// One source's flags, as input to [`Snapshot::build`].
+/// One source's flags, as input to [`Snapshot::build`] and [`CompiledSource::compile`].
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     /// The source's name as selectors address it (flagd: the URI as given, e.g. `flags/a.json`).
@@ -98,10 +100,79 @@ pub struct SourceConfig {
     pub config: FlagConfig,
 }
 
+/// One source's flags, compiled: what snapshots are assembled from. A snapshot holds its sources
+/// as `Arc<CompiledSource>`, so the next snapshot reuses the flags of a source that did not change
+/// (the same compiled flags, not copies).
+#[derive(Debug)]
+pub struct CompiledSource {
+    engine: Arc<Engine>,
+    name: Arc<str>,
+    config: FlagConfig,
+    flags: Vec<Arc<CompiledFlag>>,
+    warnings: Vec<Diagnostic>,
+    /// This source's part of the snapshot [`Revision`].
+    hash: u64,
+}
+
+impl CompiledSource {
+    /// Compiles `source`'s flags with `engine`. Targeting rules that do not compile are reported as
+    /// warnings and evaluate as parse errors, as in flagd.
+    pub fn compile(engine: &Arc<Engine>, source: SourceConfig) -> CompiledSource {
+        let hash = source_hash(&source);
+        let mut warnings = Vec::new();
+        let flags = source
+            .config
+            .flags
+            .iter()
+            .map(|flag| {
+                let (compiled, problem) = CompiledFlag::compile(flag.clone(), engine);
+                if let Some(problem) = problem {
+                    warnings.push(Diagnostic {
+                        severity: Severity::Warning,
+                        flag: Some(compiled.key().to_owned()),
+                        pointer: format!("/flags/{}/targeting", compiled.key()),
+                        message: format!("targeting does not compile, evaluations will fail: {problem}"),
+                    });
+                }
+                Arc::new(compiled)
+            })
+            .collect();
+        CompiledSource {
+            engine: engine.clone(),
+            name: Arc::from(source.name),
+            config: source.config,
+            flags,
+            warnings,
+            hash,
+        }
+    }
+
+    /// The source's name, as selectors address it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The document the flags were compiled from (compare it with a reloaded one to tell whether
+    /// the source changed).
+    pub fn config(&self) -> &FlagConfig {
+        &self.config
+    }
+
+    /// The compiled flags, in document order.
+    pub fn flags(&self) -> impl Iterator<Item = &CompiledFlag> {
+        self.flags.iter().map(|f| &**f)
+    }
+
+    /// Targeting rules that did not compile.
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
+    }
+}
+
 /// A flag in the snapshot, with where it came from.
 #[derive(Debug)]
 struct Entry {
-    flag: CompiledFlag,
+    flag: Arc<CompiledFlag>,
     source: Arc<str>,
     priority: usize,
 }
@@ -116,7 +187,7 @@ pub struct Snapshot {
     by_key: HashMap<String, Vec<usize>, RandomState>,
     /// For [`Selector::All`]: the winning entry of every key, sorted by key.
     winners: Vec<usize>,
-    sources: Vec<Arc<str>>,
+    sources: Vec<Arc<CompiledSource>>,
     revision: Revision,
 }
 
@@ -132,31 +203,46 @@ impl std::fmt::Display for Revision {
     }
 }
 
-/// A hash of everything a snapshot is built from (a fixed seed: the same input gives the same
-/// revision in every process).
-fn revision(mode: FractionalMode, sources: &[SourceConfig]) -> Revision {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut h = foldhash::quality::FixedState::with_seed(0x7665_7869_6c5f_7276).build_hasher();
-    let text = |h: &mut foldhash::quality::FoldHasher<'_>, s: &str| {
-        h.write_usize(s.len());
-        h.write(s.as_bytes());
-    };
-    text(&mut h, &format!("{mode:?}"));
-    for source in sources {
-        text(&mut h, &source.name);
-        h.write_usize(source.config.flags.len());
-        for flag in &source.config.flags {
-            text(&mut h, &flag.key);
-            text(&mut h, flag.state.as_str());
-            text(&mut h, flag.default_variant.as_deref().unwrap_or("\u{0}"));
-            h.write_usize(flag.variants.len());
-            for (name, value) in &flag.variants {
-                text(&mut h, name);
-                text(&mut h, &value.to_string());
-            }
-            text(&mut h, flag.targeting.as_ref().map_or("", RuleText::as_str));
-            text(&mut h, &Value::Object(flag.metadata.clone()).to_string());
+/// A hasher with a fixed seed: the same input gives the same hash in every process.
+fn hasher() -> foldhash::quality::FoldHasher<'static> {
+    use std::hash::BuildHasher as _;
+    foldhash::quality::FixedState::with_seed(0x7665_7869_6c5f_7276).build_hasher()
+}
+
+fn hash_text(h: &mut impl std::hash::Hasher, s: &str) {
+    h.write_usize(s.len());
+    h.write(s.as_bytes());
+}
+
+/// A hash of everything a source contributes to a snapshot: its name and every flag's definition.
+fn source_hash(source: &SourceConfig) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = hasher();
+    hash_text(&mut h, &source.name);
+    h.write_usize(source.config.flags.len());
+    for flag in &source.config.flags {
+        hash_text(&mut h, &flag.key);
+        hash_text(&mut h, flag.state.as_str());
+        hash_text(&mut h, flag.default_variant.as_deref().unwrap_or("\u{0}"));
+        h.write_usize(flag.variants.len());
+        for (name, value) in &flag.variants {
+            hash_text(&mut h, name);
+            hash_text(&mut h, &value.to_string());
         }
+        hash_text(&mut h, flag.targeting.as_ref().map_or("", RuleText::as_str));
+        hash_text(&mut h, &Value::Object(flag.metadata.clone()).to_string());
+    }
+    h.finish()
+}
+
+/// A hash of everything a snapshot is built from: the `fractional` mode and each source's hash.
+fn revision(mode: FractionalMode, sources: &[Arc<CompiledSource>]) -> Revision {
+    use std::hash::Hasher as _;
+    let mut h = hasher();
+    hash_text(&mut h, &format!("{mode:?}"));
+    h.write_usize(sources.len());
+    for source in sources {
+        h.write_u64(source.hash);
     }
     Revision(h.finish())
 }
@@ -170,35 +256,38 @@ impl Snapshot {
     /// Compiles `sources` (in priority order: later wins) into a snapshot. Targeting rules that do
     /// not compile are reported as warnings and evaluate as parse errors, as in flagd.
     pub fn build(engine: Arc<Engine>, sources: Vec<SourceConfig>) -> (Snapshot, Vec<Diagnostic>) {
+        let compiled: Vec<Arc<CompiledSource>> = sources
+            .into_iter()
+            .map(|source| Arc::new(CompiledSource::compile(&engine, source)))
+            .collect();
+        let warnings = compiled.iter().flat_map(|c| c.warnings.iter().cloned()).collect();
+        (Snapshot::assemble(engine, compiled), warnings)
+    }
+
+    /// A snapshot of sources already compiled with `engine` (in priority order: later wins),
+    /// compiling nothing: a source shared with an earlier snapshot contributes the very same
+    /// compiled flags. The result equals [`Snapshot::build`] of the sources' documents, revision
+    /// included.
+    pub fn assemble(engine: Arc<Engine>, sources: Vec<Arc<CompiledSource>>) -> Snapshot {
+        debug_assert!(
+            sources.iter().all(|s| Arc::ptr_eq(&s.engine, &engine)),
+            "sources compiled with another engine"
+        );
         let revision = revision(engine.fractional_mode(), &sources);
-        let mut warnings = Vec::new();
         let mut entries: Vec<Entry> = Vec::new();
-        let mut by_id: HashMap<(Option<String>, String), usize> = HashMap::new();
-        let mut names = Vec::with_capacity(sources.len());
-        for (priority, source) in sources.into_iter().enumerate() {
-            let name: Arc<str> = Arc::from(source.name);
-            names.push(name.clone());
-            for flag in source.config.flags {
-                let id = (flag.flag_set_id().map(str::to_owned), flag.key.clone());
-                let (compiled, problem) = CompiledFlag::compile(flag, &engine);
-                if let Some(problem) = problem {
-                    warnings.push(Diagnostic {
-                        severity: Severity::Warning,
-                        flag: Some(compiled.key().to_owned()),
-                        pointer: format!("/flags/{}/targeting", compiled.key()),
-                        message: format!("targeting does not compile, evaluations will fail: {problem}"),
-                    });
-                }
+        let mut by_id: HashMap<(Option<&str>, &str), usize> = HashMap::new();
+        for (priority, source) in sources.iter().enumerate() {
+            for flag in &source.flags {
                 let entry = Entry {
-                    flag: compiled,
-                    source: name.clone(),
+                    flag: flag.clone(),
+                    source: source.name.clone(),
                     priority,
                 };
                 // One flag per (flag set, key): a later source replaces an earlier one.
-                match by_id.get(&id) {
+                match by_id.get(&(flag.flag().flag_set_id(), flag.key())) {
                     Some(&at) => entries[at] = entry,
                     None => {
-                        by_id.insert(id, entries.len());
+                        by_id.insert((flag.flag().flag_set_id(), flag.key()), entries.len());
                         entries.push(entry);
                     }
                 }
@@ -213,17 +302,19 @@ impl Snapshot {
         }
         let mut winners: Vec<usize> = by_key.values().filter_map(|v| v.last().copied()).collect();
         winners.sort_by(|&a, &b| entries[a].flag.key().cmp(entries[b].flag.key()));
-        (
-            Snapshot {
-                engine,
-                entries,
-                by_key,
-                winners,
-                sources: names,
-                revision,
-            },
-            warnings,
-        )
+        Snapshot {
+            engine,
+            entries,
+            by_key,
+            winners,
+            sources,
+            revision,
+        }
+    }
+
+    /// The compiled sources, in priority order (to assemble the next snapshot from).
+    pub fn compiled_sources(&self) -> &[Arc<CompiledSource>] {
+        &self.sources
     }
 
     /// What this snapshot's content is (see [`Revision`]).
@@ -238,7 +329,7 @@ impl Snapshot {
 
     /// The source names, in priority order.
     pub fn sources(&self) -> impl Iterator<Item = &str> {
-        self.sources.iter().map(|s| &**s)
+        self.sources.iter().map(|s| s.name())
     }
 
     /// How many flags the snapshot holds (counting a key once per flag set).
@@ -259,13 +350,13 @@ impl Snapshot {
             .rev()
             .map(|&i| &self.entries[i])
             .find(|e| selector.matches(e))
-            .map(|e| &e.flag)
+            .map(|e| &*e.flag)
     }
 
     /// Every flag `selector` sees, one per key, sorted by key.
     pub fn flags<'s, 'q>(&'s self, selector: &'q Selector) -> impl Iterator<Item = &'s CompiledFlag> + use<'s, 'q> {
         self.winners.iter().filter_map(move |&i| match selector {
-            Selector::All => Some(&self.entries[i].flag),
+            Selector::All => Some(&*self.entries[i].flag),
             _ => self.get(self.entries[i].flag.key(), selector),
         })
     }

@@ -355,6 +355,86 @@ fn a_compiled_flag_memoizes_one_derived_value() {
         })
         .cloned();
     let again = compiled.memo(|_| -> String { unreachable!("computed once") }).cloned();
-    assert_eq!((first.as_deref(), again.as_deref(), calls), (Some("f:1"), Some("f:1"), 1));
+    assert_eq!(
+        (first.as_deref(), again.as_deref(), calls),
+        (Some("f:1"), Some("f:1"), 1)
+    );
     assert_eq!(compiled.memo(|_| 7_u32), None, "the slot holds the first type only");
+}
+
+#[test]
+fn assembling_reuses_the_compiled_flags_of_unchanged_sources() {
+    use vexil_core::snapshot::CompiledSource;
+
+    let engine = Arc::new(Engine::new(FractionalMode::V3));
+    let a = || {
+        source(
+            "a.json",
+            json!({"flags": {
+                "shared": flag("ENABLED", json!("from-a")),
+                "only-a": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                           "targeting": {"if": [{"==": [{"var": "plan"}, "pro"]}, "on", null]}},
+                "broken": {"state": "ENABLED", "variants": {"v": 1}, "defaultVariant": "v",
+                           "targeting": {"a": 1, "b": 2}}
+            }}),
+        )
+    };
+    let b = |value: &str| {
+        source(
+            "b.json",
+            json!({"flags": {"shared": flag("ENABLED", json!(value)), "only-b": flag("DISABLED", json!(2))}}),
+        )
+    };
+    let compile = |s| Arc::new(CompiledSource::compile(&engine, s));
+    let (compiled_a, compiled_b) = (compile(a()), compile(b("one")));
+    assert_eq!(compiled_a.warnings().len(), 1, "the broken rule is reported");
+    let first = Snapshot::assemble(engine.clone(), vec![compiled_a.clone(), compiled_b]);
+
+    // b changes: only b is compiled again.
+    let second = Snapshot::assemble(engine.clone(), vec![compiled_a.clone(), compile(b("two"))]);
+    assert!(Arc::ptr_eq(&second.compiled_sources()[0], &compiled_a));
+    let selector = Selector::Source("a.json".into());
+    for key in ["only-a", "broken"] {
+        assert!(
+            std::ptr::eq(first.get(key, &selector).unwrap(), second.get(key, &selector).unwrap()),
+            "{key}: the same compiled flag, not a copy"
+        );
+    }
+
+    // Identical to compiling everything from scratch.
+    let (full, warnings) = Snapshot::build(engine.clone(), vec![a(), b("two")]);
+    assert_eq!(warnings, compiled_a.warnings());
+    assert_eq!(
+        second.revision(),
+        full.revision(),
+        "the same content, the same revision"
+    );
+    assert_ne!(first.revision(), second.revision());
+    assert_eq!(second.sources().collect::<Vec<_>>(), full.sources().collect::<Vec<_>>());
+    assert_eq!(second.len(), full.len());
+    let attrs = json!({"plan": "pro", "targetingKey": "u"}).as_object().unwrap().clone();
+    for selector in [
+        Selector::All,
+        Selector::Source("a.json".into()),
+        Selector::Source("b.json".into()),
+        Selector::FlagSet(None),
+    ] {
+        let mut incremental = Vec::new();
+        second.evaluate_all(&selector, ctx(&attrs), |f, r| {
+            incremental.push((f.key().to_owned(), format!("{r:?}")))
+        });
+        let mut scratch = Vec::new();
+        full.evaluate_all(&selector, ctx(&attrs), |f, r| {
+            scratch.push((f.key().to_owned(), format!("{r:?}")))
+        });
+        assert_eq!(incremental, scratch, "{selector}");
+        assert!(second.changes_since(&full, &selector).is_empty(), "{selector}");
+    }
+    assert_eq!(
+        second
+            .evaluate("shared", &Selector::All, ctx(&attrs), ValueType::String)
+            .value,
+        Some(&json!("two")),
+        "the later source still wins"
+    );
 }

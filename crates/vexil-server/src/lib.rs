@@ -54,12 +54,8 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         stale_after: (!args.stale_after.is_zero()).then_some(args.stale_after),
     };
-    let live = tokio::task::spawn_blocking({
-        let c = live_config.clone();
-        move || Live::load(&c)
-    })
-    .await?;
-    let watcher = live.watch(live_config.poll_interval);
+    let live = Live::open(&live_config).await;
+    let watcher = live.watch();
     let prometheus = metrics::install().context("installing the metrics recorder")?;
     let upkeep = metrics::spawn_upkeep(prometheus.clone());
     let gauges = tokio::spawn(track_config(live.clone()));

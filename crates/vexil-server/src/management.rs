@@ -1,6 +1,7 @@
 //! Management endpoints on port 8014: `/healthz` (the process is up), `/readyz` (200 when every
 //! source has loaded and none has been failing for longer than the grace period, 412 otherwise, as
-//! flagd answers not-ready), `/metrics` (Prometheus).
+//! flagd answers not-ready; the body names every source that is not loaded or failing, and why),
+//! `/metrics` (Prometheus).
 
 use axum::Router;
 use axum::extract::State;
@@ -8,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use vexil_service::{Live, Readiness};
+use vexil_service::Live;
 
 #[derive(Debug, Clone)]
 struct Management {
@@ -25,20 +26,13 @@ pub fn router(live: Live, metrics: PrometheusHandle) -> Router {
 }
 
 async fn readyz(State(m): State<Management>) -> impl IntoResponse {
-    match m.live.readiness() {
-        Readiness::Ready => (StatusCode::OK, "ready".to_owned()),
-        Readiness::NotLoaded { sources } => (
-            StatusCode::PRECONDITION_FAILED,
-            format!("not ready: sources not loaded yet: {}", sources.join(", ")),
-        ),
-        Readiness::Stale { source, failing_for } => (
-            StatusCode::PRECONDITION_FAILED,
-            format!(
-                "not ready: source {source} has been failing for {}s",
-                failing_for.as_secs()
-            ),
-        ),
-    }
+    let readiness = m.live.readiness();
+    let status = if readiness.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::PRECONDITION_FAILED
+    };
+    (status, readiness.to_string())
 }
 
 async fn render(State(m): State<Management>) -> impl IntoResponse {

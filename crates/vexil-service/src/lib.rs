@@ -12,5 +12,5 @@ mod sources;
 
 pub use evaluate::{StaticContext, merge_context};
 pub use flags::{Changes, Flags, FlagsConfig, Observer, ReasonTally, Unobserved, flag_configuration};
-pub use live::{Live, LiveConfig, Published, Readiness};
-pub use sources::{FileSource, LoadError, SourceSpec};
+pub use live::{Live, LiveConfig, LiveOptions, Published, Readiness, SourceReadiness, SourceState};
+pub use sources::{FileSource, LoadError, Source, SourceSpec};

@@ -1,28 +1,63 @@
 //! The live configuration: every source's last good document, compiled into one snapshot and
-//! published on a watch channel; a watcher task that reloads sources when their files change.
+//! published on a watch channel; one task per source that reloads it when it reports a change.
 //!
 //! Invariants:
-//! - a source that fails to load (unreadable, invalid) keeps serving its last good document;
+//! - a source that fails to load (unreadable, invalid, unreachable) keeps serving its last good
+//!   document;
 //! - a new snapshot is published only when some source's content changed;
-//! - `version` increases by one with every published snapshot.
+//! - `version` increases by one with every published snapshot;
+//! - only a source whose document changed is compiled again; the next snapshot is assembled from
+//!   the other sources' compiled flags as they are;
+//! - no `std` lock is held across I/O, parsing or compiling: loads and compiles run outside any
+//!   lock, a source's state is locked only to read or swap it, and publishing is serialized by an
+//!   async lock so that versions follow the order snapshots are assembled in.
 
-use std::sync::{Arc, Mutex};
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use tokio::sync::watch;
+use vexil_core::snapshot::CompiledSource;
 use vexil_core::{Engine, FractionalMode, Snapshot, SourceConfig};
 
-use crate::sources::{SourceSpec, Stamp};
+use crate::sources::{LoadError, Source, SourceSpec};
 
-/// How the live configuration is built and watched.
+/// How the live configuration is built from the command line's sources and watched.
 #[derive(Debug, Clone)]
 pub struct LiveConfig {
     /// The sources, in priority order (later wins).
     pub sources: Vec<SourceSpec>,
     /// The `fractional` generation rules evaluate.
     pub fractional: FractionalMode,
-    /// How often files are checked for changes.
+    /// How often file sources check their files besides file-system events.
     pub poll_interval: Duration,
+    /// How long a source may keep failing before the server reports not ready; `None`: never.
+    pub stale_after: Option<Duration>,
+}
+
+impl LiveConfig {
+    /// The sources, opened.
+    pub fn open_sources(&self) -> Vec<Arc<dyn Source>> {
+        self.sources.iter().map(|spec| spec.open(self.poll_interval)).collect()
+    }
+
+    /// Everything but the sources.
+    pub fn options(&self) -> LiveOptions {
+        LiveOptions {
+            fractional: self.fractional,
+            stale_after: self.stale_after,
+        }
+    }
+}
+
+/// How sources are compiled and judged, whatever they are.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveOptions {
+    /// The `fractional` generation rules evaluate.
+    pub fractional: FractionalMode,
     /// How long a source may keep failing before the server reports not ready; `None`: never.
     pub stale_after: Option<Duration>,
 }
@@ -36,41 +71,79 @@ pub struct Published {
     pub version: u64,
 }
 
-/// Whether the server should receive traffic.
+/// Whether the server should receive traffic, with every source's state. Shown as `/readyz`
+/// answers: `ready`, or `not ready` and a line per source that is not loaded or failing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
-    /// Every source has loaded and none has been failing for longer than the grace period.
-    Ready,
-    /// Some source has never loaded.
+pub struct Readiness {
+    /// Every source, in priority order.
+    pub sources: Vec<SourceReadiness>,
+}
+
+/// One source's part of [`Readiness`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceReadiness {
+    /// The source's name.
+    pub name: String,
+    /// How its loads go.
+    pub state: SourceState,
+}
+
+/// How a source's loads go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceState {
+    /// Its last load succeeded.
+    Loaded,
+    /// It has never loaded: none of its flags are served.
     NotLoaded {
-        /// The sources that have not loaded yet.
-        sources: Vec<String>,
+        /// Why the last attempt failed.
+        error: String,
     },
-    /// A source has been failing for longer than the grace period (its last good flags are still
-    /// served).
-    Stale {
-        /// The failing source.
-        source: String,
-        /// For how long.
+    /// Its last loads failed; its last good flags keep serving.
+    Failing {
+        /// Why the last attempt failed.
+        error: String,
+        /// Since the first failure.
         failing_for: Duration,
+        /// Failing for longer than the grace period (`stale_after`): the server is not ready.
+        stale: bool,
     },
 }
 
-#[derive(Debug)]
-struct SourceState {
-    spec: SourceSpec,
-    stamp: Option<Stamp>,
-    /// The last good document, parsed (compared with each reload to detect real changes).
-    good: Option<SourceConfig>,
-    failing_since: Option<Instant>,
+impl Readiness {
+    /// Every source has loaded and none has been failing for longer than the grace period.
+    pub fn is_ready(&self) -> bool {
+        self.sources.iter().all(|s| s.state.is_ready())
+    }
 }
 
-#[derive(Debug)]
-struct Inner {
-    engine: Arc<Engine>,
-    tx: watch::Sender<Arc<Published>>,
-    sources: Mutex<Vec<SourceState>>,
-    stale_after: Option<Duration>,
+impl SourceState {
+    /// Loaded, or failing for no longer than the grace period.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            SourceState::Loaded => true,
+            SourceState::NotLoaded { .. } => false,
+            SourceState::Failing { stale, .. } => !stale,
+        }
+    }
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_ready() { "ready" } else { "not ready" })?;
+        for source in &self.sources {
+            let name = &source.name;
+            match &source.state {
+                SourceState::Loaded => {}
+                SourceState::NotLoaded { error } => write!(f, "\nsource {name}: not loaded yet: {error}")?,
+                SourceState::Failing { error, failing_for, .. } => write!(
+                    f,
+                    "\nsource {name}: failing for {}s (serving its last good flags): {error}",
+                    failing_for.as_secs()
+                )?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The live configuration, cheap to clone.
@@ -79,164 +152,139 @@ pub struct Live {
     inner: Arc<Inner>,
 }
 
+#[derive(Debug)]
+struct Inner {
+    engine: Arc<Engine>,
+    tx: watch::Sender<Arc<Published>>,
+    /// In priority order.
+    slots: Vec<Slot>,
+    stale_after: Option<Duration>,
+    /// Held while a snapshot is assembled and published.
+    publishing: tokio::sync::Mutex<()>,
+}
+
+/// One source and what Live knows of it.
+#[derive(Debug)]
+struct Slot {
+    source: Arc<dyn Source>,
+    /// Held for a whole load (an async lock): loads of one source never overlap, so a slower load
+    /// cannot overwrite the result of a newer one.
+    loading: tokio::sync::Mutex<()>,
+    /// Locked only to read or swap.
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    /// The last good document, compiled.
+    good: Option<Arc<CompiledSource>>,
+    failing: Option<Failure>,
+}
+
+#[derive(Debug)]
+struct Failure {
+    since: Instant,
+    error: String,
+}
+
 impl Live {
-    /// Loads every source once and publishes the first snapshot (sources that fail are retried by
-    /// the watcher). Does not start watching: see [`Live::watch`].
-    pub fn load(config: &LiveConfig) -> Live {
-        let engine = Arc::new(Engine::new(config.fractional));
-        let empty = Arc::new(Published {
-            snapshot: Arc::new(Snapshot::build(engine.clone(), Vec::new()).0),
-            version: 0,
-        });
-        let (tx, _) = watch::channel(empty);
-        let sources = config
-            .sources
-            .iter()
-            .map(|spec| SourceState {
-                spec: spec.clone(),
-                stamp: None,
-                good: None,
-                failing_since: None,
-            })
-            .collect();
-        let live = Live {
+    /// Loads every source once (concurrently) and publishes the first snapshot, version 0 (sources
+    /// that fail are retried when they report a change). Does not start watching: see
+    /// [`Live::watch`].
+    pub async fn compose(sources: Vec<Arc<dyn Source>>, options: LiveOptions) -> Live {
+        let engine = Arc::new(Engine::new(options.fractional));
+        let slots: Vec<Slot> = sources.into_iter().map(Slot::new).collect();
+        futures::future::join_all(slots.iter().map(|slot| slot.reload(&engine))).await;
+        let compiled = slots.iter().filter_map(|slot| slot.state().good.clone()).collect();
+        let snapshot = assemble(&engine, compiled).await;
+        tracing::info!(version = 0, flags = snapshot.len(), "configuration published");
+        let (tx, _) = watch::channel(Arc::new(Published { snapshot, version: 0 }));
+        Live {
             inner: Arc::new(Inner {
                 engine,
                 tx,
-                sources: Mutex::new(sources),
-                stale_after: config.stale_after,
+                slots,
+                stale_after: options.stale_after,
+                publishing: tokio::sync::Mutex::new(()),
             }),
-        };
-        live.poll(true);
-        live
+        }
     }
 
-    /// Watches the sources until the returned task is dropped or aborted: file-system events
-    /// (inotify on Linux) trigger a check at once; a check every `interval` is the backstop for
-    /// what events miss (network file systems, a watcher that could not start).
-    pub fn watch(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let live = self.clone();
-        let (wake, mut woken) = tokio::sync::mpsc::channel::<()>(1);
-        let watcher = self.file_watcher(wake);
+    /// [`Live::compose`] of the command line's sources.
+    pub async fn open(config: &LiveConfig) -> Live {
+        Live::compose(config.open_sources(), config.options()).await
+    }
+
+    /// [`Live::open`] for sync callers: blocks the calling thread (the work runs on a thread and
+    /// runtime of its own, so this may be called from within a runtime too).
+    pub fn load(config: &LiveConfig) -> Live {
+        block_on(Live::open(config))
+    }
+
+    /// Follows every source's changes until the returned task is dropped or aborted: one task per
+    /// source reloads it when it reports a change, and publishes a new snapshot when its content
+    /// changed. The sources' change streams are opened before this returns.
+    pub fn watch(&self) -> tokio::task::JoinHandle<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..self.inner.slots.len() {
+            let changes = self.inner.slots[index].source.changes();
+            tasks.spawn(self.clone().follow(index, changes));
+        }
         tokio::spawn(async move {
-            let _watcher = watcher;
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    Some(()) = woken.recv() => {
-                        // Let a burst of events (write, then close) settle into one check.
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                        while woken.try_recv().is_ok() {}
-                    }
-                }
-                // File reads and compiles are blocking work.
-                let l = live.clone();
-                if tokio::task::spawn_blocking(move || l.poll(false)).await.is_err() {
-                    tracing::error!("source watcher panicked");
+            while let Some(done) = tasks.join_next().await {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    tracing::error!("a source watcher panicked: {e}");
                 }
             }
         })
     }
 
-    /// A watcher on the directories of the file sources (their parents, so that files replaced by
-    /// rename, like editors and Kubernetes ConfigMaps do, are seen) that wakes `wake` on any event.
-    fn file_watcher(&self, wake: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-        use notify::Watcher as _;
-        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
-        for state in self.inner.sources.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let SourceSpec::File(file) = &state.spec;
-            let dir = match file.path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => std::path::PathBuf::from("."),
-            };
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
+    async fn follow(self, index: usize, mut changes: BoxStream<'static, ()>) {
+        let slot = &self.inner.slots[index];
+        while changes.next().await.is_some() {
+            if slot.reload(&self.inner.engine).await {
+                self.publish().await;
             }
         }
-        if dirs.is_empty() {
-            return None;
-        }
-        let handler = move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = wake.try_send(());
-            }
-        };
-        let mut watcher = match notify::recommended_watcher(handler) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!("cannot watch files ({e}); checking sources every poll interval only");
-                return None;
-            }
-        };
-        for dir in dirs {
-            if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %dir.display(), "cannot watch directory ({e}); checking it every poll interval only");
-            }
-        }
-        Some(watcher)
+        tracing::warn!(source = %slot.source.name(), "the source stopped reporting changes");
     }
 
-    /// Checks every source; reloads the changed ones; publishes a new snapshot if content changed.
-    /// Returns whether a new snapshot was published.
-    pub fn poll(&self, initial: bool) -> bool {
-        let mut sources = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let mut changed = false;
-        for state in sources.iter_mut() {
-            let SourceSpec::File(file) = &state.spec;
-            let stamp = file.stamp();
-            // Unchanged files are not re-read, unless the last attempt failed.
-            if !initial && stamp.is_some() && stamp == state.stamp && state.failing_since.is_none() {
-                continue;
-            }
-            state.stamp = stamp;
-            match file.load() {
-                Ok(parsed) => {
-                    if state.failing_since.take().is_some() {
-                        tracing::info!(source = %file.name, "source loads again");
-                    }
-                    if state.good.as_ref().is_some_and(|old| old.config == parsed.config) {
-                        continue;
-                    }
-                    for w in &parsed.warnings {
-                        tracing::warn!(source = %file.name, "{w}");
-                    }
-                    state.good = Some(SourceConfig {
-                        name: file.name.clone(),
-                        config: parsed.config,
-                    });
-                    changed = true;
-                }
-                Err(e) => {
-                    if state.failing_since.is_none() {
-                        let keeping = if state.good.is_some() {
-                            "serving its last good flags"
-                        } else {
-                            "no flags from it yet"
-                        };
-                        tracing::error!(source = %file.name, "cannot load source ({keeping}): {e}");
-                        state.failing_since = Some(Instant::now());
-                    }
-                }
-            }
-        }
-        if !changed {
+    /// Loads every source again (concurrently) and publishes a snapshot if some content changed;
+    /// returns whether it did.
+    pub async fn reload(&self) -> bool {
+        let reloads = self.inner.slots.iter().map(|slot| slot.reload(&self.inner.engine));
+        let changed = futures::future::join_all(reloads).await;
+        changed.contains(&true) && self.publish().await
+    }
+
+    /// [`Live::reload`] for sync callers (tests): blocks the calling thread, like [`Live::load`].
+    /// Every source is loaded whatever `_initial` says (the parameter is kept for existing
+    /// callers). Must not be called on a runtime thread that a [`Live::watch`] task of this `Live`
+    /// needs in order to finish publishing.
+    pub fn poll(&self, _initial: bool) -> bool {
+        block_on(self.reload())
+    }
+
+    /// Assembles a snapshot from every source's last good compiled document and publishes it as
+    /// the next version, unless an earlier call already published these very documents.
+    async fn publish(&self) -> bool {
+        let _publishing = self.inner.publishing.lock().await;
+        let compiled: Vec<Arc<CompiledSource>> = self
+            .inner
+            .slots
+            .iter()
+            .filter_map(|slot| slot.state().good.clone())
+            .collect();
+        let current = self.current();
+        let published = current.snapshot.compiled_sources();
+        if published.len() == compiled.len() && published.iter().zip(&compiled).all(|(a, b)| Arc::ptr_eq(a, b)) {
             return false;
         }
-        let configs: Vec<SourceConfig> = sources.iter().filter_map(|s| s.good.clone()).collect();
-        drop(sources);
-        let (snapshot, warnings) = Snapshot::build(self.inner.engine.clone(), configs);
-        for w in &warnings {
-            tracing::warn!("{w}");
-        }
-        let flags = snapshot.len();
-        let snapshot = Arc::new(snapshot);
-        let mut version = 0;
-        self.inner.tx.send_modify(|current| {
-            version = if initial { 0 } else { current.version + 1 };
-            *current = Arc::new(Published { snapshot, version });
-        });
+        let snapshot = assemble(&self.inner.engine, compiled).await;
+        let (version, flags) = (current.version + 1, snapshot.len());
+        self.inner.tx.send_replace(Arc::new(Published { snapshot, version }));
         tracing::info!(version, flags, "configuration published");
         true
     }
@@ -261,152 +309,151 @@ impl Live {
         self.inner.tx.receiver_count()
     }
 
-    /// Whether the server should receive traffic.
+    /// Whether the server should receive traffic, and every source's state.
     pub fn readiness(&self) -> Readiness {
-        let sources = self.inner.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let missing: Vec<String> = sources
+        let sources = self
+            .inner
+            .slots
             .iter()
-            .filter(|s| s.good.is_none())
-            .map(|s| s.spec.name().to_owned())
-            .collect();
-        if !missing.is_empty() {
-            return Readiness::NotLoaded { sources: missing };
-        }
-        if let Some(limit) = self.inner.stale_after {
-            for s in sources.iter() {
-                if let Some(since) = s.failing_since {
-                    let failing_for = since.elapsed();
-                    if failing_for > limit {
-                        return Readiness::Stale {
-                            source: s.spec.name().to_owned(),
+            .map(|slot| {
+                let state = slot.state();
+                let state = match (&state.good, &state.failing) {
+                    (_, None) => SourceState::Loaded,
+                    (None, Some(failure)) => SourceState::NotLoaded {
+                        error: failure.error.clone(),
+                    },
+                    (Some(_), Some(failure)) => {
+                        let failing_for = failure.since.elapsed();
+                        SourceState::Failing {
+                            error: failure.error.clone(),
                             failing_for,
-                        };
+                            stale: self.inner.stale_after.is_some_and(|limit| failing_for > limit),
+                        }
                     }
+                };
+                SourceReadiness {
+                    name: slot.source.name().to_owned(),
+                    state,
+                }
+            })
+            .collect();
+        Readiness { sources }
+    }
+}
+
+impl Slot {
+    fn new(source: Arc<dyn Source>) -> Slot {
+        Slot {
+            source,
+            loading: tokio::sync::Mutex::new(()),
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads the source; compiles and keeps its document if it changed (returns whether it did).
+    /// A failure keeps the last good document.
+    async fn reload(&self, engine: &Arc<Engine>) -> bool {
+        let _loading = self.loading.lock().await;
+        let name = self.source.name();
+        let parsed = match self.source.load().await {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.failed(&e);
+                return false;
+            }
+        };
+        let (good, recovered) = {
+            let mut state = self.state();
+            (state.good.clone(), state.failing.take().is_some())
+        };
+        if recovered {
+            tracing::info!(source = %name, "source loads again");
+        }
+        if good.is_some_and(|good| *good.config() == parsed.config) {
+            return false;
+        }
+        for w in &parsed.warnings {
+            tracing::warn!(source = %name, "{w}");
+        }
+        let source = SourceConfig {
+            name: name.to_owned(),
+            config: parsed.config,
+        };
+        let engine = engine.clone();
+        let compiled = match tokio::task::spawn_blocking(move || CompiledSource::compile(&engine, source)).await {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                self.failed(&LoadError::Other(Box::new(e)));
+                return false;
+            }
+        };
+        for w in compiled.warnings() {
+            tracing::warn!(source = %name, "{w}");
+        }
+        self.state().good = Some(Arc::new(compiled));
+        true
+    }
+
+    fn failed(&self, error: &LoadError) {
+        let error = error.to_string();
+        let first = {
+            let mut state = self.state();
+            let first = state.failing.is_none();
+            match &mut state.failing {
+                Some(failure) => failure.error.clone_from(&error),
+                None => {
+                    state.failing = Some(Failure {
+                        since: Instant::now(),
+                        error: error.clone(),
+                    })
                 }
             }
+            first.then(|| state.good.is_some())
+        };
+        if let Some(serving) = first {
+            let keeping = if serving {
+                "serving its last good flags"
+            } else {
+                "no flags from it yet"
+            };
+            tracing::error!(source = %self.source.name(), error = %error, "cannot load source ({keeping})");
         }
-        Readiness::Ready
     }
+}
+
+/// Assembles a snapshot (off the async threads: it indexes every flag).
+async fn assemble(engine: &Arc<Engine>, compiled: Vec<Arc<CompiledSource>>) -> Arc<Snapshot> {
+    let engine = engine.clone();
+    let build = move || Arc::new(Snapshot::assemble(engine, compiled));
+    match tokio::task::spawn_blocking(build).await {
+        Ok(snapshot) => snapshot,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Not started because the runtime is shutting down, which drops this task too.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Runs `future` to completion on a thread and runtime of its own, blocking the caller.
+fn block_on<F>(future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("cannot start a runtime to load sources: {e}"));
+            runtime.block_on(future)
+        });
+        runner.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-
-    use serde_json::{Map, json};
-    use vexil_core::{Context, Selector, ValueType};
-
-    use super::*;
-    use crate::FileSource;
-
-    fn write(path: &std::path::Path, text: &str) {
-        let mut f = std::fs::File::create(path).unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-    }
-
-    fn value(live: &Live, key: &str) -> Option<serde_json::Value> {
-        let snap = live.snapshot();
-        let empty = Map::new();
-        snap.evaluate(
-            key,
-            &Selector::All,
-            Context {
-                attributes: &empty,
-                now: 0,
-            },
-            ValueType::Any,
-        )
-        .value
-        .cloned()
-    }
-
-    fn flags(value: &str) -> String {
-        json!({"flags": {"f": {"state": "ENABLED", "variants": {"v": value}, "defaultVariant": "v"}}}).to_string()
-    }
-
-    #[test]
-    fn reloads_changes_and_keeps_the_last_good_document() {
-        let dir = std::env::temp_dir().join(format!("vexil-live-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("flags.json");
-        write(&path, &flags("one"));
-        let config = LiveConfig {
-            sources: vec![SourceSpec::File(FileSource::new(path.to_str().unwrap()))],
-            fractional: FractionalMode::V3,
-            poll_interval: Duration::from_millis(10),
-            stale_after: Some(Duration::ZERO),
-        };
-        let live = Live::load(&config);
-        assert_eq!(live.current().version, 0);
-        assert_eq!(value(&live, "f"), Some(json!("one")));
-        assert_eq!(live.readiness(), Readiness::Ready);
-
-        // Same stamp: nothing to do.
-        assert!(!live.poll(false));
-
-        write(&path, "{ not json");
-        assert!(!live.poll(false));
-        assert_eq!(
-            value(&live, "f"),
-            Some(json!("one")),
-            "the last good flags keep serving"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(matches!(live.readiness(), Readiness::Stale { .. }));
-
-        write(&path, &flags("two"));
-        assert!(live.poll(false));
-        assert_eq!(live.current().version, 1);
-        assert_eq!(value(&live, "f"), Some(json!("two")));
-        assert_eq!(live.readiness(), Readiness::Ready);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn file_events_trigger_a_reload_without_waiting_for_the_poll() {
-        let dir = std::env::temp_dir().join(format!("vexil-live-events-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("flags.json");
-        write(&path, &flags("one"));
-        let config = LiveConfig {
-            sources: vec![SourceSpec::File(FileSource::new(path.to_str().unwrap()))],
-            fractional: FractionalMode::V3,
-            poll_interval: Duration::from_secs(3600),
-            stale_after: None,
-        };
-        let live = Live::load(&config);
-        let mut changes = live.subscribe();
-        let task = live.watch(config.poll_interval);
-        // The interval's first tick fires at once; let it pass before changing the file.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // Replace the file by rename, as editors and ConfigMaps do.
-        let tmp = dir.join(".flags.json.tmp");
-        write(&tmp, &flags("two"));
-        std::fs::rename(&tmp, &path).unwrap();
-        tokio::time::timeout(Duration::from_secs(2), changes.changed())
-            .await
-            .expect("reloaded on the file event")
-            .unwrap();
-        assert_eq!(value(&live, "f"), Some(json!("two")));
-        task.abort();
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_missing_source_is_not_ready() {
-        let config = LiveConfig {
-            sources: vec![SourceSpec::parse("file:/nonexistent/vexil/flags.json").unwrap()],
-            fractional: FractionalMode::V3,
-            poll_interval: Duration::from_millis(10),
-            stale_after: None,
-        };
-        let live = Live::load(&config);
-        assert_eq!(
-            live.readiness(),
-            Readiness::NotLoaded {
-                sources: vec!["/nonexistent/vexil/flags.json".into()]
-            }
-        );
-        assert!(live.snapshot().is_empty());
-    }
-}
+mod tests;

@@ -1,53 +1,46 @@
-//! File sources: flagd's `--uri file:<path>` (JSON or YAML).
+//! Where flag definitions come from: the [`Source`] trait [`Live`](crate::Live) composes, the
+//! command line's source syntax, and the sources themselves (so far: files, flagd's
+//! `--uri file:<path>`).
+//!
+//! A source is two things: a way to fetch its current document ([`Source::load`]) and a stream of
+//! "may have changed, load again" notifications ([`Source::changes`]). A file source loads by
+//! reading and parsing the file and is notified by the file system (with polling as the backstop);
+//! a managed store would load with a query and be notified by the database (`LISTEN`/`NOTIFY`);
+//! [`Live`](crate::Live) needs nothing else.
 
-use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+mod file;
 
-use vexil_core::parse::{self, Format, ParseError, Parsed, Strictness};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// A source as given on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceSpec {
-    /// `file:<path>` (or a bare path).
-    File(FileSource),
-}
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use vexil_core::parse::{ParseError, Parsed};
 
-impl SourceSpec {
-    /// Parses flagd's `--uri` syntax. Only file sources are supported so far; other schemes are
-    /// rejected with a message that says so.
-    pub fn parse(uri: &str) -> Result<SourceSpec, String> {
-        if let Some(path) = uri.strip_prefix("file:") {
-            let path = path.strip_prefix("//").unwrap_or(path);
-            return Ok(SourceSpec::File(FileSource::new(path)));
-        }
-        if let Some((scheme, _)) = uri.split_once("://") {
-            return Err(format!(
-                "unsupported source `{uri}`: `{scheme}` sources are not supported yet, use file:<path>"
-            ));
-        }
-        if uri.is_empty() {
-            return Err("empty source uri".into());
-        }
-        Ok(SourceSpec::File(FileSource::new(uri)))
-    }
+pub use file::FileSource;
 
-    /// The source's name, as selectors (`source=<name>`) address it: the path as given.
-    pub fn name(&self) -> &str {
-        match self {
-            SourceSpec::File(f) => &f.name,
-        }
-    }
-}
+/// A source of flag definitions.
+///
+/// Implementations are shared (`Arc<dyn Source>`) between the task that follows their changes and
+/// whoever reloads them; `load` may be called while a previous `load` is still running elsewhere
+/// ([`Live`](crate::Live) never does so for one source).
+pub trait Source: Send + Sync + fmt::Debug {
+    /// The source's name: what `source=<name>` selectors address, and how readiness and logs name
+    /// it. Unique among the sources of one [`Live`](crate::Live).
+    fn name(&self) -> &str;
 
-/// A flag definition file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileSource {
-    /// The path as given (the source name).
-    pub name: String,
-    /// Where to read it.
-    pub path: PathBuf,
-    /// JSON or YAML, from the extension.
-    pub format: Format,
+    /// Fetches and parses the source's current document (problems that do not stop loading come
+    /// back as warnings). Blocking work (file reads, parsing large documents) belongs on
+    /// `spawn_blocking`, not on the calling task.
+    fn load(&self) -> BoxFuture<'_, Result<Parsed, LoadError>>;
+
+    /// Notifications that the document may have changed and should be loaded again, for as long as
+    /// the stream is kept (dropping it stops whatever watching it does). A change after the last
+    /// `load` that completed before this call must be notified too (e.g. by checking once at
+    /// start). Spurious notifications are harmless: a reload that finds the same document changes
+    /// nothing. Called within a Tokio runtime.
+    fn changes(&self) -> BoxStream<'static, ()>;
 }
 
 /// Why a source could not be loaded.
@@ -61,55 +54,57 @@ pub enum LoadError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not a valid flag definition.
+    /// The document is not a valid flag definition.
     #[error("{path}: {source}")]
     Invalid {
-        /// The file.
+        /// Where the document is (a file's path).
         path: String,
         /// What is wrong, with every diagnostic.
         source: ParseError,
     },
+    /// Any other failure: a backend that cannot be reached, a load that panicked.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// What identifies a version of a file without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
+/// A source as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// `file:<path>` (or a bare path): the path as given, which is also the source's name.
+    File(String),
 }
 
-impl FileSource {
-    /// A source reading `path`.
-    pub fn new(path: &str) -> FileSource {
-        FileSource {
-            name: path.to_owned(),
-            path: PathBuf::from(path),
-            format: Format::from_path(path),
+impl SourceSpec {
+    /// Parses flagd's `--uri` syntax. Only file sources are supported so far; other schemes are
+    /// rejected with a message that says so.
+    pub fn parse(uri: &str) -> Result<SourceSpec, String> {
+        if let Some(path) = uri.strip_prefix("file:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            return Ok(SourceSpec::File(path.to_owned()));
+        }
+        if let Some((scheme, _)) = uri.split_once("://") {
+            return Err(format!(
+                "unsupported source `{uri}`: `{scheme}` sources are not supported yet, use file:<path>"
+            ));
+        }
+        if uri.is_empty() {
+            return Err("empty source uri".into());
+        }
+        Ok(SourceSpec::File(uri.to_owned()))
+    }
+
+    /// The source's name, as selectors (`source=<name>`) address it: the path as given.
+    pub fn name(&self) -> &str {
+        match self {
+            SourceSpec::File(path) => path,
         }
     }
 
-    pub(crate) fn stamp(&self) -> Option<Stamp> {
-        let meta = std::fs::metadata(&self.path).ok()?;
-        Some(Stamp {
-            modified: meta.modified().ok(),
-            len: meta.len(),
-        })
+    /// The source this spec names. `poll_interval`: how often a file source checks its file
+    /// besides file-system events.
+    pub fn open(&self, poll_interval: Duration) -> Arc<dyn Source> {
+        match self {
+            SourceSpec::File(path) => Arc::new(FileSource::new(path, poll_interval)),
+        }
     }
-
-    /// Reads and parses the file (flagd's leniency: schema violations are warnings).
-    pub fn load(&self) -> Result<Parsed, LoadError> {
-        let text = std::fs::read_to_string(&self.path).map_err(|source| LoadError::Read {
-            path: display(&self.path),
-            source,
-        })?;
-        let parsed = parse::parse_str(&text, self.format, Strictness::Flagd).map_err(|source| LoadError::Invalid {
-            path: display(&self.path),
-            source,
-        })?;
-        Ok(parsed)
-    }
-}
-
-fn display(path: &Path) -> String {
-    path.display().to_string()
 }
