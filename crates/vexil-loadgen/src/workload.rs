@@ -22,6 +22,9 @@ use crate::flags::{GeneratedFlag, context};
 pub enum Scenario {
     /// flagd.evaluation.v1 ResolveBoolean over gRPC (static, targeting and fractional flags).
     ResolveBoolean,
+    /// flagd.evaluation.v1 ResolveBoolean over gRPC on targeting flags only (`if`/`in`/`==`: the
+    /// request context is converted and a rule runs on every request).
+    ResolveTargeting,
     /// flagd.evaluation.v1 ResolveString over gRPC, targeting and fractional flags only.
     ResolveString,
     /// flagd.evaluation.v1 ResolveAll over gRPC.
@@ -41,6 +44,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::ResolveBoolean => "resolve-boolean",
+            Scenario::ResolveTargeting => "resolve-targeting",
             Scenario::ResolveString => "resolve-string",
             Scenario::ResolveAll => "resolve-all",
             Scenario::V2Boolean => "v2-boolean",
@@ -86,6 +90,11 @@ pub fn to_struct(m: &Map<String, Value>) -> Struct {
 /// `pool` requests of `scenario` over `flags`, with contexts of `attributes` attributes.
 pub fn requests(scenario: Scenario, flags: &[GeneratedFlag], attributes: usize, pool: usize) -> Vec<Req> {
     let booleans: Vec<&GeneratedFlag> = flags.iter().filter(|f| f.boolean).collect();
+    let targeting: Vec<&GeneratedFlag> = booleans
+        .iter()
+        .copied()
+        .filter(|f| f.kind == crate::flags::Kind::Targeting)
+        .collect();
     let strings: Vec<&GeneratedFlag> = flags
         .iter()
         .filter(|f| !f.boolean && f.kind != crate::flags::Kind::Static)
@@ -98,6 +107,10 @@ pub fn requests(scenario: Scenario, flags: &[GeneratedFlag], attributes: usize, 
             match scenario {
                 Scenario::ResolveBoolean => Req::Bool(v1::ResolveBooleanRequest {
                     flag_key: pick(&booleans),
+                    context: Some(to_struct(&ctx)),
+                }),
+                Scenario::ResolveTargeting => Req::Bool(v1::ResolveBooleanRequest {
+                    flag_key: pick(&targeting),
                     context: Some(to_struct(&ctx)),
                 }),
                 Scenario::ResolveString => Req::Str(v1::ResolveStringRequest {
@@ -264,5 +277,26 @@ mod tests {
         assert_eq!(path, "/ofrep/v1/evaluate/flags");
         let parsed: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(parsed["context"].as_object().unwrap().len(), 50);
+    }
+
+    #[test]
+    fn the_targeting_scenario_asks_for_boolean_targeting_flags_only() {
+        let flags = catalog(30);
+        let targeting: Vec<&str> = flags
+            .iter()
+            .filter(|f| f.boolean && f.kind == crate::flags::Kind::Targeting)
+            .map(|f| f.key.as_str())
+            .collect();
+        let reqs = requests(Scenario::ResolveTargeting, &flags, 5, 16);
+        let mut seen: Vec<&str> = reqs
+            .iter()
+            .map(|r| match r {
+                Req::Bool(r) => r.flag_key.as_str(),
+                _ => panic!("boolean requests"),
+            })
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, targeting);
     }
 }
