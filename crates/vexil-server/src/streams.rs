@@ -260,7 +260,7 @@ mod tests {
         /// Rewrites the flag file and publishes it (what the watcher does on a file event).
         fn publish(&self, values: &[(&str, &str)]) {
             std::fs::write(&self.path, document(values)).unwrap();
-            assert!(self.live.poll(true), "a new snapshot is published");
+            assert!(self.live.reload_blocking(), "a new snapshot is published");
         }
     }
 

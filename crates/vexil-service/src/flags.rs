@@ -471,7 +471,7 @@ mod tests {
             FLAGS.replace("\"defaultVariant\": \"no\"", "\"defaultVariant\": \"yes\""),
         )
         .unwrap();
-        assert!(f.flags.live().poll(false));
+        assert!(f.flags.live().reload_blocking());
         let newer = f.flags.live().snapshot();
         let changed: Value = serde_json::from_slice(&f.flags.sync_payload(&newer, &Selector::All, encode)).unwrap();
         assert_eq!(changed["flags"]["vip"]["defaultVariant"], json!("yes"));
@@ -483,7 +483,7 @@ mod tests {
         let f = fixture("changes", FLAGS);
         let old = f.flags.live().snapshot();
         std::fs::write(&f.path, FLAGS.replace("\"a\": \"a\"", "\"a\": \"bb\"")).unwrap();
-        assert!(f.flags.live().poll(false));
+        assert!(f.flags.live().reload_blocking());
         let new = f.flags.live().snapshot();
         let first = f.flags.changes(&old, &new, &Selector::All);
         let second = f.flags.changes(&old, &new, &Selector::All);

@@ -187,6 +187,9 @@ struct Failure {
     error: String,
 }
 
+/// How long a source watcher that panicked waits before it follows its source again.
+const WATCHER_RESTART: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Live {
     /// Loads every source once (concurrently) and publishes the first snapshot, version 0 (sources
     /// that fail are retried when they report a change). Does not start watching: see
@@ -226,17 +229,30 @@ impl Live {
     /// changed. The sources' change streams are opened before this returns.
     pub fn watch(&self) -> tokio::task::JoinHandle<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        let mut followers = std::collections::HashMap::new();
         for index in 0..self.inner.slots.len() {
             let changes = self.inner.slots[index].source.changes();
-            tasks.spawn(self.clone().follow(index, changes));
+            let task = tasks.spawn(self.clone().follow(index, changes));
+            followers.insert(task.id(), index);
         }
+        let live = self.clone();
         tokio::spawn(async move {
-            while let Some(done) = tasks.join_next().await {
-                if let Err(e) = done
-                    && e.is_panic()
-                {
-                    tracing::error!("a source watcher panicked: {e}");
+            while let Some(done) = tasks.join_next_with_id().await {
+                let Err(e) = done else { continue };
+                let Some(index) = followers.remove(&e.id()) else {
+                    continue;
+                };
+                if !e.is_panic() {
+                    continue;
                 }
+                // A bug, not a source failure (those are reported by `reload`): keep following
+                // the source, after a pause so that a panic on every change cannot spin.
+                let slot = &live.inner.slots[index];
+                tracing::error!(source = %slot.source.name(), "the source watcher panicked, restarting it in {WATCHER_RESTART:?}: {e}");
+                tokio::time::sleep(WATCHER_RESTART).await;
+                let changes = slot.source.changes();
+                let task = tasks.spawn(live.clone().follow(index, changes));
+                followers.insert(task.id(), index);
             }
         })
     }
@@ -260,10 +276,9 @@ impl Live {
     }
 
     /// [`Live::reload`] for sync callers (tests): blocks the calling thread, like [`Live::load`].
-    /// Every source is loaded whatever `_initial` says (the parameter is kept for existing
-    /// callers). Must not be called on a runtime thread that a [`Live::watch`] task of this `Live`
-    /// needs in order to finish publishing.
-    pub fn poll(&self, _initial: bool) -> bool {
+    /// Must not be called on a runtime thread that a [`Live::watch`] task of this `Live` needs in
+    /// order to finish publishing.
+    pub fn reload_blocking(&self) -> bool {
         block_on(self.reload())
     }
 

@@ -108,10 +108,10 @@ fn reloads_changes_and_keeps_the_last_good_document() {
     assert!(live.readiness().is_ready());
     assert_eq!(live.readiness().to_string(), "ready");
 
-    assert!(!live.poll(false), "the same document: nothing to publish");
+    assert!(!live.reload_blocking(), "the same document: nothing to publish");
 
     write(&path, "{ not json");
-    assert!(!live.poll(false));
+    assert!(!live.reload_blocking());
     assert_eq!(
         value(&live, "f"),
         Some(json!("one")),
@@ -136,7 +136,7 @@ fn reloads_changes_and_keeps_the_last_good_document() {
     );
 
     write(&path, &flags("f", "two").to_string());
-    assert!(live.poll(false));
+    assert!(live.reload_blocking());
     assert_eq!(live.current().version, 1);
     assert_eq!(value(&live, "f"), Some(json!("two")));
     assert!(live.readiness().is_ready());
@@ -245,7 +245,7 @@ fn only_the_changed_source_is_compiled_again() {
     let before = live.snapshot();
 
     write(&b, &flags("b", "two").to_string());
-    assert!(live.poll(false));
+    assert!(live.reload_blocking());
     let after = live.snapshot();
     assert_eq!(value(&live, "b"), Some(json!("two")));
     let (old, new) = (before.compiled_sources(), after.compiled_sources());
@@ -265,7 +265,7 @@ fn only_the_changed_source_is_compiled_again() {
 
     // Rewritten with the same content: nothing is compiled or published.
     write(&a, &flags("a", "one").to_string());
-    assert!(!live.poll(false));
+    assert!(!live.reload_blocking());
     assert!(Arc::ptr_eq(&live.snapshot(), &after));
 }
 
@@ -421,4 +421,55 @@ async fn concurrent_reloads_publish_each_version_once() {
         assert_eq!(value(&live, "b"), Some(json!(i.to_string())));
     }
     assert_eq!(versions, (1..=20).collect::<Vec<u64>>());
+}
+
+/// A source whose first change stream panics when polled (a bug in a source), and whose later
+/// ones work.
+#[derive(Debug)]
+struct PanicsOnce {
+    inner: Arc<Memory>,
+    opened: AtomicUsize,
+}
+
+impl Source for PanicsOnce {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Parsed, LoadError>> {
+        self.inner.load()
+    }
+
+    fn changes(&self) -> BoxStream<'static, ()> {
+        if self.opened.fetch_add(1, Ordering::SeqCst) == 0 {
+            return futures::stream::once(async { panic!("a bug in the change stream") }).boxed();
+        }
+        self.inner.changes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_watcher_that_panics_is_restarted() {
+    let (memory, set) = Memory::new("flaky", flags("f", "0"));
+    let source = Arc::new(PanicsOnce {
+        inner: memory,
+        opened: AtomicUsize::new(0),
+    });
+    let options = LiveOptions {
+        fractional: FractionalMode::V3,
+        stale_after: None,
+    };
+    let live = Live::compose(vec![source.clone() as Arc<dyn Source>], options).await;
+    let mut changes = live.subscribe();
+    let task = live.watch();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while source.opened.load(Ordering::SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the watcher is restarted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    set.send(Ok(flags("f", "1"))).unwrap();
+    let published = next_published(&mut changes).await;
+    assert_eq!(published.version, 1);
+    assert_eq!(value(&live, "f"), Some(json!("1")), "the source is followed again");
+    task.abort();
 }
