@@ -369,9 +369,14 @@ async fn connections_beyond_max_connections_are_refused_with_a_status() {
 
 /// The gRPC status of a call whose request body is `body`, raw.
 async fn grpc_status_of(port: u16, path: &str, body: Bytes) -> (Option<Code>, String) {
+    grpc_status_after(port, path, body, true).await
+}
+
+/// The status of a gRPC call whose request body is `body`, ended or (`end: false`) left open.
+async fn grpc_status_after(port: u16, path: &str, body: Bytes, end: bool) -> (Option<Code>, String) {
     let mut client = h2_connect(port).await;
     let (response, mut request) = client.send_request(grpc_request(path), false).unwrap();
-    request.send_data(body, true).unwrap();
+    request.send_data(body, end).unwrap();
     let response = tokio::time::timeout(PATIENCE, response).await.unwrap().unwrap();
     let headers = response.headers().clone();
     let mut body = response.into_body();
@@ -419,4 +424,51 @@ async fn requests_that_are_not_protobuf_are_invalid_arguments() {
     )
     .await;
     assert_eq!(code, Some(Code::InvalidArgument));
+}
+
+#[tokio::test]
+async fn request_bodies_that_do_not_arrive_in_time_are_rejected() {
+    let (s, _dir) = start(&generation(2, 0), &["--body-read-timeout", "1"]);
+
+    // OFREP over HTTP/1.1: the headers promise 100 bytes, 10 arrive.
+    let mut tcp = TcpStream::connect(("127.0.0.1", s.ports.ofrep)).await.unwrap();
+    tcp.write_all(
+        b"POST /ofrep/v1/evaluate/flags/flag-0 HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"context\"",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"}") {
+        match tokio::time::timeout(PATIENCE, tcp.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer within {PATIENCE:?}"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--body-read-timeout"), "{answer}");
+
+    // gRPC over HTTP/2: a message frame that promises 20 bytes, 2 of them sent, the stream left
+    // open.
+    let partial = Bytes::from_static(&[0, 0, 0, 0, 20, 0x0a, 0x03]);
+    let (code, message) = grpc_status_after(
+        s.ports.evaluation,
+        "/flagd.evaluation.v1.Service/ResolveBoolean",
+        partial,
+        false,
+    )
+    .await;
+    assert_eq!(code, Some(Code::DeadlineExceeded), "{message}");
+
+    // The server still answers a well-behaved client.
+    let response = reqwest::Client::new()
+        .post(s.ofrep_url("/ofrep/v1/evaluate/flags/flag-0"))
+        .json(&json!({"context": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
 }

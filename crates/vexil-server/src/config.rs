@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// disconnected).
     #[arg(long, env = "VEXIL_HEADER_READ_TIMEOUT", default_value = "10", value_parser = parse_positive_seconds)]
     pub header_read_timeout: Duration,
+    /// Seconds a request's body may take to arrive after its headers (slow clients get 408 /
+    /// `DEADLINE_EXCEEDED`).
+    #[arg(long, env = "VEXIL_BODY_READ_TIMEOUT", default_value = "10", value_parser = parse_positive_seconds)]
+    pub body_read_timeout: Duration,
     /// Seconds a connection with no request or stream in flight is kept open (0: forever).
     #[arg(long, env = "VEXIL_IDLE_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
     pub idle_timeout: Duration,

@@ -32,6 +32,8 @@ pub enum ErrorKind {
     ResourceExhausted,
     /// The request body is larger than `--max-request-body`.
     PayloadTooLarge,
+    /// The request body did not arrive within `--body-read-timeout`.
+    RequestTimeout,
     Unavailable,
     Internal,
 }
@@ -73,6 +75,7 @@ pub fn mapping(kind: ErrorKind) -> ErrorMapping {
         K::ResourceExhausted => row(Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS, None),
         // grpc-go and connect-go (flagd) answer RESOURCE_EXHAUSTED; tonic's own limit says OUT_OF_RANGE.
         K::PayloadTooLarge => row(Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE, None),
+        K::RequestTimeout => row(Code::DeadlineExceeded, StatusCode::REQUEST_TIMEOUT, None),
         K::Unavailable => row(Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE, None),
         K::Internal => row(Code::Internal, StatusCode::INTERNAL_SERVER_ERROR, Some("GENERAL")),
     }
@@ -159,6 +162,7 @@ mod tests {
             ErrorKind::PermissionDenied,
             ErrorKind::ResourceExhausted,
             ErrorKind::PayloadTooLarge,
+            ErrorKind::RequestTimeout,
             ErrorKind::Unavailable,
             ErrorKind::Internal,
         ];

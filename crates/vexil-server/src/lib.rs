@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+mod body;
 pub mod config;
 mod connect;
 mod convert;
@@ -85,6 +86,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         header_read_timeout: args.header_read_timeout,
         idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+        body_read_timeout: args.body_read_timeout,
     };
     let bind = |port: u16| SocketAddr::new(args.bind, port);
     // Management stays plain HTTP (probes and scrapers); the client-facing ports use TLS if given.

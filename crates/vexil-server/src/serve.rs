@@ -41,6 +41,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// How long a connection with nothing in flight stays open; `None`: forever.
     pub idle_timeout: Option<Duration>,
+    /// How long a request's body may take to arrive after its headers.
+    pub body_read_timeout: Duration,
 }
 
 /// Builds a TLS acceptor from PEM files (certificate chain and private key); offers h2 and
@@ -157,7 +159,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
-    let service = TowerToHyperService::new(tracked(router, activity.clone()));
+    let service = TowerToHyperService::new(tracked(router, activity.clone(), limits.body_read_timeout));
     let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
     tokio::pin!(conn);
     let connected = Instant::now();
@@ -188,10 +190,12 @@ where
     }
 }
 
-/// `router`, counting requests in flight on `activity` until their response bodies are done.
+/// `router`, counting requests in flight on `activity` until their response bodies are done, with
+/// each request body due within `body_read_timeout` of its headers.
 fn tracked(
     router: Router,
     activity: Arc<Activity>,
+    body_read_timeout: Duration,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -200,7 +204,10 @@ fn tracked(
 > + Clone {
     tower::service_fn(move |request: Request<Incoming>| {
         let active = activity.begin();
-        let call = router.clone().oneshot(request.map(Body::new));
+        let due = tokio::time::Instant::now() + body_read_timeout;
+        let call = router
+            .clone()
+            .oneshot(request.map(|body| Body::new(crate::body::Deadline::new(body, due))));
         async move {
             let response = call.await?;
             // The guard lives as long as the body: a stream is in flight until it ends.
