@@ -270,3 +270,14 @@ fn flag_like() -> impl Strategy<Value = Value> {
             Value::Object(flag)
         })
 }
+
+#[test]
+fn v1_weights_that_overflow_wrap_as_flagd_s_go_ints_did() {
+    // i64::MAX twice wraps to -2: every share is negative, no bucket is hit, and the rule gives
+    // null (the default variant) — never an overflow panic.
+    let max = i64::MAX;
+    let snap = snapshot(FractionalMode::V1, fractional_flag(json!([["a", max], ["b", max]])));
+    for key in keys(7, 20) {
+        assert_eq!(pick(&snap, &key), (Reason::Default, "default".to_owned()), "{key}");
+    }
+}

@@ -138,7 +138,8 @@ fn v1<'a>(args: &[&'a DataValue<'a>], root: &'a DataValue<'a>) -> Option<&'a Dat
         };
         weights.push((variant, weight));
     }
-    let total: i64 = weights.iter().map(|(_, w)| w).sum();
+    // flagd ≤ 0.14 summed Go `int`s, which wrap on overflow: so does this sum (found by fuzzing).
+    let total = weights.iter().fold(0_i64, |sum, (_, w)| sum.wrapping_add(*w));
     let bucket = f64::from((hash as i32).unsigned_abs()) / f64::from(i32::MAX) * 100.0;
     let mut range_end = 0.0;
     for (variant, weight) in weights {
