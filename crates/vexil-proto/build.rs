@@ -1,5 +1,6 @@
 //! Compiles `proto/` with protox (pure Rust, no protoc) into prost + tonic code and pbjson serde
-//! impls (proto3 JSON, for flagd's Connect JSON protocol).
+//! impls (proto3 JSON, for flagd's Connect JSON protocol). `google.protobuf.Struct` is our
+//! `JsonStruct` (the most specific extern path wins); other well-known types are pbjson-types'.
 
 use std::path::PathBuf;
 
@@ -23,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .compile_well_known_types(true)
+        .extern_path(".google.protobuf.Struct", "crate::JsonStruct")
         .extern_path(".google.protobuf", "::pbjson_types")
         .file_descriptor_set_path(&descriptor_path)
         .codec_path("crate::codec::Codec")
@@ -34,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_descriptors(&std::fs::read(&descriptor_path)?)?
         .emit_fields()
         .ignore_unknown_fields()
+        .extern_path(".google.protobuf.Struct", "crate::JsonStruct")
         .extern_path(".google.protobuf", "::pbjson_types")
         .build(&[".flagd", ".schema"])?;
     Ok(())

@@ -6,9 +6,9 @@ use serde_json::{Value, json};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use vexil_e2e::{Scratch, Server};
+use vexil_proto::JsonStruct;
 use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::flagd::sync::v1 as sync;
-use vexil_proto::pbjson_types::{Struct, Value as PValue, value::Kind};
 use vexil_proto::schema::v1 as schema_v1;
 
 const FLAGS: &str = r#"{
@@ -31,20 +31,13 @@ const FLAGS: &str = r#"{
   }
 }"#;
 
-fn ctx(pairs: &[(&str, &str)]) -> Option<Struct> {
-    Some(Struct {
-        fields: pairs
+fn ctx(pairs: &[(&str, &str)]) -> Option<JsonStruct> {
+    Some(JsonStruct(
+        pairs
             .iter()
-            .map(|(k, v)| {
-                (
-                    (*k).to_owned(),
-                    PValue {
-                        kind: Some(Kind::StringValue((*v).to_owned())),
-                    },
-                )
-            })
+            .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
             .collect(),
-    })
+    ))
 }
 
 fn start(flags: &str, extra: &[&str]) -> (Server, Scratch) {
@@ -84,7 +77,7 @@ async fn evaluation_v1_values_reasons_and_errors() {
         (staff.value, staff.reason.as_str(), staff.variant.as_str()),
         (true, "TARGETING_MATCH", "on")
     );
-    let metadata = staff.metadata.unwrap().fields;
+    let metadata = staff.metadata.unwrap().0;
     assert!(
         metadata.contains_key("owner") && metadata.contains_key("team"),
         "flag and set metadata: {metadata:?}"
@@ -138,7 +131,7 @@ async fn evaluation_v1_values_reasons_and_errors() {
         .await
         .unwrap()
         .into_inner();
-    assert!(o.value.unwrap().fields.contains_key("k"));
+    assert!(o.value.unwrap().0.contains_key("k"));
 
     let disabled = c
         .resolve_boolean(v1::ResolveBooleanRequest {
@@ -260,14 +253,7 @@ async fn resolve_all_uses_default_variant_types_and_skips_flags_without_one() {
     // As flagd: an erroring flag carries its type's zero value, no variant.
     assert_eq!(all.flags["broken"].value, Some(V::DoubleValue(0.0)));
     assert_eq!(all.flags["broken"].variant, "");
-    assert!(
-        all.flags["bool"]
-            .metadata
-            .as_ref()
-            .unwrap()
-            .fields
-            .contains_key("owner")
-    );
+    assert!(all.flags["bool"].metadata.as_ref().unwrap().0.contains_key("owner"));
 }
 
 #[tokio::test]
@@ -313,10 +299,7 @@ async fn selectors_pick_flag_sets_and_bad_ones_are_invalid_arguments() {
         .unwrap()
         .into_inner();
     assert_eq!(in_set.value, "from-b");
-    assert_eq!(
-        in_set.metadata.unwrap().fields["flagSetId"].kind,
-        Some(Kind::StringValue("set-b".into()))
-    );
+    assert_eq!(in_set.metadata.unwrap().0["flagSetId"], "set-b");
     assert_eq!(
         c.resolve_string(get(Some(&a.display().to_string())))
             .await

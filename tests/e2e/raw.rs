@@ -56,8 +56,8 @@ use support::{all_flags, load, prepare_features};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use vexil_e2e::{Scratch, Server, testbed};
+use vexil_proto::JsonStruct;
 use vexil_proto::flagd::evaluation::{v1, v2};
-use vexil_proto::pbjson_types::{ListValue, Struct, Value as PValue, value::Kind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Protocol {
@@ -328,34 +328,13 @@ fn same_answer(a: &Answer, b: &Answer) -> bool {
     value && metadata && a.reason == b.reason && a.variant == b.variant && a.error_code == b.error_code
 }
 
-/// A JSON object as a protobuf Struct (every number a double, as on the wire).
-fn to_struct(context: &Map<String, Value>) -> Option<Struct> {
-    fn value(v: &Value) -> PValue {
-        let kind = match v {
-            Value::Null => Kind::NullValue(0),
-            Value::Bool(b) => Kind::BoolValue(*b),
-            Value::Number(n) => Kind::NumberValue(n.as_f64().expect("a finite number")),
-            Value::String(s) => Kind::StringValue(s.clone()),
-            Value::Array(items) => Kind::ListValue(ListValue {
-                values: items.iter().map(value).collect(),
-            }),
-            Value::Object(m) => Kind::StructValue(fields(m)),
-        };
-        PValue { kind: Some(kind) }
-    }
-    fn fields(m: &Map<String, Value>) -> Struct {
-        Struct {
-            fields: m.iter().map(|(k, v)| (k.clone(), value(v))).collect(),
-        }
-    }
-    Some(fields(context))
+/// A JSON object as a protobuf Struct (every number is sent as a double).
+fn to_struct(context: &Map<String, Value>) -> Option<JsonStruct> {
+    Some(JsonStruct(context.clone()))
 }
 
-fn struct_to_map(s: Option<Struct>) -> Map<String, Value> {
-    match s.map(|s| serde_json::to_value(s).expect("a Struct converts to JSON")) {
-        Some(Value::Object(m)) => m,
-        _ => Map::new(),
-    }
+fn struct_to_map(s: Option<JsonStruct>) -> Map<String, Value> {
+    s.map(|s| s.0).unwrap_or_default()
 }
 
 fn with_selector<T>(message: T, selector: Option<&str>) -> tonic::Request<T> {
@@ -381,7 +360,7 @@ fn grpc_error(status: &tonic::Status) -> Result<Answer, String> {
 
 /// flagd's v1 success: every field is set; DEFAULT/DISABLED with an empty variant means the code
 /// default (how flagd's providers read it).
-fn v1_success(value: Value, reason: String, variant: String, metadata: Option<Struct>) -> Result<Answer, String> {
+fn v1_success(value: Value, reason: String, variant: String, metadata: Option<JsonStruct>) -> Result<Answer, String> {
     if reason.is_empty() || reason == "ERROR" {
         return Err(format!("success with reason {reason:?}"));
     }
@@ -400,7 +379,7 @@ fn v2_success(
     value: Option<Value>,
     reason: String,
     variant: Option<String>,
-    metadata: Option<Struct>,
+    metadata: Option<JsonStruct>,
 ) -> Result<Answer, String> {
     if reason.is_empty() || reason == "ERROR" {
         return Err(format!("success with reason {reason:?}"));

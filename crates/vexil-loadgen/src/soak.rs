@@ -26,9 +26,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
+use vexil_proto::JsonStruct;
 use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::flagd::sync::v1 as sync;
-use vexil_proto::pbjson_types::{Struct, value::Kind as PKind};
 
 use crate::driver::Pacer;
 use crate::flags::{GeneratedFlag, catalog, context};
@@ -365,15 +365,8 @@ impl Marks {
         self.metadata(metadata.and_then(|m| m.get("generation")).and_then(Value::as_f64));
     }
 
-    fn metadata_struct(&mut self, metadata: Option<&Struct>) {
-        self.metadata(
-            metadata
-                .and_then(|m| m.fields.get("generation"))
-                .and_then(|v| match &v.kind {
-                    Some(PKind::NumberValue(n)) => Some(*n),
-                    _ => None,
-                }),
-        );
+    fn metadata_struct(&mut self, metadata: Option<&JsonStruct>) {
+        self.metadata(metadata.and_then(|m| m.0.get("generation")).and_then(Value::as_f64));
     }
 }
 
@@ -450,7 +443,7 @@ struct Clients {
 struct Input {
     bool_key: String,
     string_key: String,
-    pcontext: Struct,
+    pcontext: JsonStruct,
     /// `{"context": …}` (OFREP).
     ofrep_body: Bytes,
     /// `{"flagKey": …, "context": …}` (Connect).

@@ -11,8 +11,8 @@ use serde_json::{Map, Value, json};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use vexil_proto::JsonStruct;
 use vexil_proto::flagd::evaluation::{v1, v2};
-use vexil_proto::pbjson_types::{Struct, Value as PValue, value::Kind};
 
 use crate::flags::{GeneratedFlag, context};
 
@@ -71,20 +71,18 @@ pub enum Req {
 }
 
 /// A JSON context as a protobuf `Struct` (strings, numbers and booleans; anything else is null).
-pub fn to_struct(m: &Map<String, Value>) -> Struct {
+pub fn to_struct(m: &Map<String, Value>) -> JsonStruct {
     let fields = m
         .iter()
         .map(|(k, v)| {
-            let kind = match v {
-                Value::String(s) => Kind::StringValue(s.clone()),
-                Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-                Value::Bool(b) => Kind::BoolValue(*b),
-                _ => Kind::NullValue(0),
+            let v = match v {
+                Value::String(_) | Value::Number(_) | Value::Bool(_) => v.clone(),
+                _ => Value::Null,
             };
-            (k.clone(), PValue { kind: Some(kind) })
+            (k.clone(), v)
         })
         .collect();
-    Struct { fields }
+    JsonStruct(fields)
 }
 
 /// `pool` requests of `scenario` over `flags`, with contexts of `attributes` attributes.
@@ -268,7 +266,7 @@ mod tests {
         for r in &reqs {
             let Req::Str(r) = r else { panic!("string requests") };
             assert!(r.flag_key.starts_with("string-"));
-            assert_eq!(r.context.as_ref().unwrap().fields.len(), 5);
+            assert_eq!(r.context.as_ref().unwrap().0.len(), 5);
         }
         let bulk = requests(Scenario::OfrepBulk, &flags, 50, 2);
         let Req::Http { path, body } = &bulk[0] else {

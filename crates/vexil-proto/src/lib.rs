@@ -1,6 +1,8 @@
-//! Generated code only: prost messages, tonic clients and servers, and pbjson (proto3 JSON) serde
+//! Generated code: prost messages, tonic clients and servers, and pbjson (proto3 JSON) serde
 //! impls for flagd's wire protocols — `flagd.evaluation.v1`, `flagd.evaluation.v2`,
-//! `flagd.sync.v1` and the legacy `schema.v1` — compiled from `proto/` at build time.
+//! `flagd.sync.v1` and the legacy `schema.v1` — compiled from `proto/` at build time. Hand-written
+//! beside it: the codec, and [`JsonStruct`], the type of every `google.protobuf.Struct` field
+//! (decoded straight into JSON).
 
 #![allow(
     missing_docs,
@@ -11,6 +13,9 @@
 )]
 
 pub mod codec;
+mod json_struct;
+
+pub use json_struct::{JsonStruct, json_number};
 
 /// The encoded `FileDescriptorSet` of every proto here (for server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
@@ -40,5 +45,3 @@ pub mod schema {
         include!(concat!(env!("OUT_DIR"), "/schema.v1.serde.rs"));
     }
 }
-
-pub use pbjson_types;

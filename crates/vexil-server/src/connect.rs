@@ -452,14 +452,13 @@ fn unwrap_envelope(body: &[u8]) -> Result<&[u8], Status> {
 #[cfg(test)]
 mod tests {
     use vexil_proto::flagd::evaluation::v1;
-    use vexil_proto::pbjson_types::value::Kind as ValueKind;
 
     use super::*;
 
     fn number(request: &v1::ResolveBooleanRequest, key: &str) -> f64 {
-        match request.context.as_ref().unwrap().fields[key].kind {
-            Some(ValueKind::NumberValue(n)) => n,
-            ref other => panic!("{key}: {other:?}"),
+        match &request.context.as_ref().unwrap().0[key] {
+            serde_json::Value::Number(n) => n.as_f64().unwrap(),
+            other => panic!("{key}: {other:?}"),
         }
     }
 

@@ -614,7 +614,7 @@ macro_rules! call {
 
 /// A protobuf request of flagd's evaluation v1/v2, schema.v1 or sync v1 services (`choice` picks
 /// the message): decoded with prost as the gRPC transport does, then answered by the service (its
-/// `Struct` context converted to JSON and evaluated).
+/// `Struct` context decoded straight into JSON and evaluated).
 pub fn protobuf(data: &[u8]) {
     let (_, choice, selector, body) = split_request(data);
     with_server(|server| {
@@ -670,13 +670,15 @@ pub fn protobuf(data: &[u8]) {
                 20 => call!(syncs, sync_flags, sync::SyncFlagsRequest, body, selector, stream),
                 21 => call!(syncs, fetch_all_flags, sync::FetchAllFlagsRequest, body, selector),
                 22 => call!(syncs, get_metadata, sync::GetMetadataRequest, body, selector),
-                // The conversion alone, on a bare `Struct`.
+                // A bare `Struct` (decoded straight into JSON): what decodes encodes, at the length
+                // it says, and decodes back to itself.
                 _ => {
-                    if let Ok(s) = <vexil_proto::pbjson_types::Struct as prost::Message>::decode(body) {
-                        let json = crate::convert::struct_to_json(s);
-                        let back = crate::convert::json_to_struct(&json);
-                        let again = crate::convert::struct_to_json(back);
-                        assert_eq!(json.len(), again.len());
+                    use prost::Message;
+                    if let Ok(s) = vexil_proto::JsonStruct::decode(body) {
+                        let bytes = s.encode_to_vec();
+                        assert_eq!(bytes.len(), s.encoded_len());
+                        let again = vexil_proto::JsonStruct::decode(&bytes[..]).expect("re-encoded Struct decodes");
+                        assert_eq!(again, s);
                     }
                 }
             }

@@ -15,7 +15,6 @@ pub mod app;
 mod body;
 pub mod config;
 mod connect;
-mod convert;
 mod error;
 mod flagd;
 #[doc(hidden)]

@@ -10,14 +10,13 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
-use vexil_core::{Reason, Resolution, Selector, ValueType};
+use vexil_core::{Metadata, Reason, Resolution, Selector, ValueType};
+use vexil_proto::JsonStruct;
 use vexil_proto::flagd::evaluation::{v1, v2};
-use vexil_proto::pbjson_types::Struct;
 use vexil_proto::schema::v1 as schema_v1;
 
 use super::events::{self, EventStream};
 use crate::app::App;
-use crate::convert::{json_to_struct, metadata_struct, struct_to_json};
 use crate::error::{self, ErrorKind};
 
 /// Which flagd evaluation API is answering.
@@ -44,7 +43,7 @@ struct Answer<'r> {
     value: Option<&'r Value>,
     reason: &'static str,
     variant: Option<&'r str>,
-    metadata: Struct,
+    metadata: JsonStruct,
 }
 
 /// The selector of a request: the `Flagd-Selector` header.
@@ -53,17 +52,27 @@ pub(crate) fn selector(metadata: &MetadataMap) -> Result<Selector, Status> {
 }
 
 /// The evaluation context: the request's `context` merged with `-X` values and `-H` headers.
-fn context(app: &App, metadata: &MetadataMap, context: Option<Struct>) -> Map<String, Value> {
-    let own = context.map(struct_to_json).unwrap_or_default();
+fn context(app: &App, metadata: &MetadataMap, context: Option<JsonStruct>) -> Map<String, Value> {
+    let own = context.map(|c| c.0).unwrap_or_default();
     app.flags()
         .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()))
+}
+
+/// A flag's metadata as flagd reports it in a response: the selector's reflection (`{"flagSetId": …}`
+/// or `{"source": …}`) with the flag's own metadata over it.
+fn metadata(selector: &Selector, flag: Option<&Metadata>) -> JsonStruct {
+    let mut metadata = selector.metadata();
+    for (k, v) in flag.into_iter().flatten() {
+        metadata.insert(k.clone(), v.clone());
+    }
+    JsonStruct(metadata)
 }
 
 fn answer<'r>(api: Api, r: &Resolution<'r>, selector: &Selector) -> Result<Answer<'r>, Status> {
     if let Some(err) = &r.error {
         return Err(error::status(err.code, &err.message));
     }
-    let metadata = metadata_struct(selector, r.metadata);
+    let metadata = metadata(selector, r.metadata);
     if r.value.is_none() {
         // The caller's code default applies (no default variant, or a disabled flag).
         return match (api, r.reason) {
@@ -106,7 +115,7 @@ fn resolve<Req, Resp>(
     api: Api,
     request: Request<Req>,
     ty: ValueType,
-    parts: impl FnOnce(Req) -> (String, Option<Struct>),
+    parts: impl FnOnce(Req) -> (String, Option<JsonStruct>),
     build: impl FnOnce(Answer<'_>) -> Resp,
 ) -> Result<Response<Resp>, Status> {
     let (metadata, _, message) = request.into_parts();
@@ -133,8 +142,8 @@ fn as_float(v: &Value) -> f64 {
 fn as_int(v: &Value) -> i64 {
     v.as_f64().unwrap_or_default() as i64
 }
-fn as_object(v: &Value) -> Struct {
-    v.as_object().map(json_to_struct).unwrap_or_default()
+fn as_object(v: &Value) -> JsonStruct {
+    v.as_object().cloned().map(JsonStruct).unwrap_or_default()
 }
 
 /// `impl Service for $ty` of one API: the five typed Resolve* methods plus `$extra` methods.
@@ -204,7 +213,7 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
         let (flags, selector) = resolve_all(&self.app, Api::V1, request, |m| m.context)?;
         Ok(Response::new(v1::ResolveAllResponse {
             flags,
-            metadata: Some(json_to_struct(&selector.metadata())),
+            metadata: Some(JsonStruct(selector.metadata())),
         }))
     }
 
@@ -230,7 +239,7 @@ fn resolve_all<T>(
     app: &App,
     api: Api,
     request: Request<T>,
-    ctx: impl FnOnce(T) -> Option<Struct>,
+    ctx: impl FnOnce(T) -> Option<JsonStruct>,
 ) -> Result<(HashMap<String, v1::AnyFlag>, Selector), Status> {
     let (metadata, _, message) = request.into_parts();
     let selector = selector(&metadata)?;
@@ -248,7 +257,7 @@ fn resolve_all<T>(
 
 fn any_flag(ty: ValueType, r: &Resolution<'_>, selector: &Selector) -> v1::AnyFlag {
     use v1::any_flag::Value as V;
-    let metadata = Some(metadata_struct(selector, r.metadata));
+    let metadata = Some(metadata(selector, r.metadata));
     let value = r.value.filter(|v| ty.accepts(v));
     let (reason, variant, value) = match (&r.error, value) {
         (None, Some(v)) => {
@@ -267,7 +276,7 @@ fn any_flag(ty: ValueType, r: &Resolution<'_>, selector: &Selector) -> v1::AnyFl
             let zero = match ty {
                 ValueType::Boolean => V::BoolValue(false),
                 ValueType::String => V::StringValue(String::new()),
-                ValueType::Object => V::ObjectValue(Struct::default()),
+                ValueType::Object => V::ObjectValue(JsonStruct::default()),
                 _ => V::DoubleValue(0.0),
             };
             (Reason::Error, "", zero)

@@ -9,10 +9,9 @@ use futures::Stream;
 use serde_json::{Map, Value, json};
 use tonic::Status;
 use vexil_core::Selector;
-use vexil_proto::pbjson_types::Struct;
+use vexil_proto::JsonStruct;
 
 use crate::app::App;
-use crate::convert::json_to_struct;
 use crate::streams::{Event, Subscription};
 
 /// How long a stream may be silent before a `keep_alive` is sent.
@@ -27,10 +26,10 @@ pub type EventStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
 pub fn stream<R, F>(app: &App, selector: Selector, make: F) -> Result<EventStream<R>, Status>
 where
     R: Send + 'static,
-    F: Fn(&'static str, Option<Struct>) -> R + Send + 'static,
+    F: Fn(&'static str, Option<JsonStruct>) -> R + Send + 'static,
 {
     let subscription = Subscription::open(app, "event_stream", selector, Some(KEEP_ALIVE))?;
-    let ready = make("provider_ready", Some(Struct::default()));
+    let ready = make("provider_ready", Some(JsonStruct::default()));
     let events = futures::stream::unfold((subscription, make), |(mut subscription, make)| async move {
         let message = match subscription.next().await? {
             Event::Changed { changes, .. } => {
@@ -38,11 +37,11 @@ where
                     .iter()
                     .map(|(key, change)| (key.clone(), json!({ "type": change.as_str() })))
                     .collect();
-                let data = json!({ "flags": flags });
-                Ok(make("configuration_change", data.as_object().map(json_to_struct)))
+                let data = JsonStruct(Map::from_iter([("flags".to_owned(), Value::Object(flags))]));
+                Ok(make("configuration_change", Some(data)))
             }
             Event::Quiet => Ok(make("keep_alive", None)),
-            Event::ShuttingDown => Ok(make("provider_shutdown", Some(Struct::default()))),
+            Event::ShuttingDown => Ok(make("provider_shutdown", Some(JsonStruct::default()))),
             Event::DeadlineReached => Err(Status::deadline_exceeded("stream deadline reached")),
         };
         Some((message, (subscription, make)))

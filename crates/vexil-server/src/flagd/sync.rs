@@ -21,11 +21,11 @@ use hyper::body::Frame;
 use prost::Message;
 use tonic::{Request, Response, Status};
 use vexil_core::{Selector, Snapshot};
+use vexil_proto::JsonStruct;
 use vexil_proto::flagd::sync::v1::{self as sync, flag_sync_service_server::FlagSyncService};
 use vexil_service::StaticContext;
 
 use crate::app::App;
-use crate::convert::json_to_struct;
 use crate::error::{self, ErrorKind};
 use crate::streams::{Event, Subscription};
 
@@ -53,7 +53,7 @@ fn selector_from(headers: &HeaderMap, body: &str) -> Result<Selector, Status> {
 fn encode_response(flag_configuration: String, statics: &StaticContext) -> Bytes {
     let response = sync::SyncFlagsResponse {
         flag_configuration,
-        sync_context: Some(json_to_struct(&statics.values)),
+        sync_context: Some(JsonStruct(statics.values.clone())),
     };
     Bytes::from(response.encode_to_vec())
 }
@@ -218,7 +218,7 @@ impl FlagSyncService for Sync {
             ));
         }
         Ok(Response::new(sync::GetMetadataResponse {
-            metadata: Some(json_to_struct(&self.app.flags().statics().values)),
+            metadata: Some(JsonStruct(self.app.flags().statics().values.clone())),
         }))
     }
 }
