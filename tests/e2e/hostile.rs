@@ -426,18 +426,15 @@ async fn requests_that_are_not_protobuf_are_invalid_arguments() {
     assert_eq!(code, Some(Code::InvalidArgument));
 }
 
-#[tokio::test]
-async fn request_bodies_that_do_not_arrive_in_time_are_rejected() {
-    let (s, _dir) = start(&generation(2, 0), &["--body-read-timeout", "1"]);
-
-    // OFREP over HTTP/1.1: the headers promise 100 bytes, 10 arrive.
-    let mut tcp = TcpStream::connect(("127.0.0.1", s.ports.ofrep)).await.unwrap();
-    tcp.write_all(
-        b"POST /ofrep/v1/evaluate/flags/flag-0 HTTP/1.1\r\nHost: localhost\r\n\
-          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"context\"",
-    )
-    .await
-    .unwrap();
+/// Sends a JSON POST over HTTP/1.1 whose headers promise 100 bytes of body, `start` of them sent,
+/// and returns the answer (up to the end of its JSON body).
+async fn stalled_http1(port: u16, path: &str, start: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(start).await.unwrap();
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
     while !answer.ends_with(b"}") {
@@ -447,7 +444,15 @@ async fn request_bodies_that_do_not_arrive_in_time_are_rejected() {
             Err(_) => panic!("no answer within {PATIENCE:?}"),
         }
     }
-    let answer = String::from_utf8_lossy(&answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn request_bodies_that_do_not_arrive_in_time_are_rejected() {
+    let (s, _dir) = start(&generation(2, 0), &["--body-read-timeout", "1"]);
+
+    // OFREP over HTTP/1.1: the headers promise 100 bytes, 10 arrive.
+    let answer = stalled_http1(s.ports.ofrep, "/ofrep/v1/evaluate/flags/flag-0", b"{\"context\"").await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--body-read-timeout"), "{answer}");
 
@@ -457,11 +462,28 @@ async fn request_bodies_that_do_not_arrive_in_time_are_rejected() {
     let (code, message) = grpc_status_after(
         s.ports.evaluation,
         "/flagd.evaluation.v1.Service/ResolveBoolean",
-        partial,
+        partial.clone(),
         false,
     )
     .await;
     assert_eq!(code, Some(Code::DeadlineExceeded), "{message}");
+    let (code, message) = grpc_status_after(
+        s.ports.sync,
+        "/flagd.sync.v1.FlagSyncService/SyncFlags",
+        partial,
+        false,
+    )
+    .await;
+    assert_eq!(code, Some(Code::DeadlineExceeded), "SyncFlags: {message}");
+
+    // Connect JSON over HTTP/1.1 on the evaluation port.
+    let answer = stalled_http1(
+        s.ports.evaluation,
+        "/flagd.evaluation.v1.Service/ResolveBoolean",
+        b"{\"flagKey\"",
+    )
+    .await;
+    assert!(answer.contains("\"deadline_exceeded\""), "{answer}");
 
     // The server still answers a well-behaved client.
     let response = reqwest::Client::new()

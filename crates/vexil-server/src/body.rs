@@ -39,8 +39,24 @@ pub fn timed_out() -> tonic::Status {
     )
 }
 
+/// Reads a whole request body of at most `limit` bytes. The error is what the error table
+/// reports: [`ErrorKind::RequestTimeout`] for a body that missed its deadline,
+/// [`ErrorKind::PayloadTooLarge`] otherwise (too large, or cut off).
+pub async fn read(body: axum::body::Body, limit: usize) -> Result<Bytes, (ErrorKind, String)> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_timeout(&e) {
+            (ErrorKind::RequestTimeout, timed_out().message().to_owned())
+        } else {
+            (
+                ErrorKind::PayloadTooLarge,
+                format!("request body too large (limit {limit} bytes)"),
+            )
+        }
+    })
+}
+
 /// Whether `e` (from reading a request body) is the deadline's.
-pub fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(e);
     while let Some(e) = source {
         if e.downcast_ref::<tonic::Status>()

@@ -111,14 +111,9 @@ pub async fn handle(connect: &Connect, path: &str, headers: HeaderMap, body: Bod
         Kind::Unary => unary_error(&status),
         Kind::Streaming => stream_response(codec, futures::stream::once(async move { end_stream(Some(&status)) })),
     };
-    let body = match axum::body::to_bytes(body, connect.max_body).await {
+    let body = match crate::body::read(body, connect.max_body).await {
         Ok(b) => b,
-        Err(_) => {
-            return reply(error::grpc_status(
-                ErrorKind::PayloadTooLarge,
-                format!("request body larger than {} bytes", connect.max_body),
-            ));
-        }
+        Err((kind, message)) => return reply(error::grpc_status(kind, message)),
     };
     let method = match method(path) {
         Ok(m) if m.is_server_streaming() == (kind == Kind::Streaming) && !m.is_client_streaming() => m,

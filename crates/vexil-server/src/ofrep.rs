@@ -75,16 +75,9 @@ impl IntoResponse for Rejection {
 
 /// Reads the body up to the configured limit (and within `--body-read-timeout`).
 async fn read_body(app: &App, body: Body) -> Result<Bytes, Rejection> {
-    axum::body::to_bytes(body, app.max_body()).await.map_err(|e| {
-        if crate::body::is_timeout(&e) {
-            return Rejection::new(ErrorKind::RequestTimeout, crate::body::timed_out().message(), None);
-        }
-        Rejection::new(
-            ErrorKind::PayloadTooLarge,
-            format!("request body too large (limit {} bytes)", app.max_body()),
-            None,
-        )
-    })
+    crate::body::read(body, app.max_body())
+        .await
+        .map_err(|(kind, details)| Rejection::new(kind, details, None))
 }
 
 /// The request's context: `{"context": {...}}`; an empty body is an empty context, a non-object

@@ -132,9 +132,9 @@ async fn open_grpc(app: &App, request: http::Request<Body>) -> Result<Updates, S
         return Err(Status::unimplemented("compressed requests are not supported"));
     }
     let limit = app.max_body();
-    let body = axum::body::to_bytes(body, limit.saturating_add(5))
+    let body = crate::body::read(body, limit.saturating_add(5))
         .await
-        .map_err(|_| error::grpc_status(ErrorKind::PayloadTooLarge, format!("request larger than {limit} bytes")))?;
+        .map_err(|(kind, message)| error::grpc_status(kind, message))?;
     let message = match body.as_ref() {
         [0, len @ ..] if len.len() >= 4 => {
             let declared = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
