@@ -54,6 +54,17 @@ async fn served_generation(s: &Server) -> Option<u32> {
     body["value"].as_str()?.strip_prefix("gen-")?.parse().ok()
 }
 
+/// Asserts that the server answers a well-behaved OFREP request.
+async fn assert_serves_ofrep(s: &Server) {
+    let response = reqwest::Client::new()
+        .post(s.ofrep_url("/ofrep/v1/evaluate/flags/flag-0"))
+        .json(&json!({"context": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
 async fn wait_for_generation(s: &Server, wanted: u32) {
     let deadline = Instant::now() + PATIENCE;
     while served_generation(s).await != Some(wanted) {
@@ -268,13 +279,7 @@ async fn clients_that_dribble_their_headers_are_disconnected() {
     time_to_close(&mut tcp).await;
 
     // The server still answers a well-behaved client.
-    let response = reqwest::Client::new()
-        .post(s.ofrep_url("/ofrep/v1/evaluate/flags/flag-0"))
-        .json(&json!({"context": {}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_serves_ofrep(&s).await;
 }
 
 #[tokio::test]
@@ -467,13 +472,8 @@ async fn request_bodies_that_do_not_arrive_in_time_are_rejected() {
     )
     .await;
     assert_eq!(code, Some(Code::DeadlineExceeded), "{message}");
-    let (code, message) = grpc_status_after(
-        s.ports.sync,
-        "/flagd.sync.v1.FlagSyncService/SyncFlags",
-        partial,
-        false,
-    )
-    .await;
+    let (code, message) =
+        grpc_status_after(s.ports.sync, "/flagd.sync.v1.FlagSyncService/SyncFlags", partial, false).await;
     assert_eq!(code, Some(Code::DeadlineExceeded), "SyncFlags: {message}");
 
     // Connect JSON over HTTP/1.1 on the evaluation port.
@@ -486,11 +486,5 @@ async fn request_bodies_that_do_not_arrive_in_time_are_rejected() {
     assert!(answer.contains("\"deadline_exceeded\""), "{answer}");
 
     // The server still answers a well-behaved client.
-    let response = reqwest::Client::new()
-        .post(s.ofrep_url("/ofrep/v1/evaluate/flags/flag-0"))
-        .json(&json!({"context": {}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_serves_ofrep(&s).await;
 }
