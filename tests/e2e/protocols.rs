@@ -32,11 +32,11 @@ const FLAGS: &str = r#"{
 }"#;
 
 fn ctx(pairs: &[(&str, &str)]) -> Option<JsonStruct> {
-    Some(JsonStruct(
+    Some(JsonStruct::from(
         pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
-            .collect(),
+            .collect::<serde_json::Map<String, Value>>(),
     ))
 }
 
@@ -77,7 +77,7 @@ async fn evaluation_v1_values_reasons_and_errors() {
         (staff.value, staff.reason.as_str(), staff.variant.as_str()),
         (true, "TARGETING_MATCH", "on")
     );
-    let metadata = staff.metadata.unwrap().0;
+    let metadata = staff.metadata.unwrap().into_map();
     assert!(
         metadata.contains_key("owner") && metadata.contains_key("team"),
         "flag and set metadata: {metadata:?}"
@@ -131,7 +131,7 @@ async fn evaluation_v1_values_reasons_and_errors() {
         .await
         .unwrap()
         .into_inner();
-    assert!(o.value.unwrap().0.contains_key("k"));
+    assert!(o.value.unwrap().into_map().contains_key("k"));
 
     let disabled = c
         .resolve_boolean(v1::ResolveBooleanRequest {
@@ -253,7 +253,14 @@ async fn resolve_all_uses_default_variant_types_and_skips_flags_without_one() {
     // As flagd: an erroring flag carries its type's zero value, no variant.
     assert_eq!(all.flags["broken"].value, Some(V::DoubleValue(0.0)));
     assert_eq!(all.flags["broken"].variant, "");
-    assert!(all.flags["bool"].metadata.as_ref().unwrap().0.contains_key("owner"));
+    assert!(
+        all.flags["bool"]
+            .metadata
+            .as_ref()
+            .unwrap()
+            .to_map()
+            .contains_key("owner")
+    );
 }
 
 #[tokio::test]
@@ -299,7 +306,7 @@ async fn selectors_pick_flag_sets_and_bad_ones_are_invalid_arguments() {
         .unwrap()
         .into_inner();
     assert_eq!(in_set.value, "from-b");
-    assert_eq!(in_set.metadata.unwrap().0["flagSetId"], "set-b");
+    assert_eq!(in_set.metadata.unwrap().into_map()["flagSetId"], "set-b");
     assert_eq!(
         c.resolve_string(get(Some(&a.display().to_string())))
             .await

@@ -330,11 +330,11 @@ fn same_answer(a: &Answer, b: &Answer) -> bool {
 
 /// A JSON object as a protobuf Struct (every number is sent as a double).
 fn to_struct(context: &Map<String, Value>) -> Option<JsonStruct> {
-    Some(JsonStruct(context.clone()))
+    Some(JsonStruct::from(context.clone()))
 }
 
 fn struct_to_map(s: Option<JsonStruct>) -> Map<String, Value> {
-    s.map(|s| s.0).unwrap_or_default()
+    s.map(JsonStruct::into_map).unwrap_or_default()
 }
 
 fn with_selector<T>(message: T, selector: Option<&str>) -> tonic::Request<T> {

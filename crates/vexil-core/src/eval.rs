@@ -11,7 +11,9 @@ use std::any::Any;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::context::Attributes;
 
 use crate::model::{Flag, FlagState, Metadata, ValueType};
 use crate::targeting::{self, Engine, Outcome, Prepared, Rule};
@@ -95,10 +97,11 @@ pub struct EvalError {
 }
 
 /// The request side of an evaluation: the caller's context and the evaluation time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Context<'c> {
-    /// The evaluation context (`targetingKey` and any attributes).
-    pub attributes: &'c Map<String, Value>,
+    /// The evaluation context (`targetingKey` and any attributes), written into the rules'
+    /// arena only when a rule runs.
+    pub attributes: &'c dyn Attributes,
     /// Unix seconds, exposed to rules as `$flagd.timestamp`.
     pub now: i64,
 }
@@ -118,6 +121,15 @@ pub struct Resolution<'s> {
     pub metadata: Option<&'s Metadata>,
     /// Set when `reason` is `Error`.
     pub error: Option<EvalError>,
+}
+
+impl fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("attributes", &crate::context::to_json(self.attributes))
+            .field("now", &self.now)
+            .finish()
+    }
 }
 
 impl<'s> Resolution<'s> {
@@ -222,7 +234,11 @@ impl CompiledFlag {
         if self.flag.state == FlagState::Disabled || !matches!(self.targeting, Targeting::Rule(_)) {
             return self.evaluate_prepared(engine, None, ty);
         }
-        targeting::with_context(context.attributes, context.now, |prepared| {
+        let reads = match &self.targeting {
+            Targeting::Rule(rule) => rule.reads(),
+            _ => None,
+        };
+        targeting::with_context_reading(context.attributes, reads, context.now, |prepared| {
             self.evaluate_prepared(engine, Some(prepared), ty)
         })
     }

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod context;
 pub mod eval;
 pub mod model;
 pub mod parse;
@@ -18,6 +19,7 @@ pub mod schema;
 pub mod snapshot;
 pub mod targeting;
 
+pub use context::Attributes;
 pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, Reason, Resolution};
 pub use model::{Flag, FlagConfig, FlagState, Metadata, RuleText, ValueType};
 pub use parse::{Diagnostic, Format, ParseError, Parsed, Severity, Strictness};

@@ -206,6 +206,81 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A rule is given only the context keys it can read (`Rule::reads`): its answer is the one it
+    /// gives with the whole context (what a bulk evaluation prepares).
+    #[test]
+    fn a_rule_answers_the_same_with_only_the_keys_it_reads(
+        rules in prop::collection::btree_map("[a-z]{1,6}", json_value(), 1..4),
+        context in prop::collection::btree_map(context_key(), context_value(), 0..6),
+    ) {
+        let flags: Map<String, Value> = rules
+            .into_iter()
+            .map(|(key, rule)| {
+                let variants = json!({"a": "a", "b": "b", "c": 1, "true": true, "false": false});
+                (key, json!({"state": "ENABLED", "variants": variants, "defaultVariant": "a", "targeting": rule}))
+            })
+            .collect();
+        let doc = json!({"flags": flags});
+        let Ok(parsed) = parse::parse_value(&doc, Strictness::Flagd) else { return Ok(()) };
+        for mode in MODES {
+            let source = SourceConfig { name: "p".into(), config: parsed.config.clone() };
+            let (snap, _) = Snapshot::build(Arc::new(Engine::new(mode)), vec![source]);
+            let attrs: Map<String, Value> = context.clone().into_iter().collect();
+            let ctx = Context { attributes: &attrs, now: 7 };
+            let mut whole = Vec::new();
+            snap.evaluate_all(&Selector::All, ctx, |flag, r| {
+                whole.push((flag.key().to_owned(), r.reason, r.variant.map(str::to_owned), r.error));
+            });
+            for (key, reason, variant, error) in whole {
+                let r = snap.evaluate(&key, &Selector::All, ctx, ValueType::Any);
+                prop_assert_eq!((r.reason, r.variant.map(str::to_owned), r.error), (reason, variant, error), "{}", key);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_nested_path_reads_its_first_segment() {
+    let rule = json!({"if": [{"==": [{"var": "b.c"}, 1]}, "on", "off"]});
+    let flags = json!({"f": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off", "targeting": rule}});
+    let snap = snapshot(FractionalMode::V3, flags);
+    let attrs = json!({"b": {"c": 1}, "x": 2}).as_object().cloned().unwrap();
+    let r = snap.evaluate(
+        "f",
+        &Selector::All,
+        Context {
+            attributes: &attrs,
+            now: 0,
+        },
+        ValueType::Boolean,
+    );
+    assert_eq!(r.variant, Some("on"));
+}
+
+/// Context keys, mostly ones the generated rules read.
+fn context_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("targetingKey".to_owned()),
+        Just("a".to_owned()),
+        Just("b".to_owned()),
+        Just("b.c".to_owned()),
+        Just("$flagd".to_owned()),
+        "[a-z]{1,3}",
+    ]
+}
+
+/// Context values: also objects holding the `c` of `{"var": "b.c"}`, and variant names.
+fn context_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        json_value(),
+        "[a-c]{1,2}".prop_map(Value::String),
+        prop_oneof![json_value(), "[a-c]{1,2}".prop_map(Value::String)].prop_map(|v| json!({"c": v})),
+    ]
+}
+
 /// Arbitrary JSON, biased towards JsonLogic operators and flagd's custom ones.
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -218,6 +293,13 @@ fn json_value() -> impl Strategy<Value = Value> {
         "[a-z0-9.@ -]{0,8}".prop_map(Value::String),
         Just(json!({"var": "targetingKey"})),
         Just(json!({"var": "$flagd.flagKey"})),
+        Just(json!({"var": "a"})),
+        Just(json!({"var": "b.c"})),
+        Just(json!({"var": ["b", 1]})),
+        Just(json!({"var": ""})),
+        Just(json!({"missing": ["a", "b.c"]})),
+        Just(json!({"missing_some": [1, ["a", "x"]]})),
+        Just(json!({"fractional": [["a", 50], ["b", 50]]})),
     ];
     leaf.prop_recursive(4, 32, 4, |inner| {
         let op = prop_oneof![

@@ -366,7 +366,7 @@ impl Marks {
     }
 
     fn metadata_struct(&mut self, metadata: Option<&JsonStruct>) {
-        self.metadata(metadata.and_then(|m| m.0.get("generation")).and_then(Value::as_f64));
+        self.metadata(metadata.and_then(|m| m.to_map().get("generation").and_then(Value::as_f64)));
     }
 }
 

@@ -72,7 +72,7 @@ pub enum Req {
 
 /// A JSON context as a protobuf `Struct` (strings, numbers and booleans; anything else is null).
 pub fn to_struct(m: &Map<String, Value>) -> JsonStruct {
-    let fields = m
+    let fields: Map<String, Value> = m
         .iter()
         .map(|(k, v)| {
             let v = match v {
@@ -82,7 +82,7 @@ pub fn to_struct(m: &Map<String, Value>) -> JsonStruct {
             (k.clone(), v)
         })
         .collect();
-    JsonStruct(fields)
+    JsonStruct::from(fields)
 }
 
 /// `pool` requests of `scenario` over `flags`, with contexts of `attributes` attributes.
@@ -266,7 +266,7 @@ mod tests {
         for r in &reqs {
             let Req::Str(r) = r else { panic!("string requests") };
             assert!(r.flag_key.starts_with("string-"));
-            assert_eq!(r.context.as_ref().unwrap().0.len(), 5);
+            assert_eq!(r.context.as_ref().unwrap().to_map().len(), 5);
         }
         let bulk = requests(Scenario::OfrepBulk, &flags, 50, 2);
         let Req::Http { path, body } = &bulk[0] else {

@@ -18,10 +18,13 @@ async fn drives_every_scenario_against_the_baseline() {
         ..Canned::default()
     };
     tokio::spawn(baseline::run(ports.evaluation, ports.management, ports.ofrep, canned));
-    for _ in 0..200 {
-        if http_status(ports.management, "/readyz") == Some(200) {
-            break;
-        }
+    // Ready within a generous deadline (a loaded machine takes seconds to schedule the task).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while http_status(ports.management, "/readyz") != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the baseline server did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let client = Arc::new(Client::connect(ports.evaluation, ports.ofrep, 2).await.unwrap());
@@ -81,10 +84,13 @@ async fn loads_a_running_server_given_by_address_and_writes_json() {
         ..Canned::default()
     };
     tokio::spawn(baseline::run(ports.evaluation, ports.management, ports.ofrep, canned));
-    for _ in 0..200 {
-        if http_status(ports.management, "/readyz") == Some(200) {
-            break;
-        }
+    // Ready within a generous deadline (a loaded machine takes seconds to schedule the task).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while http_status(ports.management, "/readyz") != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the baseline server did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let out = std::env::temp_dir().join(format!("vexil-loadgen-target-{}.json", std::process::id()));

@@ -1,6 +1,12 @@
 //! `google.protobuf.Struct` as a JSON object: every generated message's `Struct` field is a
-//! [`JsonStruct`], decoded from the wire straight into `serde_json` values and encoded from them,
-//! with no intermediate protobuf `Struct`/`Value` tree.
+//! [`JsonStruct`], with no intermediate protobuf `Struct`/`Value` tree.
+//!
+//! A `Struct` decoded from the wire is checked in full (as prost would decode it: wire types,
+//! UTF-8, lengths, the recursion limit) and kept in its wire form, one copy of its bytes: an
+//! evaluation context is then written straight into the rules' arena from those bytes
+//! ([`vexil_core::Attributes`]), strings borrowed, with no heap allocation per attribute and
+//! nothing to free per attribute afterwards. [`JsonStruct::into_map`] decodes it into JSON when a
+//! caller wants one; a `JsonStruct` made from JSON encodes from it.
 //!
 //! Wire format (`google/protobuf/struct.proto`): a `Struct` is a map `1: {1: key, 2: Value}`; a
 //! `Value` is a oneof of `1` null (enum), `2` number (double), `3` string, `4` bool, `5` `Struct`
@@ -16,33 +22,87 @@
 // Hand-written: linted as the rest of the workspace (the crate root allows lints for generated code).
 #![warn(clippy::all, missing_debug_implementations, rust_2018_idioms)]
 
-use std::mem;
+use std::{fmt, mem};
 
 use prost::DecodeError;
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{
-    self, DecodeContext, WireType, double, encode_key, encode_varint, encoded_len_varint, int32, key_len, message,
-    skip_field, string,
+    self, DecodeContext, WireType, decode_varint, double, encode_key, encode_varint, encoded_len_varint, int32,
+    key_len, message, skip_field, string,
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Number, Value};
+use vexil_core::context::{Attr, Attributes, Builder, List, Object};
 
-/// A `google.protobuf.Struct`, held as the JSON object it stands for.
+/// A `google.protobuf.Struct`: a JSON object, or the checked wire form of one as decoded.
 ///
 /// Its serde form is the plain JSON object (the proto3 JSON mapping of `Struct`); numbers read
 /// from JSON go through a double, as they would on the protobuf wire.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct JsonStruct(pub Map<String, Value>);
+#[derive(Clone, Default)]
+pub struct JsonStruct {
+    /// Entries made from JSON.
+    map: Map<String, Value>,
+    /// Entries decoded from the wire, as received (`Struct` field 1, each checked); only while
+    /// `map` is empty.
+    wire: Vec<u8>,
+}
+
+impl JsonStruct {
+    /// The JSON object (decoding the wire form).
+    pub fn into_map(self) -> Map<String, Value> {
+        if self.wire.is_empty() {
+            self.map
+        } else {
+            decode_map(&self.wire)
+        }
+    }
+
+    /// A copy of the JSON object.
+    pub fn to_map(&self) -> Map<String, Value> {
+        if self.wire.is_empty() {
+            self.map.clone()
+        } else {
+            decode_map(&self.wire)
+        }
+    }
+
+    /// Whether the object has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty() && self.wire.is_empty()
+    }
+}
 
 impl From<Map<String, Value>> for JsonStruct {
     fn from(map: Map<String, Value>) -> Self {
-        JsonStruct(map)
+        JsonStruct { map, wire: Vec::new() }
     }
 }
 
 impl From<JsonStruct> for Map<String, Value> {
     fn from(s: JsonStruct) -> Self {
-        s.0
+        s.into_map()
+    }
+}
+
+impl fmt::Debug for JsonStruct {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("JsonStruct").field(&self.to_map()).finish()
+    }
+}
+
+impl PartialEq for JsonStruct {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_map() == other.to_map()
+    }
+}
+
+/// The attributes, written into the rules' arena: from the wire form without decoding it into
+/// JSON first.
+impl Attributes for JsonStruct {
+    fn write<'a>(&'a self, out: &mut Object<'a>) {
+        self.map.write(out);
+        // Checked when decoded: a failure here cannot happen, and would only end the writing.
+        let _ = write_fields(Reader(&self.wire), out);
     }
 }
 
@@ -59,6 +119,124 @@ pub fn json_number(n: f64) -> Value {
 // === impl JsonStruct ===
 
 impl prost::Message for JsonStruct {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        encode_fields(&self.map, buf);
+        buf.put_slice(&self.wire);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if tag != 1 {
+            return skip_field(wire_type, tag, buf, ctx);
+        }
+        if !self.map.is_empty() {
+            // Merging into JSON: decode the entry.
+            let mut entry = Entry::default();
+            message::merge(wire_type, &mut entry, buf, ctx)?;
+            self.map.insert(entry.key, entry.value.0);
+            return Ok(());
+        }
+        let mut peek = Reader(buf.chunk());
+        let field_len = match peek.varint() {
+            Ok(len) if wire_type == WireType::LengthDelimited && len <= peek.0.len() as u64 => {
+                buf.chunk().len() - peek.0.len() + len as usize
+            }
+            _ => {
+                // Split across buffers, or malformed (prost then says what is wrong): decoded
+                // into JSON and kept encoded again.
+                let mut entry = Entry::default();
+                message::merge(wire_type, &mut entry, buf, ctx)?;
+                encode_key(1, WireType::LengthDelimited, &mut self.wire);
+                encode_varint(entry_len(&entry.key, &entry.value.0) as u64, &mut self.wire);
+                encode_entry(&entry.key, &entry.value.0, &mut self.wire);
+                return Ok(());
+            }
+        };
+        // Keep the field as received (length and body), then check it as prost would decode it.
+        let at = self.wire.len();
+        if at == 0 {
+            self.wire.reserve(WIRE_CAPACITY);
+        }
+        self.wire.push(ENTRY_KEY);
+        self.wire.extend_from_slice(&buf.chunk()[..field_len]);
+        buf.advance(field_len);
+        let field = &self.wire[at + 1..];
+        let checked = match Reader(field).bytes().and_then(|entry| check_entry(Reader(entry), 0)) {
+            Ok(()) => Ok(()),
+            // Beyond what the fast check reads (deep nesting, groups) or malformed: prost decides,
+            // and says what is wrong.
+            Err(Unread) => message::merge(WireType::LengthDelimited, &mut Check(Kind::Entry), &mut &*field, ctx),
+        };
+        if checked.is_err() {
+            self.wire.truncate(at);
+        }
+        checked
+    }
+
+    fn encoded_len(&self) -> usize {
+        fields_len(&self.map) + self.wire.len()
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.wire.clear();
+    }
+}
+
+/// The key of `Struct` field 1 (length-delimited).
+const ENTRY_KEY: u8 = 1 << 3 | 2;
+
+/// The first allocation of a decoded `Struct`'s bytes: room for a typical evaluation context.
+const WIRE_CAPACITY: usize = 256;
+
+impl Serialize for JsonStruct {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.wire.is_empty() {
+            self.map.serialize(serializer)
+        } else {
+            decode_map(&self.wire).serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonStruct {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut map = Map::deserialize(deserializer)?;
+        map.values_mut().for_each(as_on_the_wire);
+        Ok(JsonStruct::from(map))
+    }
+}
+
+/// Every number of `v` as the wire would carry it: through a double.
+fn as_on_the_wire(v: &mut Value) {
+    match v {
+        Value::Number(n) => *v = json_number(n.as_f64().unwrap_or(0.0)),
+        Value::Array(items) => items.iter_mut().for_each(as_on_the_wire),
+        Value::Object(map) => map.values_mut().for_each(as_on_the_wire),
+        Value::Null | Value::Bool(_) | Value::String(_) => {}
+    }
+}
+
+// === decoding into JSON: a Struct, a map entry, a Value and a ListValue as messages of their own ===
+
+/// The JSON object a checked wire form stands for.
+fn decode_map(wire: &[u8]) -> Map<String, Value> {
+    // Checked when decoded: an error cannot happen, and would only leave entries out.
+    let mut decoded = Decoded::default();
+    let _ = prost::Message::merge(&mut decoded, wire);
+    decoded.0
+}
+
+/// A `Struct` decoded into JSON.
+#[derive(Debug, Default)]
+struct Decoded(Map<String, Value>);
+
+impl prost::Message for Decoded {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         encode_fields(&self.0, buf);
     }
@@ -87,32 +265,6 @@ impl prost::Message for JsonStruct {
         self.0.clear();
     }
 }
-
-impl Serialize for JsonStruct {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for JsonStruct {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let mut map = Map::deserialize(deserializer)?;
-        map.values_mut().for_each(as_on_the_wire);
-        Ok(JsonStruct(map))
-    }
-}
-
-/// Every number of `v` as the wire would carry it: through a double.
-fn as_on_the_wire(v: &mut Value) {
-    match v {
-        Value::Number(n) => *v = json_number(n.as_f64().unwrap_or(0.0)),
-        Value::Array(items) => items.iter_mut().for_each(as_on_the_wire),
-        Value::Object(map) => map.values_mut().for_each(as_on_the_wire),
-        Value::Null | Value::Bool(_) | Value::String(_) => {}
-    }
-}
-
-// === decoding: a map entry, a Value and a ListValue as messages of their own ===
 
 /// One entry of a `Struct`'s map.
 #[derive(Debug, Default)]
@@ -188,8 +340,8 @@ impl prost::Message for JsonValue {
             }
             5 => {
                 let mut object = match mem::take(&mut self.0) {
-                    Value::Object(map) => JsonStruct(map),
-                    _ => JsonStruct::default(),
+                    Value::Object(map) => Decoded(map),
+                    _ => Decoded::default(),
                 };
                 message::merge(wire_type, &mut object, buf, ctx)?;
                 self.0 = Value::Object(object.0);
@@ -248,6 +400,374 @@ impl prost::Message for JsonList {
     fn clear(&mut self) {
         self.0.clear();
     }
+}
+
+// === checking: what prost would decode, with nothing kept ===
+
+/// Which message of `struct.proto` a [`Check`] reads.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Struct,
+    Entry,
+    Value,
+    List,
+}
+
+/// Reads a message as prost would decode it (wire types, lengths, UTF-8, the recursion limit)
+/// and keeps nothing: a decoded `Struct` is checked in full before its bytes are kept.
+#[derive(Debug)]
+struct Check(Kind);
+
+impl prost::Message for Check {
+    fn encode_raw(&self, _: &mut impl BufMut) {}
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match (self.0, tag) {
+            (Kind::Struct, 1) => message::merge(wire_type, &mut Check(Kind::Entry), buf, ctx),
+            (Kind::Entry, 1) | (Kind::Value, 3) => check_string(wire_type, buf, ctx),
+            (Kind::Entry, 2) | (Kind::List, 1) => message::merge(wire_type, &mut Check(Kind::Value), buf, ctx),
+            (Kind::Value, 1) => int32::merge(wire_type, &mut 0, buf, ctx),
+            (Kind::Value, 2) => double::merge(wire_type, &mut 0.0, buf, ctx),
+            (Kind::Value, 4) => encoding::bool::merge(wire_type, &mut false, buf, ctx),
+            (Kind::Value, 5) => message::merge(wire_type, &mut Check(Kind::Struct), buf, ctx),
+            (Kind::Value, 6) => message::merge(wire_type, &mut Check(Kind::List), buf, ctx),
+            _ => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        0
+    }
+
+    fn clear(&mut self) {}
+}
+
+/// A string field, checked as prost's `string::merge` would, without copying it (prost's own
+/// decoding says what is wrong with a bad one).
+fn check_string(wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+    let mut peek = buf.chunk();
+    if let Ok(len) = decode_varint(&mut peek)
+        && wire_type == WireType::LengthDelimited
+        && len <= peek.len() as u64
+        && std::str::from_utf8(&peek[..len as usize]).is_ok()
+    {
+        buf.advance(buf.chunk().len() - peek.len() + len as usize);
+        return Ok(());
+    }
+    string::merge(wire_type, &mut String::new(), buf, ctx)
+}
+
+// === reading the wire form: a fast check, and the writing into the rules' arena ===
+
+/// Bytes the fast reader does not take: malformed, or beyond what it reads (groups, nesting deeper
+/// than [`FAST_DEPTH`]). Decoding then falls back to prost; writing cannot meet it (what is
+/// written was checked).
+#[derive(Debug)]
+struct Unread;
+
+/// Nesting the fast check reads (a `Struct` field at prost's depth 0–3 in flagd's messages, so
+/// far inside prost's limit of 100); deeper input is checked by prost itself.
+const FAST_DEPTH: u32 = 24;
+
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const DELIMITED: u8 = 2;
+const START_GROUP: u8 = 3;
+const END_GROUP: u8 = 4;
+const FIXED32: u8 = 5;
+
+/// A protobuf reader over a slice: fields as prost reads them, no stricter and no looser.
+#[derive(Debug, Clone, Copy)]
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    #[inline(always)]
+    fn varint(&mut self) -> Result<u64, Unread> {
+        match self.0 {
+            [b, rest @ ..] if *b < 0x80 => {
+                self.0 = rest;
+                Ok(u64::from(*b))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    /// At most 10 bytes, the tenth at most 1 (prost's rule).
+    #[inline(never)]
+    fn long_varint(&mut self) -> Result<u64, Unread> {
+        let mut value = 0;
+        for (i, &b) in self.0.iter().take(10).enumerate() {
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                if i == 9 && b > 1 {
+                    return Err(Unread);
+                }
+                self.0 = &self.0[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err(Unread)
+    }
+
+    /// A field key: (tag, wire type).
+    #[inline(always)]
+    fn key(&mut self) -> Result<(u32, u8), Unread> {
+        let key = self.varint()?;
+        if key > u64::from(u32::MAX) || key >> 3 == 0 {
+            return Err(Unread);
+        }
+        Ok(((key >> 3) as u32, (key & 7) as u8))
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Unread> {
+        if n > self.0.len() {
+            return Err(Unread);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    /// A length-delimited field's body.
+    #[inline]
+    fn bytes(&mut self) -> Result<&'a [u8], Unread> {
+        let len = self.varint()?;
+        self.take(usize::try_from(len).map_err(|_| Unread)?)
+    }
+
+    #[inline]
+    fn double(&mut self) -> Result<f64, Unread> {
+        let bytes = self.take(8)?;
+        Ok(f64::from_le_bytes(bytes.try_into().map_err(|_| Unread)?))
+    }
+
+    /// An unknown field, not a group (the fast check leaves groups to prost, which bounds their
+    /// nesting).
+    fn skip(&mut self, wire_type: u8) -> Result<(), Unread> {
+        match wire_type {
+            VARINT => self.varint().map(drop),
+            FIXED64 => self.take(8).map(drop),
+            DELIMITED => self.bytes().map(drop),
+            FIXED32 => self.take(4).map(drop),
+            _ => Err(Unread),
+        }
+    }
+
+    /// An unknown field of checked input, groups included.
+    fn skip_checked(&mut self, tag: u32, wire_type: u8) -> Result<(), Unread> {
+        if wire_type != START_GROUP {
+            return self.skip(wire_type);
+        }
+        loop {
+            match self.key()? {
+                (end, END_GROUP) => return if end == tag { Ok(()) } else { Err(Unread) },
+                (inner, wire_type) => self.skip_checked(inner, wire_type)?,
+            }
+        }
+    }
+}
+
+#[inline]
+fn text(bytes: &[u8]) -> Result<&str, Unread> {
+    std::str::from_utf8(bytes).map_err(|_| Unread)
+}
+
+#[inline]
+fn check_text(bytes: &[u8]) -> Result<(), Unread> {
+    if bytes.is_ascii() {
+        Ok(())
+    } else {
+        text(bytes).map(drop)
+    }
+}
+
+// The fast check: what prost would decode, read from the slice.
+
+fn check_struct(mut r: Reader<'_>, depth: u32) -> Result<(), Unread> {
+    while !r.is_empty() {
+        match r.key()? {
+            (1, DELIMITED) => check_entry(Reader(r.bytes()?), depth)?,
+            (1, _) => return Err(Unread),
+            (_, wire_type) => r.skip(wire_type)?,
+        }
+    }
+    Ok(())
+}
+
+fn check_entry(mut r: Reader<'_>, depth: u32) -> Result<(), Unread> {
+    while !r.is_empty() {
+        match r.key()? {
+            (1, DELIMITED) => check_text(r.bytes()?)?,
+            (2, DELIMITED) => check_value(Reader(r.bytes()?), depth)?,
+            (1 | 2, _) => return Err(Unread),
+            (_, wire_type) => r.skip(wire_type)?,
+        }
+    }
+    Ok(())
+}
+
+fn check_value(mut r: Reader<'_>, depth: u32) -> Result<(), Unread> {
+    if depth >= FAST_DEPTH {
+        return Err(Unread);
+    }
+    while !r.is_empty() {
+        match r.key()? {
+            (1 | 4, VARINT) => r.varint().map(drop)?,
+            (2, FIXED64) => r.double().map(drop)?,
+            (3, DELIMITED) => check_text(r.bytes()?)?,
+            (5, DELIMITED) => check_struct(Reader(r.bytes()?), depth + 1)?,
+            (6, DELIMITED) => check_list(Reader(r.bytes()?), depth + 1)?,
+            (1..=6, _) => return Err(Unread),
+            (_, wire_type) => r.skip(wire_type)?,
+        }
+    }
+    Ok(())
+}
+
+fn check_list(mut r: Reader<'_>, depth: u32) -> Result<(), Unread> {
+    while !r.is_empty() {
+        match r.key()? {
+            (1, DELIMITED) => check_value(Reader(r.bytes()?), depth)?,
+            (1, _) => return Err(Unread),
+            (_, wire_type) => r.skip(wire_type)?,
+        }
+    }
+    Ok(())
+}
+
+// The writing: a `Struct`'s fields into `out` (each entry a key; a later one wins).
+
+fn write_fields<'a>(mut r: Reader<'a>, out: &mut Object<'a>) -> Result<(), Unread> {
+    while !r.is_empty() {
+        match r.key()? {
+            (1, DELIMITED) => write_entry(Reader(r.bytes()?), out)?,
+            (tag, wire_type) => r.skip_checked(tag, wire_type)?,
+        }
+    }
+    Ok(())
+}
+
+fn write_entry<'a>(r: Reader<'a>, out: &mut Object<'a>) -> Result<(), Unread> {
+    // The usual layout, a key then a value and nothing else: one pass.
+    let mut fast = r;
+    if matches!(fast.key(), Ok((1, DELIMITED))) {
+        let key = fast.bytes()?;
+        if matches!(fast.key(), Ok((2, DELIMITED))) {
+            let value = fast.bytes()?;
+            if fast.is_empty() {
+                let key = match out.wanted_key(key) {
+                    Some(key) => key,
+                    None if out.wants(key) => text(key)?,
+                    None => return Ok(()),
+                };
+                let mut pending = Pending::Empty;
+                write_value(Reader(value), &mut pending, out.builder())?;
+                out.insert(key, pending.finish());
+                return Ok(());
+            }
+        }
+    }
+    // Any other: the key first (it may follow the value, or be repeated); an entry the object
+    // does not want (a key no rule reads) is read no further.
+    let mut key: &[u8] = b"";
+    let mut scan = r;
+    while !scan.is_empty() {
+        match scan.key()? {
+            (1, DELIMITED) => key = scan.bytes()?,
+            (tag, wire_type) => scan.skip_checked(tag, wire_type)?,
+        }
+    }
+    if !out.wants(key) {
+        return Ok(());
+    }
+    let key = text(key)?;
+    let mut value = Pending::Empty;
+    let mut r = r;
+    while !r.is_empty() {
+        match r.key()? {
+            (2, DELIMITED) => write_value(Reader(r.bytes()?), &mut value, out.builder())?,
+            (tag, wire_type) => r.skip_checked(tag, wire_type)?,
+        }
+    }
+    out.insert(key, value.finish());
+    Ok(())
+}
+
+/// A `Value` under construction: a repeated message field merges as protobuf says (objects
+/// merge, lists append), any other field replaces it.
+enum Pending<'a> {
+    Empty,
+    Done(Attr<'a>),
+    Object(Object<'a>),
+    List(List<'a>),
+}
+
+impl<'a> Pending<'a> {
+    fn finish(self) -> Attr<'a> {
+        match self {
+            Pending::Empty => Attr::NULL,
+            Pending::Done(attr) => attr,
+            Pending::Object(object) => object.finish(),
+            Pending::List(list) => list.finish(),
+        }
+    }
+}
+
+fn write_value<'a>(mut r: Reader<'a>, value: &mut Pending<'a>, arena: Builder<'a>) -> Result<(), Unread> {
+    while !r.is_empty() {
+        match r.key()? {
+            (1, VARINT) => {
+                r.varint()?;
+                *value = Pending::Done(Attr::NULL);
+            }
+            (2, FIXED64) => *value = Pending::Done(Attr::number(r.double()?)),
+            (3, DELIMITED) => *value = Pending::Done(Attr::string(text(r.bytes()?)?)),
+            (4, VARINT) => *value = Pending::Done(Attr::bool(r.varint()? != 0)),
+            (5, DELIMITED) => {
+                let mut object = match mem::replace(value, Pending::Empty) {
+                    Pending::Object(object) => object,
+                    _ => arena.object(),
+                };
+                write_fields(Reader(r.bytes()?), &mut object)?;
+                *value = Pending::Object(object);
+            }
+            (6, DELIMITED) => {
+                let mut list = match mem::replace(value, Pending::Empty) {
+                    Pending::List(list) => list,
+                    _ => arena.list(),
+                };
+                write_list(Reader(r.bytes()?), &mut list)?;
+                *value = Pending::List(list);
+            }
+            (tag, wire_type) => r.skip_checked(tag, wire_type)?,
+        }
+    }
+    Ok(())
+}
+
+fn write_list<'a>(mut r: Reader<'a>, list: &mut List<'a>) -> Result<(), Unread> {
+    while !r.is_empty() {
+        match r.key()? {
+            (1, DELIMITED) => {
+                let mut item = Pending::Empty;
+                write_value(Reader(r.bytes()?), &mut item, list.builder())?;
+                list.push(item.finish());
+            }
+            (tag, wire_type) => r.skip_checked(tag, wire_type)?,
+        }
+    }
+    Ok(())
 }
 
 // === encoding, from borrowed JSON ===
@@ -394,20 +914,104 @@ mod tests {
         }
     }
 
+    /// What rules see of a decoded `Struct` (written from its wire form) is what they see of the
+    /// JSON it decodes to.
+    fn same_context(decoded: &JsonStruct) {
+        use vexil_core::context::to_json;
+        let map = decoded.to_map();
+        let from_json = to_json(&map);
+        assert_eq!(to_json(decoded), from_json);
+        assert!(from_json.keys().eq(map.keys().filter(|k| *k != "$flagd")));
+        // And for a rule that reads only some keys.
+        let reads: Vec<Box<str>> = ["", "int", "list", "o", "s", "zz"]
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        let some = vexil_core::context::to_json_reading(decoded, Some(&reads));
+        assert_eq!(some, vexil_core::context::to_json_reading(&map, Some(&reads)));
+        assert!(some.keys().all(|k| reads.iter().any(|r| **r == **k)));
+    }
+
+    #[test]
+    fn the_wire_form_gives_rules_the_decoded_json() {
+        let doc = document();
+        let back = JsonStruct::decode(&pb_struct(&doc).encode_to_vec()[..]).unwrap();
+        same_context(&back);
+        assert_eq!(
+            vexil_core::context::to_json(&back)["nested"],
+            json!({"a": {"b": {"c": [1, 2, {"d": null}]}}})
+        );
+        // Repeated keys, and message fields repeated inside one Value (objects merge, lists append).
+        let mut entry = Vec::new();
+        string::encode(1, &"o".to_owned(), &mut entry);
+        for part in [json!({"a": 1, "b": 1}), json!({"b": 2}), json!([1]), json!({"c": 3})] {
+            delimited(2, &pb_value(&part).encode_to_vec(), &mut entry);
+        }
+        let mut bytes =
+            pb_struct(&object(json!({"k": 1, "o": "replaced", "$flagd": {"flagKey": "x"}}))).encode_to_vec();
+        delimited(1, &entry, &mut bytes);
+        bytes.extend(pb_struct(&object(json!({"k": "two"}))).encode_to_vec());
+        let back = JsonStruct::decode(&bytes[..]).unwrap();
+        assert_eq!(
+            Value::Object(back.to_map()),
+            json!({"k": "two", "o": {"c": 3}, "$flagd": {"flagKey": "x"}})
+        );
+        same_context(&back);
+        // Re-encoded as received.
+        assert_eq!(back.encode_to_vec(), bytes);
+    }
+
+    #[test]
+    fn the_fast_check_reads_ordinary_input_and_leaves_the_rest_to_prost() {
+        let bytes = pb_struct(&document()).encode_to_vec();
+        assert!(check_struct(Reader(&bytes), 0).is_ok());
+        // Deep nesting and groups are prost's to judge: accepted here only through prost.
+        let deep = nested_structs(30);
+        assert!(check_struct(Reader(&deep), 0).is_err());
+        assert!(JsonStruct::decode(&deep[..]).is_ok());
+        // {"a": 1, unknown group 7 {unknown 8: varint 1}, "b": true}: skipped when written.
+        let mut bytes = pb_struct(&object(json!({"a": 1}))).encode_to_vec();
+        encode_key(7, WireType::StartGroup, &mut bytes);
+        encode_key(8, WireType::Varint, &mut bytes);
+        encode_varint(1, &mut bytes);
+        encode_key(7, WireType::EndGroup, &mut bytes);
+        bytes.extend(pb_struct(&object(json!({"b": true}))).encode_to_vec());
+        assert!(check_struct(Reader(&bytes), 0).is_err());
+        let back = JsonStruct::decode(&bytes[..]).unwrap();
+        assert_eq!(Value::Object(back.to_map()), json!({"a": 1, "b": true}));
+        same_context(&back);
+        // A wrong wire type is malformed for both.
+        let bad_number = [0x0a, 0x05, 0x12, 0x03, 0x10, 0x01, 0x00];
+        assert!(check_struct(Reader(&bad_number), 0).is_err());
+        assert!(JsonStruct::decode(&bad_number[..]).is_err());
+    }
+
+    #[test]
+    fn a_struct_split_across_buffers_decodes_as_a_contiguous_one() {
+        let bytes = pb_struct(&document()).encode_to_vec();
+        let whole = JsonStruct::decode(&bytes[..]).unwrap();
+        for at in [1, 7, bytes.len() / 2, bytes.len() - 1] {
+            let (a, b) = bytes.split_at(at);
+            let split = JsonStruct::decode(prost::bytes::Buf::chain(a, b)).unwrap();
+            assert_eq!(split, whole, "{at}");
+            same_context(&split);
+        }
+    }
+
     #[test]
     fn round_trip() {
         let doc = document();
-        let bytes = JsonStruct(doc.clone()).encode_to_vec();
-        assert_eq!(bytes.len(), JsonStruct(doc.clone()).encoded_len());
+        let bytes = JsonStruct::from(doc.clone()).encode_to_vec();
+        assert_eq!(bytes.len(), JsonStruct::from(doc.clone()).encoded_len());
         let back = JsonStruct::decode(&bytes[..]).unwrap();
-        assert_eq!(back.0, as_sent(&doc));
+        assert_eq!(back.to_map(), as_sent(&doc));
         // Integral doubles come back as integers, others as floats; beyond 2^53 a float.
-        assert_eq!(back.0["int"], json!(42));
-        assert!(back.0["int"].is_i64());
-        assert_eq!(back.0["neg"], json!(-7));
-        assert_eq!(back.0["frac"], json!(1.5));
-        assert_eq!(back.0["big"], json!(9_007_199_254_740_992.0));
-        assert!(back.0["big"].is_f64());
+        assert_eq!(back.to_map()["int"], json!(42));
+        assert!(back.to_map()["int"].is_i64());
+        assert_eq!(back.to_map()["neg"], json!(-7));
+        assert_eq!(back.to_map()["frac"], json!(1.5));
+        assert_eq!(back.to_map()["big"], json!(9_007_199_254_740_992.0));
+        assert!(back.to_map()["big"].is_f64());
         // And what came back encodes to the same bytes.
         assert_eq!(back.encode_to_vec(), bytes);
     }
@@ -415,14 +1019,14 @@ mod tests {
     #[test]
     fn encodes_as_prost_struct_does() {
         let doc = document();
-        let ours = JsonStruct(doc.clone()).encode_to_vec();
+        let ours = JsonStruct::from(doc.clone()).encode_to_vec();
         let theirs = pb_struct(&doc);
         assert_eq!(Struct::decode(&ours[..]).unwrap(), theirs);
         // Entry by entry the bytes are prost's (a map's order is its own).
         for (k, v) in &doc {
             let one: Map<String, Value> = [(k.clone(), v.clone())].into_iter().collect();
             assert_eq!(
-                JsonStruct(one.clone()).encode_to_vec(),
+                JsonStruct::from(one.clone()).encode_to_vec(),
                 pb_struct(&one).encode_to_vec(),
                 "{k}"
             );
@@ -433,7 +1037,7 @@ mod tests {
     fn decodes_what_prost_struct_encodes() {
         let doc = document();
         let bytes = pb_struct(&doc).encode_to_vec();
-        assert_eq!(JsonStruct::decode(&bytes[..]).unwrap().0, as_sent(&doc));
+        assert_eq!(JsonStruct::decode(&bytes[..]).unwrap().into_map(), as_sent(&doc));
     }
 
     #[test]
@@ -461,8 +1065,9 @@ mod tests {
                 )]),
             };
             let back = JsonStruct::decode(&s.encode_to_vec()[..]).unwrap();
-            assert_eq!(back.0["n"], expected, "{n}");
-            assert_eq!(back.0["n"].is_f64(), expected.is_f64(), "{n}");
+            same_context(&back);
+            assert_eq!(back.to_map()["n"], expected, "{n}");
+            assert_eq!(back.to_map()["n"].is_f64(), expected.is_f64(), "{n}");
         }
     }
 
@@ -472,7 +1077,10 @@ mod tests {
         let second = pb_struct(&object(json!({"k": "two"}))).encode_to_vec();
         let bytes = [first, second].concat();
         let back = JsonStruct::decode(&bytes[..]).unwrap();
-        assert_eq!(Value::Object(back.0), json!({"k": "two", "o": {"a": 1}, "l": [1]}));
+        assert_eq!(
+            Value::Object(back.into_map()),
+            json!({"k": "two", "o": {"a": 1}, "l": [1]})
+        );
         // Inside one Value, a repeated struct_value merges and list_value appends (as prost does).
         let mut value = Vec::new();
         for part in [json!({"a": 1}), json!({"b": 2})] {
@@ -530,7 +1138,11 @@ mod tests {
         delimited(2, &pb_value(&json!("no key")).encode_to_vec(), &mut entry);
         delimited(1, &entry, &mut bytes);
         let back = JsonStruct::decode(&bytes[..]).unwrap();
-        assert_eq!(Value::Object(back.0), json!({"a": null, "b": null, "": "no key"}));
+        same_context(&back);
+        assert_eq!(
+            Value::Object(back.into_map()),
+            json!({"a": null, "b": null, "": "no key"})
+        );
         assert_eq!(Struct::decode(&bytes[..]).unwrap().fields.len(), 3);
     }
 
@@ -602,7 +1214,7 @@ mod tests {
 
     #[test]
     fn truncated_and_garbage_input_is_an_error() {
-        let bytes = JsonStruct(document()).encode_to_vec();
+        let bytes = JsonStruct::from(document()).encode_to_vec();
         for end in 1..bytes.len() {
             let ours = JsonStruct::decode(&bytes[..end]);
             let theirs = Struct::decode(&bytes[..end]);
@@ -628,11 +1240,11 @@ mod tests {
     fn serde_is_the_plain_json_object() {
         let doc = object(json!({"a": [1, 2.5, null], "b": {"c": true}}));
         assert_eq!(
-            serde_json::to_value(JsonStruct(doc.clone())).unwrap(),
+            serde_json::to_value(JsonStruct::from(doc.clone())).unwrap(),
             Value::Object(doc.clone())
         );
         let back: JsonStruct = serde_json::from_value(json!({"a": [1.0, 2.5, null], "b": {"c": true}})).unwrap();
-        assert_eq!(back.0, doc);
+        assert_eq!(back.to_map(), doc);
         assert!(serde_json::from_value::<JsonStruct>(json!([1])).is_err());
     }
 }

@@ -451,7 +451,7 @@ mod tests {
     use super::*;
 
     fn number(request: &v1::ResolveBooleanRequest, key: &str) -> f64 {
-        match &request.context.as_ref().unwrap().0[key] {
+        match &request.context.as_ref().unwrap().to_map()[key] {
             serde_json::Value::Number(n) => n.as_f64().unwrap(),
             other => panic!("{key}: {other:?}"),
         }

@@ -243,10 +243,18 @@ fn evaluate_everything(snapshot: &Snapshot, context: &Map<String, Value>) {
         Selector::FlagSet(Some("fuzz".into())),
     ];
     for selector in &selectors {
-        snapshot.evaluate_all(selector, ctx, |_, r| {
+        snapshot.evaluate_all(selector, ctx, |flag, r| {
             if let Some(err) = &r.error {
                 assert!(!err.message.is_empty(), "empty evaluation error: {r:?}");
             }
+            // One flag given only the context keys its rule reads answers as with the whole context.
+            let one = snapshot.evaluate(flag.key(), selector, ctx, ValueType::Any);
+            assert_eq!(
+                (one.reason, one.variant, one.value, &one.error),
+                (r.reason, r.variant, r.value, &r.error),
+                "{}",
+                flag.key()
+            );
         });
         let payload = vexil_service::flag_configuration(snapshot, selector);
         assert!(
@@ -670,15 +678,20 @@ pub fn protobuf(data: &[u8]) {
                 20 => call!(syncs, sync_flags, sync::SyncFlagsRequest, body, selector, stream),
                 21 => call!(syncs, fetch_all_flags, sync::FetchAllFlagsRequest, body, selector),
                 22 => call!(syncs, get_metadata, sync::GetMetadataRequest, body, selector),
-                // A bare `Struct` (decoded straight into JSON): what decodes encodes, at the length
-                // it says, and decodes back to itself.
+                // A bare `Struct` (kept in its checked wire form): exactly what prost's own
+                // `Struct` decodes; what decodes encodes, at the length it says, and decodes back
+                // to itself; and rules see the same context from the wire form as from its JSON.
                 _ => {
                     use prost::Message;
-                    if let Ok(s) = vexil_proto::JsonStruct::decode(body) {
+                    let decoded = vexil_proto::JsonStruct::decode(body);
+                    assert_eq!(decoded.is_ok(), pbjson_types::Struct::decode(body).is_ok());
+                    if let Ok(s) = decoded {
                         let bytes = s.encode_to_vec();
                         assert_eq!(bytes.len(), s.encoded_len());
                         let again = vexil_proto::JsonStruct::decode(&bytes[..]).expect("re-encoded Struct decodes");
                         assert_eq!(again, s);
+                        let context = vexil_core::context::to_json;
+                        assert_eq!(context(&s), context(&s.to_map()));
                     }
                 }
             }

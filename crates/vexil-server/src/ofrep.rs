@@ -82,12 +82,8 @@ async fn read_body(app: &App, body: Body) -> Result<Bytes, Rejection> {
 
 /// The request's context: `{"context": {...}}`; an empty body is an empty context, a non-object
 /// context is ignored (as flagd does), malformed JSON is `INVALID_CONTEXT`.
-fn request_context(
-    app: &App,
-    body: &[u8],
-    headers: &HeaderMap,
-    key: Option<&str>,
-) -> Result<Map<String, Value>, Rejection> {
+/// The request's own context: the body's `context` object.
+fn own_context(body: &[u8], key: Option<&str>) -> Result<Map<String, Value>, Rejection> {
     let own = if body.iter().all(u8::is_ascii_whitespace) {
         Map::new()
     } else {
@@ -105,9 +101,12 @@ fn request_context(
             }
         }
     };
-    Ok(app
-        .flags()
-        .context(own, |name| headers.get(name).and_then(|v| v.to_str().ok())))
+    Ok(own)
+}
+
+/// The header a `-H` mapping names.
+fn header<'h>(headers: &'h HeaderMap) -> impl Fn(&str) -> Option<&'h str> {
+    |name| headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 fn selector(headers: &HeaderMap, key: Option<&str>) -> Result<Selector, Rejection> {
@@ -266,7 +265,8 @@ async fn single(
 ) -> Result<Response, Rejection> {
     let bytes = read_body(&app, body).await?;
     let selector = selector(&headers, Some(&key))?;
-    let context = request_context(&app, &bytes, &headers, Some(&key))?;
+    let own = own_context(&bytes, Some(&key))?;
+    let context = app.flags().context(&own, header(&headers));
     let selector_metadata = selector.metadata();
     let mut body = Vec::with_capacity(256);
     let status = app.flags().evaluate(
@@ -283,7 +283,8 @@ async fn single(
 async fn bulk(State(app): State<App>, headers: HeaderMap, body: Body) -> Result<Response, Rejection> {
     let bytes = read_body(&app, body).await?;
     let selector = selector(&headers, None)?;
-    let context = request_context(&app, &bytes, &headers, None)?;
+    let own = own_context(&bytes, None)?;
+    let context = app.flags().context(&own, header(&headers));
     let selector_metadata = selector.metadata();
     let mut body = Vec::with_capacity(4096);
     body.extend_from_slice(b"{\"flags\":[");

@@ -1,13 +1,15 @@
 //! The one selector parser of every protocol: flagd's `Flagd-Selector` header, or a body field
 //! where the protocol still has one (flagd.sync.v1's deprecated `selector`).
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use vexil_core::Selector;
 
 /// The request's selector: the `Flagd-Selector` header when present, else `fallback` (empty: every
 /// flag). The error says what is wrong, for the protocol to report as an invalid argument.
 pub fn from_headers(headers: &HeaderMap, fallback: &str) -> Result<Selector, String> {
-    let text = match headers.get("flagd-selector") {
+    // A static name: looked up without parsing the name on every request.
+    static FLAGD_SELECTOR: HeaderName = HeaderName::from_static("flagd-selector");
+    let text = match headers.get(&FLAGD_SELECTOR) {
         Some(v) => v
             .to_str()
             .map_err(|_| "the Flagd-Selector header is not valid text".to_owned())?,

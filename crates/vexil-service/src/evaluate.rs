@@ -1,6 +1,7 @@
 //! The evaluation context a request is evaluated with: flagd's `MergeContextsAndHeaders`.
 
 use serde_json::{Map, Value};
+use vexil_core::context::{Attr, Attributes, Object};
 
 /// Context that the server adds to every request: flagd's `-X key=value` (static values) and
 /// `-H Header=key` (a request header's value under a context key).
@@ -19,22 +20,47 @@ impl StaticContext {
     }
 }
 
-/// Merges the request's context with the static values (which win) and the header-mapped values
-/// (which win over both). `header` looks a header up by lowercase name.
-pub fn merge_context<'h>(
-    mut request: Map<String, Value>,
-    statics: &StaticContext,
-    header: impl Fn(&str) -> Option<&'h str>,
-) -> Map<String, Value> {
-    for (k, v) in &statics.values {
-        request.insert(k.clone(), v.clone());
-    }
-    for (name, key) in &statics.from_headers {
-        if let Some(value) = header(name) {
-            request.insert(key.clone(), Value::String(value.to_owned()));
+/// A request's context as rules see it: the request's own attributes, then the static values
+/// (which win), then the header-mapped values (which win over both). Nothing is merged or copied
+/// up front: each part is written into the rules' arena when a rule runs.
+pub struct RequestContext<'r> {
+    own: &'r dyn Attributes,
+    statics: &'r Map<String, Value>,
+    headers: Vec<(&'r str, &'r str)>,
+}
+
+impl<'r> RequestContext<'r> {
+    /// `own` with `statics` over it; `header` looks a request header up by lowercase name.
+    pub fn new(own: &'r dyn Attributes, statics: &'r StaticContext, header: impl Fn(&str) -> Option<&'r str>) -> Self {
+        let headers = statics
+            .from_headers
+            .iter()
+            .filter_map(|(name, key)| header(name).map(|value| (key.as_str(), value)))
+            .collect();
+        RequestContext {
+            own,
+            statics: &statics.values,
+            headers,
         }
     }
-    request
+}
+
+impl Attributes for RequestContext<'_> {
+    fn write<'a>(&'a self, out: &mut Object<'a>) {
+        self.own.write(out);
+        self.statics.write(out);
+        for (key, value) in &self.headers {
+            out.insert(key, Attr::string(value));
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RequestContext")
+            .field(&vexil_core::context::to_json(self))
+            .finish()
+    }
 }
 
 #[cfg(test)]
@@ -52,11 +78,19 @@ mod tests {
                 ("x-missing".into(), "other".into()),
             ],
         };
-        let request = json!({"env": "dev", "user": "ann"}).as_object().unwrap().clone();
-        let merged = merge_context(request, &statics, |h| (h == "x-region").then_some("us"));
+        let request = json!({"env": "dev", "user": "ann", "region": "mars"})
+            .as_object()
+            .unwrap()
+            .clone();
+        let merged = RequestContext::new(&request, &statics, |h| (h == "x-region").then_some("us"));
         assert_eq!(
-            Value::Object(merged),
+            Value::Object(vexil_core::context::to_json(&merged)),
             json!({"env": "prod", "region": "us", "user": "ann"})
+        );
+        let without_header = RequestContext::new(&request, &statics, |_| None);
+        assert_eq!(
+            Value::Object(vexil_core::context::to_json(&without_header)),
+            json!({"env": "prod", "region": "eu", "user": "ann"})
         );
     }
 }

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use vexil_core::snapshot::Change;
-use vexil_core::{CompiledFlag, Context, Reason, Resolution, Revision, Selector, Snapshot, ValueType};
+use vexil_core::{Attributes, CompiledFlag, Context, Reason, Resolution, Revision, Selector, Snapshot, ValueType};
 
-use crate::evaluate::{StaticContext, merge_context};
+use crate::evaluate::{RequestContext, StaticContext};
 use crate::live::Live;
 
 /// What evaluations report, for metrics. Called on the request path: implementations must not
@@ -126,17 +126,14 @@ impl Flags {
         &self.inner.statics
     }
 
-    /// The request's context merged with `-X` values and `-H` headers (`header` looks a request
-    /// header up by lowercase name).
-    pub fn context<'h>(
-        &self,
-        request: Map<String, Value>,
-        header: impl Fn(&str) -> Option<&'h str>,
-    ) -> Map<String, Value> {
-        if self.inner.statics.is_empty() {
-            return request;
-        }
-        merge_context(request, &self.inner.statics, header)
+    /// The request's own context with `-X` values and `-H` headers over it (`header` looks a
+    /// request header up by lowercase name).
+    pub fn context<'r>(
+        &'r self,
+        request: &'r dyn Attributes,
+        header: impl Fn(&str) -> Option<&'r str>,
+    ) -> RequestContext<'r> {
+        RequestContext::new(request, &self.inner.statics, header)
     }
 
     /// Evaluates `key` for `protocol` against the current snapshot, and hands the flag (when it
@@ -146,7 +143,7 @@ impl Flags {
         protocol: &'static str,
         key: &str,
         selector: &Selector,
-        context: &Map<String, Value>,
+        context: &dyn Attributes,
         ty: ValueType,
         encode: impl FnOnce(Option<&CompiledFlag>, &Resolution<'_>) -> T,
     ) -> T {
@@ -170,7 +167,7 @@ impl Flags {
         &self,
         protocol: &'static str,
         selector: &Selector,
-        context: &Map<String, Value>,
+        context: &dyn Attributes,
         mut encode: impl FnMut(&CompiledFlag, &Resolution<'_>),
     ) -> Arc<Snapshot> {
         let started = Instant::now();
@@ -287,7 +284,7 @@ pub fn flag_configuration(snapshot: &Snapshot, selector: &Selector) -> String {
     json!({ "flags": flags }).to_string()
 }
 
-fn request_context(attributes: &Map<String, Value>) -> Context<'_> {
+fn request_context(attributes: &dyn Attributes) -> Context<'_> {
     Context { attributes, now: now() }
 }
 

@@ -10,7 +10,7 @@ mod flags;
 mod live;
 mod sources;
 
-pub use evaluate::{StaticContext, merge_context};
+pub use evaluate::{RequestContext, StaticContext};
 pub use flags::{Changes, Flags, FlagsConfig, Observer, ReasonTally, Unobserved, flag_configuration};
 pub use live::{Live, LiveConfig, LiveOptions, Published, Readiness, SourceReadiness, SourceState};
 pub use sources::{FileSource, LoadError, Source, SourceSpec};

@@ -18,7 +18,9 @@ use datalogic_rs::bumpalo::Bump;
 use datalogic_rs::bumpalo::collections::Vec as BumpVec;
 use datalogic_rs::datavalue::NumberValue;
 use datalogic_rs::{DataValue, Logic};
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::context::{Attributes, Object};
 
 pub use fractional::FractionalMode;
 
@@ -55,13 +57,30 @@ impl Engine {
     /// Compiles a targeting rule. Fails on what JsonLogic cannot run (an unknown operator, a
     /// malformed one); flagd reports such a flag as a parse error when it is evaluated.
     pub fn compile(&self, rule: &Value) -> Result<Rule, String> {
-        self.inner.compile(rule).map(Rule).map_err(|e| e.to_string())
+        let logic = self.inner.compile(rule).map_err(|e| e.to_string())?;
+        Ok(Rule {
+            logic,
+            reads: reads(rule),
+        })
     }
 }
 
-/// A compiled targeting rule.
+/// A compiled targeting rule, with the context keys it can read.
 #[derive(Debug)]
-pub struct Rule(Logic);
+pub struct Rule {
+    logic: Logic,
+    /// The top-level context keys the rule can read (sorted, `None`: any), so only those are
+    /// written into the arena. `$flagd` is always there.
+    reads: Option<Box<[Box<str>]>>,
+}
+
+impl Rule {
+    /// The top-level context keys the rule can read; `None` when that is not known (the rule reads
+    /// the whole context, a computed path, or an operator not analysed).
+    pub fn reads(&self) -> Option<&[Box<str>]> {
+        self.reads.as_deref()
+    }
+}
 
 /// What a rule chose.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,30 +118,48 @@ impl std::fmt::Debug for Prepared<'_> {
     }
 }
 
-/// Converts `context` into this thread's evaluation arena and runs `f` with it. Re-entrant: a call
-/// inside `f` finds the thread's arena in use and gets an arena of its own.
-pub fn with_context<R>(context: &Map<String, Value>, now: i64, f: impl FnOnce(&Prepared<'_>) -> R) -> R {
+/// Writes `attributes` into this thread's evaluation arena and runs `f` with the result.
+/// Re-entrant: a call inside `f` finds the thread's arena in use and gets an arena of its own.
+pub fn with_context<R>(attributes: &dyn Attributes, now: i64, f: impl FnOnce(&Prepared<'_>) -> R) -> R {
+    with_context_reading(attributes, None, now, f)
+}
+
+/// [`with_context`] writing only the top-level keys in `reads` (sorted; `None`: every key): what
+/// one rule can read ([`Rule::reads`]).
+pub fn with_context_reading<R>(
+    attributes: &dyn Attributes,
+    reads: Option<&[Box<str>]>,
+    now: i64,
+    f: impl FnOnce(&Prepared<'_>) -> R,
+) -> R {
     ARENA.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bump) => {
             bump.reset();
-            prepare(&bump, context, now, f)
+            prepare(&bump, attributes, reads, now, f)
         }
-        Err(_) => prepare(&Bump::new(), context, now, f),
+        Err(_) => prepare(&Bump::new(), attributes, reads, now, f),
     })
 }
 
-fn prepare<R>(arena: &Bump, context: &Map<String, Value>, now: i64, f: impl FnOnce(&Prepared<'_>) -> R) -> R {
-    let mut entries = BumpVec::with_capacity_in(context.len() + 1, arena);
-    for (k, v) in context {
-        if k != "$flagd" {
-            entries.push((k.as_str(), data_value(v, arena)));
-        }
+fn prepare<'a, R>(
+    arena: &'a Bump,
+    attributes: &'a dyn Attributes,
+    reads: Option<&'a [Box<str>]>,
+    now: i64,
+    f: impl FnOnce(&Prepared<'_>) -> R,
+) -> R {
+    let mut root = Object::new(arena, 8);
+    root.wanted = reads;
+    attributes.write(&mut root);
+    let mut entries = root.into_entries();
+    // `$flagd` is the server's, appended per flag: drop any the caller sent.
+    if let Ok(i) = entries.binary_search_by(|e| e.0.cmp("$flagd")) {
+        let mut kept = BumpVec::with_capacity_in(entries.len() - 1, arena);
+        kept.extend_from_slice_copy(&entries[..i]);
+        kept.extend_from_slice_copy(&entries[i + 1..]);
+        entries = kept.into_bump_slice();
     }
-    f(&Prepared {
-        arena,
-        entries: entries.into_bump_slice(),
-        now,
-    })
+    f(&Prepared { arena, entries, now })
 }
 
 /// Runs `rule` for flag `flag_key` against a prepared context and maps the result to one of
@@ -143,48 +180,83 @@ pub(crate) fn evaluate(
     entries.extend_from_slice_copy(prepared.entries);
     entries.push(("$flagd", DataValue::Object(flagd)));
     let root: &DataValue<'_> = arena.alloc(DataValue::Object(entries.into_bump_slice()));
-    match engine.inner.evaluate(&rule.0, root, arena) {
+    match engine.inner.evaluate(&rule.logic, root, arena) {
         Ok(result) => select_variant(result, variants),
         Err(e) => Outcome::Failed(e.to_string()),
     }
 }
 
-/// Borrows a JSON value into the arena (strings are not copied).
+/// The top-level context keys `rule` can read, or `None` when that is not known.
 ///
-/// Inlined so scalars are written in place: returning a `DataValue` through a call made the caller
-/// stall on store forwarding (measured with `perf annotate`), which cost more than the rest of the
-/// conversion.
-#[inline(always)]
-pub(crate) fn data_value<'a>(value: &'a Value, arena: &'a Bump) -> DataValue<'a> {
-    match value {
-        Value::Null => DataValue::Null,
-        Value::Bool(b) => DataValue::Bool(*b),
-        Value::Number(n) => DataValue::Number(match n.as_i64() {
-            Some(i) => NumberValue::Integer(i),
-            None => NumberValue::from_f64(n.as_f64().unwrap_or(f64::NAN)),
-        }),
-        Value::String(s) => DataValue::String(s),
-        Value::Array(items) => DataValue::Array(array_value(items, arena)),
-        Value::Object(map) => DataValue::Object(object_value(map, arena)),
+/// Only operators whose data access is known are analysed: `var` with a literal path (its first
+/// segment and the whole path, both kept), `missing`/`missing_some` with literal keys,
+/// `fractional` (the `targetingKey`), and operators that only evaluate their arguments. Anything
+/// else (the whole context, a computed or escaped path, `val`, an operator not listed) reads
+/// every key. Keys read inside `map`/`filter`/… from the current item are kept as well: a
+/// superset is harmless.
+fn reads(rule: &Value) -> Option<Box<[Box<str>]>> {
+    let mut keys = Vec::new();
+    if !collect_reads(rule, &mut keys) {
+        return None;
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    Some(keys.into_iter().map(String::into_boxed_str).collect())
+}
+
+fn collect_reads(rule: &Value, keys: &mut Vec<String>) -> bool {
+    let map = match rule {
+        Value::Array(items) => return items.iter().all(|item| collect_reads(item, keys)),
+        Value::Object(map) => map,
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => return true,
+    };
+    let mut entries = map.iter();
+    let (Some((op, args)), None) = (entries.next(), entries.next()) else {
+        return false;
+    };
+    match op.as_str() {
+        "var" => match args {
+            Value::Array(items) => match items.as_slice() {
+                [path] => read_path(path, keys),
+                [path, default] => read_path(path, keys) && collect_reads(default, keys),
+                _ => false,
+            },
+            path => read_path(path, keys),
+        },
+        "missing" => match args {
+            Value::Array(items) => items.iter().all(|path| read_path(path, keys)),
+            path => read_path(path, keys),
+        },
+        "missing_some" => match args {
+            Value::Array(items) => match items.as_slice() {
+                [Value::Number(_), Value::Array(paths)] => paths.iter().all(|path| read_path(path, keys)),
+                _ => false,
+            },
+            _ => false,
+        },
+        "fractional" => {
+            keys.push("targetingKey".to_owned());
+            collect_reads(args, keys)
+        }
+        "==" | "===" | "!=" | "!==" | ">" | ">=" | "<" | "<=" | "!" | "!!" | "and" | "or" | "if" | "?:" | "+" | "-"
+        | "*" | "/" | "%" | "max" | "min" | "cat" | "substr" | "in" | "merge" | "map" | "filter" | "reduce" | "all"
+        | "some" | "none" | "starts_with" | "ends_with" | "sem_ver" => collect_reads(args, keys),
+        _ => false,
     }
 }
 
-#[inline(never)]
-fn array_value<'a>(items: &'a [Value], arena: &'a Bump) -> &'a [DataValue<'a>] {
-    let mut out = BumpVec::with_capacity_in(items.len(), arena);
-    for item in items {
-        out.push(data_value(item, arena));
+/// A literal `var` path: its first segment and the whole path (a key may itself hold a dot).
+fn read_path(path: &Value, keys: &mut Vec<String>) -> bool {
+    let path = match path {
+        Value::String(s) if !s.is_empty() && !s.contains('\\') => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return false,
+    };
+    if let Some((top, _)) = path.split_once('.') {
+        keys.push(top.to_owned());
     }
-    out.into_bump_slice()
-}
-
-#[inline(never)]
-fn object_value<'a>(map: &'a Map<String, Value>, arena: &'a Bump) -> &'a [(&'a str, DataValue<'a>)] {
-    let mut out = BumpVec::with_capacity_in(map.len(), arena);
-    for (k, v) in map {
-        out.push((k.as_str(), data_value(v, arena)));
-    }
-    out.into_bump_slice()
+    keys.push(path);
+    true
 }
 
 /// flagd's variant selection from a rule result (`json.go` `evaluateVariant`).
@@ -364,9 +436,49 @@ mod tests {
         for rule in [json!({"invalid": [1, 2]}), json!({"$ref": "nothing"})] {
             let outcome = match engine.compile(&rule) {
                 Err(e) => Outcome::Failed(e),
-                Ok(rule) => with_context(&Map::new(), 0, |p| evaluate(&engine, &rule, "f", &variants(&["a"]), p)),
+                Ok(rule) => with_context(&(), 0, |p| evaluate(&engine, &rule, "f", &variants(&["a"]), p)),
             };
             assert!(matches!(outcome, Outcome::Failed(_)), "{rule}: {outcome:?}");
+        }
+    }
+
+    #[test]
+    fn a_rule_reads_the_keys_its_literal_paths_name() {
+        let engine = Engine::new(FractionalMode::V3);
+        let reads = |rule: Value| {
+            let rule = engine.compile(&rule).expect("rule compiles");
+            rule.reads()
+                .map(|keys| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>())
+        };
+        let keys = |k: &[&str]| Some(k.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert_eq!(
+            reads(
+                json!({"if": [{"in": ["@x.com", {"var": "email"}]}, "a", {"==": [{"var": "plan"}, "e"]}, "b", null]})
+            ),
+            keys(&["email", "plan"])
+        );
+        assert_eq!(reads(json!({"var": "user.tier"})), keys(&["user", "user.tier"]));
+        assert_eq!(reads(json!({"var": ["a", {"var": "b"}]})), keys(&["a", "b"]));
+        assert_eq!(
+            reads(json!({"fractional": [["x", 50], ["y", 50]]})),
+            keys(&["targetingKey"])
+        );
+        assert_eq!(
+            reads(json!({"fractional": [{"var": "org"}, ["x", 50], ["y", 50]]})),
+            keys(&["org", "targetingKey"])
+        );
+        assert_eq!(reads(json!({"missing_some": [1, ["a", "b"]]})), keys(&["a", "b"]));
+        assert_eq!(reads(json!("on")), keys(&[]));
+        // Anything not known reads everything.
+        for rule in [
+            json!({"var": ""}),
+            json!({"var": {"cat": ["a", "b"]}}),
+            json!({"var": "a\\.b"}),
+            json!({"val": "a"}),
+            json!({"if": [{"missing": {"var": "list"}}, "a", "b"]}),
+            json!({"==": [{"length": {"var": "a"}}, 1]}),
+        ] {
+            assert_eq!(reads(rule.clone()), None, "{rule}");
         }
     }
 

@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
-use vexil_core::{Metadata, Reason, Resolution, Selector, ValueType};
+use vexil_core::{Attributes, Metadata, Reason, Resolution, Selector, ValueType};
 use vexil_proto::JsonStruct;
 use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::schema::v1 as schema_v1;
+use vexil_service::RequestContext;
 
 use super::events::{self, EventStream};
 use crate::app::App;
@@ -51,9 +52,12 @@ pub(crate) fn selector(metadata: &MetadataMap) -> Result<Selector, Status> {
     crate::selector::from_headers(metadata.as_ref(), "").map_err(|e| error::grpc_status(ErrorKind::InvalidArgument, e))
 }
 
-/// The evaluation context: the request's `context` merged with `-X` values and `-H` headers.
-fn context(app: &App, metadata: &MetadataMap, context: Option<JsonStruct>) -> Map<String, Value> {
-    let own = context.map(|c| c.0).unwrap_or_default();
+/// The evaluation context: the request's `context` with `-X` values and `-H` headers over it.
+fn context<'r>(app: &'r App, metadata: &'r MetadataMap, own: &'r Option<JsonStruct>) -> RequestContext<'r> {
+    let own: &dyn Attributes = match own {
+        Some(own) => own,
+        None => &(),
+    };
     app.flags()
         .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()))
 }
@@ -65,7 +69,7 @@ fn metadata(selector: &Selector, flag: Option<&Metadata>) -> JsonStruct {
     for (k, v) in flag.into_iter().flatten() {
         metadata.insert(k.clone(), v.clone());
     }
-    JsonStruct(metadata)
+    JsonStruct::from(metadata)
 }
 
 fn answer<'r>(api: Api, r: &Resolution<'r>, selector: &Selector) -> Result<Answer<'r>, Status> {
@@ -121,7 +125,7 @@ fn resolve<Req, Resp>(
     let (metadata, _, message) = request.into_parts();
     let selector = selector(&metadata)?;
     let (key, ctx) = parts(message);
-    let context = context(app, &metadata, ctx);
+    let context = context(app, &metadata, &ctx);
     app.flags()
         .evaluate(api.protocol(), &key, &selector, &context, ty, |_, r| {
             answer(api, r, &selector).map(build)
@@ -143,7 +147,7 @@ fn as_int(v: &Value) -> i64 {
     v.as_f64().unwrap_or_default() as i64
 }
 fn as_object(v: &Value) -> JsonStruct {
-    v.as_object().cloned().map(JsonStruct).unwrap_or_default()
+    v.as_object().cloned().map(JsonStruct::from).unwrap_or_default()
 }
 
 /// `impl Service for $ty` of one API: the five typed Resolve* methods plus `$extra` methods.
@@ -213,7 +217,7 @@ service_impl!(EvaluationV1, v1, Api::V1, unset = false, {
         let (flags, selector) = resolve_all(&self.app, Api::V1, request, |m| m.context)?;
         Ok(Response::new(v1::ResolveAllResponse {
             flags,
-            metadata: Some(JsonStruct(selector.metadata())),
+            metadata: Some(JsonStruct::from(selector.metadata())),
         }))
     }
 
@@ -243,7 +247,8 @@ fn resolve_all<T>(
 ) -> Result<(HashMap<String, v1::AnyFlag>, Selector), Status> {
     let (metadata, _, message) = request.into_parts();
     let selector = selector(&metadata)?;
-    let context = context(app, &metadata, ctx(message));
+    let own = ctx(message);
+    let context = context(app, &metadata, &own);
     let mut flags = HashMap::new();
     app.flags()
         .evaluate_all(api.protocol(), &selector, &context, |flag, r| {

@@ -37,7 +37,7 @@ where
                     .iter()
                     .map(|(key, change)| (key.clone(), json!({ "type": change.as_str() })))
                     .collect();
-                let data = JsonStruct(Map::from_iter([("flags".to_owned(), Value::Object(flags))]));
+                let data = JsonStruct::from(Map::from_iter([("flags".to_owned(), Value::Object(flags))]));
                 Ok(make("configuration_change", Some(data)))
             }
             Event::Quiet => Ok(make("keep_alive", None)),

@@ -53,7 +53,7 @@ fn selector_from(headers: &HeaderMap, body: &str) -> Result<Selector, Status> {
 fn encode_response(flag_configuration: String, statics: &StaticContext) -> Bytes {
     let response = sync::SyncFlagsResponse {
         flag_configuration,
-        sync_context: Some(JsonStruct(statics.values.clone())),
+        sync_context: Some(JsonStruct::from(statics.values.clone())),
     };
     Bytes::from(response.encode_to_vec())
 }
@@ -218,7 +218,7 @@ impl FlagSyncService for Sync {
             ));
         }
         Ok(Response::new(sync::GetMetadataResponse {
-            metadata: Some(JsonStruct(self.app.flags().statics().values.clone())),
+            metadata: Some(JsonStruct::from(self.app.flags().statics().values.clone())),
         }))
     }
 }
