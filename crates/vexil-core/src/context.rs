@@ -105,12 +105,24 @@ impl<'a> Object<'a> {
         }
     }
 
-    /// The key `key` is when it is one of the keys kept (as text: a source need not check the
-    /// bytes are UTF-8); `None` when every key is kept or `key` is not one of them (then see
-    /// [`Object::wants`]).
+    /// Whether `key` is kept, looked up once: a source writing from bytes gets the key as text
+    /// without checking it is UTF-8 when a rule named it, and then writes with
+    /// [`Object::insert_admitted`].
     #[inline]
-    pub fn wanted_key(&self, key: &[u8]) -> Option<&'a str> {
-        self.wanted?.iter().find(|k| k.as_bytes() == key).map(|k| &**k)
+    pub fn admit(&self, key: &[u8]) -> Admit<'a> {
+        match self.wanted {
+            None => Admit::Every,
+            Some(keys) => match keys.iter().find(|k| k.as_bytes() == key) {
+                Some(k) => Admit::Key(k),
+                None => Admit::Skip,
+            },
+        }
+    }
+
+    /// Sets `key`, which [`Object::admit`] admitted (not looked up again).
+    #[inline]
+    pub fn insert_admitted(&mut self, key: &'a str, value: Attr<'a>) {
+        self.entries.push((key, value.0));
     }
 
     /// Sets `key` (a later write of the same key wins).
@@ -186,6 +198,17 @@ impl<'a> Builder<'a> {
     pub fn alloc_str(self, s: &str) -> &'a str {
         self.0.alloc_str(s)
     }
+}
+
+/// What [`Object::admit`] says of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit<'a> {
+    /// Every key is kept.
+    Every,
+    /// The key is kept: it is this text.
+    Key(&'a str),
+    /// The key is not kept.
+    Skip,
 }
 
 /// A list being written in the arena.

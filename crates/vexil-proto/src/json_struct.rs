@@ -32,7 +32,7 @@ use prost::encoding::{
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Number, Value};
-use vexil_core::context::{Attr, Attributes, Builder, List, Object};
+use vexil_core::context::{Admit, Attr, Attributes, Builder, List, Object};
 
 /// A `google.protobuf.Struct`: a JSON object, or the checked wire form of one as decoded.
 ///
@@ -666,14 +666,14 @@ fn write_entry<'a>(r: Reader<'a>, out: &mut Object<'a>) -> Result<(), Unread> {
         if matches!(fast.key(), Ok((2, DELIMITED))) {
             let value = fast.bytes()?;
             if fast.is_empty() {
-                let key = match out.wanted_key(key) {
-                    Some(key) => key,
-                    None if out.wants(key) => text(key)?,
-                    None => return Ok(()),
+                let key = match out.admit(key) {
+                    Admit::Key(key) => key,
+                    Admit::Every => text(key)?,
+                    Admit::Skip => return Ok(()),
                 };
                 let mut pending = Pending::Empty;
                 write_value(Reader(value), &mut pending, out.builder())?;
-                out.insert(key, pending.finish());
+                out.insert_admitted(key, pending.finish());
                 return Ok(());
             }
         }
