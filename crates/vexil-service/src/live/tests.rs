@@ -389,8 +389,11 @@ async fn live_composes_any_sources() {
     while value(&live, "shared") != Some(json!("again")) || value(&live, "other").is_none() {
         seen.push(next_published(&mut changes).await.version);
     }
-    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
-    assert_eq!(seen.first(), Some(&2), "{seen:?}");
+    // A subscriber sees the newest version (a watch channel may skip one published in between);
+    // each publish took the next version.
+    assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
+    assert!(seen.iter().all(|v| (2..=3).contains(v)), "{seen:?}");
+    assert_eq!(live.current().version, 3, "two publishes after version 1");
     assert!(live.readiness().is_ready());
     task.abort();
 }
