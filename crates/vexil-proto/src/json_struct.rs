@@ -984,6 +984,12 @@ mod tests {
         let bad_number = [0x0a, 0x05, 0x12, 0x03, 0x10, 0x01, 0x00];
         assert!(check_struct(Reader(&bad_number), 0).is_err());
         assert!(JsonStruct::decode(&bad_number[..]).is_err());
+        // A map entry sent as a varint (found by fuzzing): prost's generated `Struct` does not
+        // check a map field's wire type and reads it as an empty entry; it is malformed here, as
+        // it was for the decoder before this one.
+        let varint_entry = [0x08, 0x00];
+        assert!(Struct::decode(&varint_entry[..]).is_ok());
+        assert!(JsonStruct::decode(&varint_entry[..]).is_err());
     }
 
     #[test]
