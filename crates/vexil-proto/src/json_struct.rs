@@ -136,10 +136,7 @@ impl prost::Message for JsonStruct {
         }
         if !self.map.is_empty() {
             // Merging into JSON: decode the entry.
-            let mut entry = Entry::default();
-            message::merge(wire_type, &mut entry, buf, ctx)?;
-            self.map.insert(entry.key, entry.value.0);
-            return Ok(());
+            return merge_entry(&mut self.map, wire_type, buf, ctx);
         }
         let mut peek = Reader(buf.chunk());
         let field_len = match peek.varint() {
@@ -232,6 +229,19 @@ fn decode_map(wire: &[u8]) -> Map<String, Value> {
     decoded.0
 }
 
+/// One map entry decoded into `map` (a later key replaces an earlier one, as a protobuf map merge does).
+fn merge_entry(
+    map: &mut Map<String, Value>,
+    wire_type: WireType,
+    buf: &mut impl Buf,
+    ctx: DecodeContext,
+) -> Result<(), DecodeError> {
+    let mut entry = Entry::default();
+    message::merge(wire_type, &mut entry, buf, ctx)?;
+    map.insert(entry.key, entry.value.0);
+    Ok(())
+}
+
 /// A `Struct` decoded into JSON.
 #[derive(Debug, Default)]
 struct Decoded(Map<String, Value>);
@@ -251,10 +261,7 @@ impl prost::Message for Decoded {
         if tag != 1 {
             return skip_field(wire_type, tag, buf, ctx);
         }
-        let mut entry = Entry::default();
-        message::merge(wire_type, &mut entry, buf, ctx)?;
-        self.0.insert(entry.key, entry.value.0);
-        Ok(())
+        merge_entry(&mut self.0, wire_type, buf, ctx)
     }
 
     fn encoded_len(&self) -> usize {
