@@ -228,8 +228,8 @@ impl Diagnostics {
     }
 }
 
-/// Escapes one JSON pointer segment (RFC 6901).
-fn segment(s: &str) -> String {
+/// Escapes one JSON pointer reference token (RFC 6901): `~` → `~0`, `/` → `~1`.
+pub fn escape_pointer(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
@@ -295,7 +295,7 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
         None | Some(Value::Null) => {}
         Some(Value::Object(map)) => {
             for (key, raw) in map {
-                let pointer = format!("/flags/{}", segment(key));
+                let pointer = format!("/flags/{}", escape_pointer(key));
                 if let Some(flag) = build_flag(key, raw, &pointer, &metadata, &evaluators, &mut budget, out) {
                     flags.push(Arc::new(flag));
                 }
@@ -481,7 +481,7 @@ fn check_variant_types(key: &str, variants: &[(String, Value)], pointer: &str, o
                 if out.strictness == Strictness::Strict {
                     out.schema(
                         Some(key.to_owned()),
-                        format!("{pointer}/variants/{}", segment(name)),
+                        format!("{pointer}/variants/{}", escape_pointer(name)),
                         format!(
                             "variant `{name}` is a {} but variant `{first_name}` is a {}: all variants must have one type",
                             ty.name(),
@@ -588,5 +588,35 @@ pub(crate) fn kind(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// Checks a document as strictly as the admin API and `vexil validate` do: every problem is an
+/// error, those flagd would only warn about included (schema violations, a `$ref` to an unknown
+/// evaluator), and so is a targeting rule that does not compile (which flagd would serve as
+/// `PARSE_ERROR`). Every problem is reported, not only the first.
+pub fn check_value(document: &Value, engine: &crate::targeting::Engine) -> Result<Parsed, ParseError> {
+    let as_error = |d: &Diagnostic| Diagnostic {
+        severity: Severity::Error,
+        ..d.clone()
+    };
+    let parsed = parse_value(document, Strictness::Strict).map_err(|e| ParseError {
+        diagnostics: e.diagnostics.iter().map(as_error).collect(),
+    })?;
+    let mut rejected: Vec<Diagnostic> = parsed.warnings.iter().map(as_error).collect();
+    rejected.extend(parsed.config.flags.iter().filter_map(|flag| {
+        let rule = flag.targeting.as_ref()?;
+        let problem = engine.compile(&rule.to_value()).err()?;
+        Some(Diagnostic {
+            severity: Severity::Error,
+            flag: Some(flag.key.clone()),
+            pointer: format!("/flags/{}/targeting", escape_pointer(&flag.key)),
+            message: format!("targeting does not compile: {problem}"),
+        })
+    }));
+    if rejected.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(ParseError { diagnostics: rejected })
     }
 }
