@@ -25,7 +25,8 @@ use crate::targeting::{Engine, FractionalMode};
 /// Which flags a request sees (flagd's selector: a single `key=value`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Selector {
-    /// No selector: every flag, the highest-priority source winning on duplicate keys.
+    /// No selector: every flag of a listed source (see [`CompiledSource::unlisted`]), the
+    /// highest-priority source winning on duplicate keys.
     #[default]
     All,
     /// `flagSetId=<id>`; `flagSetId=` (empty) selects the flags that have no flag set id.
@@ -74,7 +75,7 @@ impl Selector {
 
     fn matches(&self, entry: &Entry) -> bool {
         match self {
-            Selector::All => true,
+            Selector::All => entry.listed,
             Selector::FlagSet(id) => entry.flag.flag().flag_set_id() == id.as_deref(),
             Selector::Source(s) => *entry.source == **s,
         }
@@ -110,6 +111,8 @@ pub struct CompiledSource {
     config: FlagConfig,
     flags: Vec<Arc<CompiledFlag>>,
     warnings: Vec<Diagnostic>,
+    /// Whether a request without a selector sees its flags.
+    listed: bool,
     /// This source's part of the snapshot [`Revision`].
     hash: u64,
 }
@@ -143,8 +146,26 @@ impl CompiledSource {
             config: source.config,
             flags,
             warnings,
+            listed: true,
             hash,
         }
+    }
+
+    /// The source, its flags seen only by a selector that names their flag set or the source (a
+    /// managed environment other than the default one), not by a request without a selector.
+    pub fn unlisted(mut self) -> CompiledSource {
+        use std::hash::Hasher as _;
+        self.listed = false;
+        let mut h = hasher();
+        h.write_u64(self.hash);
+        hash_text(&mut h, "unlisted");
+        self.hash = h.finish();
+        self
+    }
+
+    /// Whether a request without a selector sees this source's flags.
+    pub fn is_listed(&self) -> bool {
+        self.listed
     }
 
     /// The source's name, as selectors address it.
@@ -175,6 +196,8 @@ struct Entry {
     flag: Arc<CompiledFlag>,
     source: Arc<str>,
     priority: usize,
+    /// Seen by [`Selector::All`].
+    listed: bool,
 }
 
 /// A compiled snapshot of all flags.
@@ -185,8 +208,10 @@ pub struct Snapshot {
     /// Key → indices into `entries`, in priority order (lowest first). Keys come from
     /// configuration, never from requests, so a fast (randomly seeded) hasher is safe here.
     by_key: HashMap<String, Vec<usize>, RandomState>,
-    /// For [`Selector::All`]: the winning entry of every key, sorted by key.
+    /// For [`Selector::All`]: the winning listed entry of every key, sorted by key.
     winners: Vec<usize>,
+    /// For the other selectors: an entry of every key, listed or not, sorted by key.
+    keys: Vec<usize>,
     sources: Vec<Arc<CompiledSource>>,
     revision: Revision,
 }
@@ -282,6 +307,7 @@ impl Snapshot {
                     flag: flag.clone(),
                     source: source.name.clone(),
                     priority,
+                    listed: source.listed,
                 };
                 // One flag per (flag set, key): a later source replaces an earlier one.
                 match by_id.get(&(flag.flag().flag_set_id(), flag.key())) {
@@ -300,13 +326,19 @@ impl Snapshot {
         for indices in by_key.values_mut() {
             indices.sort_by_key(|&i| entries[i].priority);
         }
-        let mut winners: Vec<usize> = by_key.values().filter_map(|v| v.last().copied()).collect();
+        let mut winners: Vec<usize> = by_key
+            .values()
+            .filter_map(|v| v.iter().rev().find(|&&i| entries[i].listed).copied())
+            .collect();
         winners.sort_by(|&a, &b| entries[a].flag.key().cmp(entries[b].flag.key()));
+        let mut keys: Vec<usize> = by_key.values().filter_map(|v| v.last().copied()).collect();
+        keys.sort_by(|&a, &b| entries[a].flag.key().cmp(entries[b].flag.key()));
         Snapshot {
             engine,
             entries,
             by_key,
             winners,
+            keys,
             sources,
             revision,
         }
@@ -355,7 +387,11 @@ impl Snapshot {
 
     /// Every flag `selector` sees, one per key, sorted by key.
     pub fn flags<'s, 'q>(&'s self, selector: &'q Selector) -> impl Iterator<Item = &'s CompiledFlag> + use<'s, 'q> {
-        self.winners.iter().filter_map(move |&i| match selector {
+        let keys = match selector {
+            Selector::All => &self.winners,
+            _ => &self.keys,
+        };
+        keys.iter().filter_map(move |&i| match selector {
             Selector::All => Some(&*self.entries[i].flag),
             _ => self.get(self.entries[i].flag.key(), selector),
         })

@@ -438,3 +438,50 @@ fn assembling_reuses_the_compiled_flags_of_unchanged_sources() {
         "the later source still wins"
     );
 }
+
+#[test]
+fn an_unlisted_source_is_seen_only_by_selectors_that_name_it() {
+    use vexil_core::snapshot::CompiledSource;
+
+    let engine = Arc::new(Engine::new(FractionalMode::V3));
+    let listed = source(
+        "file.json",
+        json!({"flags": {"shared": flag("ENABLED", json!("file")), "only-file": flag("ENABLED", json!(1))}}),
+    );
+    let managed = source(
+        "store",
+        json!({"metadata": {"flagSetId": "staging/web"},
+               "flags": {"shared": flag("ENABLED", json!("staging")), "only-staging": flag("ENABLED", json!(2))}}),
+    );
+    let unlisted = CompiledSource::compile(&engine, managed.clone()).unlisted();
+    assert!(!unlisted.is_listed());
+    let snap = Snapshot::assemble(
+        engine.clone(),
+        vec![
+            Arc::new(CompiledSource::compile(&engine, listed.clone())),
+            Arc::new(unlisted),
+        ],
+    );
+
+    // Without a selector: the listed source only, even where the unlisted one comes later.
+    let all: Vec<&str> = snap.flags(&Selector::All).map(|f| f.key()).collect();
+    assert_eq!(all, ["only-file", "shared"]);
+    let attrs = Map::new();
+    let shared = snap.evaluate("shared", &Selector::All, ctx(&attrs), ValueType::Any);
+    assert_eq!(shared.value, Some(&json!("file")));
+    let hidden = snap.evaluate("only-staging", &Selector::All, ctx(&attrs), ValueType::Any);
+    assert_eq!(hidden.error.map(|e| e.code), Some(ErrorCode::FlagNotFound));
+
+    // Named by flag set or source: there.
+    let staging = Selector::FlagSet(Some("staging/web".into()));
+    let seen: Vec<&str> = snap.flags(&staging).map(|f| f.key()).collect();
+    assert_eq!(seen, ["only-staging", "shared"]);
+    let value = snap.evaluate("shared", &staging, ctx(&attrs), ValueType::Any);
+    assert_eq!(value.value, Some(&json!("staging")));
+    let by_source: Vec<&str> = snap.flags(&Selector::Source("store".into())).map(|f| f.key()).collect();
+    assert_eq!(by_source, ["only-staging", "shared"]);
+
+    // Listing is part of the content: the revision tells the two apart.
+    let listed_too = Snapshot::build(engine.clone(), vec![listed, managed]).0;
+    assert_ne!(listed_too.revision(), snap.revision());
+}

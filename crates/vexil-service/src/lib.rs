@@ -13,4 +13,4 @@ mod sources;
 pub use evaluate::{RequestContext, StaticContext};
 pub use flags::{Changes, Flags, FlagsConfig, Observer, ReasonTally, Unobserved, flag_configuration};
 pub use live::{Live, LiveConfig, LiveOptions, Published, Readiness, SourceReadiness, SourceState};
-pub use sources::{FileSource, LoadError, Source, SourceSpec};
+pub use sources::{FileSource, LoadError, Loaded, Part, STORE_SOURCE, Source, SourceSpec, StoreSource};

@@ -176,9 +176,15 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct SlotState {
-    /// The last good document, compiled.
-    good: Option<Arc<CompiledSource>>,
+    /// The last good load, each of its documents compiled (by part key, in the source's order).
+    good: Option<Vec<(String, Arc<CompiledSource>)>>,
     failing: Option<Failure>,
+}
+
+impl SlotState {
+    fn compiled(&self) -> impl Iterator<Item = Arc<CompiledSource>> + '_ {
+        self.good.iter().flatten().map(|(_, c)| c.clone())
+    }
 }
 
 #[derive(Debug)]
@@ -198,7 +204,10 @@ impl Live {
         let engine = Arc::new(Engine::new(options.fractional));
         let slots: Vec<Slot> = sources.into_iter().map(Slot::new).collect();
         futures::future::join_all(slots.iter().map(|slot| slot.reload(&engine))).await;
-        let compiled = slots.iter().filter_map(|slot| slot.state().good.clone()).collect();
+        let compiled = slots
+            .iter()
+            .flat_map(|slot| slot.state().compiled().collect::<Vec<_>>())
+            .collect();
         let snapshot = assemble(&engine, compiled).await;
         tracing::info!(version = 0, flags = snapshot.len(), "configuration published");
         let (tx, _) = watch::channel(Arc::new(Published { snapshot, version: 0 }));
@@ -290,7 +299,7 @@ impl Live {
             .inner
             .slots
             .iter()
-            .filter_map(|slot| slot.state().good.clone())
+            .flat_map(|slot| slot.state().compiled().collect::<Vec<_>>())
             .collect();
         let current = self.current();
         let published = current.snapshot.compiled_sources();
@@ -369,13 +378,13 @@ impl Slot {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Loads the source; compiles and keeps its document if it changed (returns whether it did).
-    /// A failure keeps the last good document.
+    /// Loads the source; compiles and keeps the documents that changed (returns whether any did).
+    /// A failure keeps the last good load.
     async fn reload(&self, engine: &Arc<Engine>) -> bool {
         let _loading = self.loading.lock().await;
         let name = self.source.name();
-        let parsed = match self.source.load().await {
-            Ok(parsed) => parsed,
+        let loaded = match self.source.load().await {
+            Ok(loaded) => loaded,
             Err(e) => {
                 self.failed(&e);
                 return false;
@@ -383,33 +392,52 @@ impl Slot {
         };
         let (good, recovered) = {
             let mut state = self.state();
-            (state.good.clone(), state.failing.take().is_some())
+            (state.good.clone().unwrap_or_default(), state.failing.take().is_some())
         };
         if recovered {
             tracing::info!(source = %name, "source loads again");
         }
-        if good.is_some_and(|good| *good.config() == parsed.config) {
+        let mut changed = good.len() != loaded.parts.len();
+        let mut parts = Vec::with_capacity(loaded.parts.len());
+        for part in loaded.parts {
+            let kept = good.iter().find(|(key, compiled)| {
+                *key == part.key && compiled.is_listed() == part.listed && *compiled.config() == part.parsed.config
+            });
+            if let Some((key, compiled)) = kept {
+                changed |= parts.len() >= good.len() || good[parts.len()].0 != *key;
+                parts.push((key.clone(), compiled.clone()));
+                continue;
+            }
+            changed = true;
+            for w in &part.parsed.warnings {
+                tracing::warn!(source = %name, part = %part.key, "{w}");
+            }
+            let source = SourceConfig {
+                name: name.to_owned(),
+                config: part.parsed.config,
+            };
+            let engine = engine.clone();
+            let listed = part.listed;
+            let compile = move || {
+                let compiled = CompiledSource::compile(&engine, source);
+                if listed { compiled } else { compiled.unlisted() }
+            };
+            let compiled = match tokio::task::spawn_blocking(compile).await {
+                Ok(compiled) => compiled,
+                Err(e) => {
+                    self.failed(&LoadError::Other(Box::new(e)));
+                    return false;
+                }
+            };
+            for w in compiled.warnings() {
+                tracing::warn!(source = %name, part = %part.key, "{w}");
+            }
+            parts.push((part.key, Arc::new(compiled)));
+        }
+        if !changed && self.state().good.is_some() {
             return false;
         }
-        for w in &parsed.warnings {
-            tracing::warn!(source = %name, "{w}");
-        }
-        let source = SourceConfig {
-            name: name.to_owned(),
-            config: parsed.config,
-        };
-        let engine = engine.clone();
-        let compiled = match tokio::task::spawn_blocking(move || CompiledSource::compile(&engine, source)).await {
-            Ok(compiled) => compiled,
-            Err(e) => {
-                self.failed(&LoadError::Other(Box::new(e)));
-                return false;
-            }
-        };
-        for w in compiled.warnings() {
-            tracing::warn!(source = %name, "{w}");
-        }
-        self.state().good = Some(Arc::new(compiled));
+        self.state().good = Some(parts);
         true
     }
 

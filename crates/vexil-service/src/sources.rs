@@ -1,14 +1,15 @@
 //! Where flag definitions come from: the [`Source`] trait [`Live`](crate::Live) composes, the
-//! command line's source syntax, and the sources themselves (so far: files, flagd's
-//! `--uri file:<path>`).
+//! command line's source syntax, and the sources themselves: files (flagd's `--uri file:<path>`)
+//! and the managed store.
 //!
-//! A source is two things: a way to fetch its current document ([`Source::load`]) and a stream of
+//! A source is two things: a way to fetch its current documents ([`Source::load`]) and a stream of
 //! "may have changed, load again" notifications ([`Source::changes`]). A file source loads by
 //! reading and parsing the file and is notified by the file system (with polling as the backstop);
-//! a managed store would load with a query and be notified by the database (`LISTEN`/`NOTIFY`);
+//! the store loads with queries (one document per flag set) and is notified by a version check;
 //! [`Live`](crate::Live) needs nothing else.
 
 mod file;
+mod store;
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use futures::stream::BoxStream;
 use vexil_core::parse::{ParseError, Parsed};
 
 pub use file::FileSource;
+pub use store::{STORE_SOURCE, StoreSource};
 
 /// A source of flag definitions.
 ///
@@ -30,10 +32,10 @@ pub trait Source: Send + Sync + fmt::Debug {
     /// it. Unique among the sources of one [`Live`](crate::Live).
     fn name(&self) -> &str;
 
-    /// Fetches and parses the source's current document (problems that do not stop loading come
+    /// Fetches and parses the source's current documents (problems that do not stop loading come
     /// back as warnings). Blocking work (file reads, parsing large documents) belongs on
     /// `spawn_blocking`, not on the calling task.
-    fn load(&self) -> BoxFuture<'_, Result<Parsed, LoadError>>;
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, LoadError>>;
 
     /// Notifications that the document may have changed and should be loaded again, for as long as
     /// the stream is kept (dropping it stops whatever watching it does). A change after the last
@@ -41,6 +43,38 @@ pub trait Source: Send + Sync + fmt::Debug {
     /// start). Spurious notifications are harmless: a reload that finds the same document changes
     /// nothing. Called within a Tokio runtime.
     fn changes(&self) -> BoxStream<'static, ()>;
+}
+
+/// What a source loaded: one document (a file), or several (the managed store: one per flag set),
+/// each compiled on its own, so a change to one recompiles only that one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The documents, in priority order (later wins on a duplicate flag set and key).
+    pub parts: Vec<Part>,
+}
+
+/// One document of a [`Loaded`] source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    /// Names the document within its source (unique there; `""` for a one-document source).
+    pub key: String,
+    /// The document.
+    pub parsed: Parsed,
+    /// Whether a request without a selector sees its flags (for a managed environment other than
+    /// the default one, only selectors naming its flag sets do).
+    pub listed: bool,
+}
+
+impl From<Parsed> for Loaded {
+    fn from(parsed: Parsed) -> Loaded {
+        Loaded {
+            parts: vec![Part {
+                key: String::new(),
+                parsed,
+                listed: true,
+            }],
+        }
+    }
 }
 
 /// Why a source could not be loaded.

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::future::BoxFuture;
 use futures::{FutureExt as _, StreamExt as _};
 use serde_json::{Map, Value, json};
-use vexil_core::parse::{self, Parsed, Strictness};
+use vexil_core::parse::{self, Strictness};
 use vexil_core::{Context, Selector, ValueType};
 
 use super::*;
-use crate::FileSource;
+use crate::{FileSource, Loaded};
 
 /// Long enough for any event on a loaded machine; reached only when a test fails.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -187,7 +187,7 @@ async fn the_file_change_stream_fires_on_writes_and_on_rename_replacement() {
         .expect("the write is reported")
         .unwrap();
     let loaded = source.load().await.unwrap();
-    assert_eq!(loaded.config.flags[0].variants[0].1, json!("two"));
+    assert_eq!(loaded.parts[0].parsed.config.flags[0].variants[0].1, json!("two"));
 
     replace(&path, &flags("f", "three").to_string());
     tokio::time::timeout(DEADLINE, changes.next())
@@ -195,7 +195,7 @@ async fn the_file_change_stream_fires_on_writes_and_on_rename_replacement() {
         .expect("the replacement is reported")
         .unwrap();
     let loaded = source.load().await.unwrap();
-    assert_eq!(loaded.config.flags[0].variants[0].1, json!("three"));
+    assert_eq!(loaded.parts[0].parsed.config.flags[0].variants[0].1, json!("three"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,15 +294,17 @@ impl Source for Memory {
         &self.name
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<Parsed, LoadError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, LoadError>> {
         self.loads.fetch_add(1, Ordering::Relaxed);
         let document = self.document.borrow().clone();
         async move {
             match document {
-                Ok(document) => parse::parse_value(&document, Strictness::Flagd).map_err(|source| LoadError::Invalid {
-                    path: self.name.clone(),
-                    source,
-                }),
+                Ok(document) => parse::parse_value(&document, Strictness::Flagd)
+                    .map(Loaded::from)
+                    .map_err(|source| LoadError::Invalid {
+                        path: self.name.clone(),
+                        source,
+                    }),
                 Err(message) => Err(LoadError::Other(message.into())),
             }
         }
@@ -439,7 +441,7 @@ impl Source for PanicsOnce {
         self.inner.name()
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<Parsed, LoadError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, LoadError>> {
         self.inner.load()
     }
 

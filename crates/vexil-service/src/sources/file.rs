@@ -18,7 +18,7 @@ use futures::stream::{BoxStream, StreamExt as _};
 use tokio::sync::mpsc;
 use vexil_core::parse::{self, Format, Parsed, Strictness};
 
-use super::{LoadError, Source};
+use super::{LoadError, Loaded, Source};
 
 /// A flag definition file.
 #[derive(Debug)]
@@ -82,7 +82,7 @@ impl Source for FileSource {
         &self.name
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<Parsed, LoadError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, LoadError>> {
         let (path, format, seen) = (self.path.clone(), self.format, self.seen.clone());
         let read = tokio::task::spawn_blocking(move || {
             // The stamp is taken before reading: a write during the read shows as a newer stamp.
@@ -94,7 +94,7 @@ impl Source for FileSource {
             };
             result
         });
-        async move { read.await.map_err(|e| LoadError::Other(Box::new(e)))? }.boxed()
+        async move { read.await.map_err(|e| LoadError::Other(Box::new(e)))?.map(Loaded::from) }.boxed()
     }
 
     fn changes(&self) -> BoxStream<'static, ()> {

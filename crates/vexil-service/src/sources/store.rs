@@ -1,0 +1,146 @@
+//! The managed store as a source: every environment's flag sets, one document each, served under
+//! `flagSetId=<environment>/<flag set>`; those of the default environment also to requests without
+//! a selector.
+//!
+//! Changes are found by a version check: every environment's config version is read each poll
+//! interval (one small query) and a load follows when one moved; a write made by this process
+//! wakes the check at once ([`StoreSource::wake`]). A load reads only the environments whose
+//! version moved; the others keep their documents, so [`Live`](crate::Live) recompiles nothing of
+//! theirs.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use futures::stream::{self, BoxStream, StreamExt as _};
+use tokio::sync::Notify;
+use vexil_core::parse::{self, Strictness};
+use vexil_store::Store;
+
+use super::{LoadError, Loaded, Part, Source};
+
+/// The managed store, as one source of many documents.
+#[derive(Debug)]
+pub struct StoreSource {
+    store: Arc<dyn Store>,
+    default_environment: String,
+    poll_interval: Duration,
+    /// Per environment: the config version last loaded and its documents.
+    loaded: Mutex<HashMap<String, (i64, Vec<Part>)>>,
+    wake: Arc<Notify>,
+}
+
+/// The source's name, as `source=store` selects it.
+pub const STORE_SOURCE: &str = "store";
+
+impl StoreSource {
+    /// The store's flag sets; `default_environment`'s are listed (seen without a selector).
+    pub fn new(store: Arc<dyn Store>, default_environment: impl Into<String>, poll_interval: Duration) -> StoreSource {
+        StoreSource {
+            store,
+            default_environment: default_environment.into(),
+            poll_interval,
+            loaded: Mutex::new(HashMap::new()),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Checks for changes now rather than at the next poll (after a write by this process).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn failed(e: vexil_store::StoreError) -> LoadError {
+        LoadError::Other(Box::new(e))
+    }
+
+    async fn load_all(&self) -> Result<Loaded, LoadError> {
+        let versions = self.store.config_versions().await.map_err(Self::failed)?;
+        let mut parts = Vec::new();
+        let mut fresh = HashMap::with_capacity(versions.len());
+        // The default environment last: on a key in no flag set, it wins over the others (none of
+        // which a request without a selector sees anyway).
+        let (default, others): (Vec<_>, Vec<_>) = versions
+            .into_iter()
+            .partition(|(env, _)| *env == self.default_environment);
+        for (environment, version) in others.into_iter().chain(default) {
+            let cached = {
+                let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+                loaded.get(&environment).filter(|(v, _)| *v == version).cloned()
+            };
+            let (version, env_parts) = match cached {
+                Some(hit) => hit,
+                None => self.load_environment(&environment).await?,
+            };
+            parts.extend(env_parts.iter().cloned());
+            fresh.insert(environment, (version, env_parts));
+        }
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(Loaded { parts })
+    }
+
+    async fn load_environment(&self, environment: &str) -> Result<(i64, Vec<Part>), LoadError> {
+        let snapshot = self
+            .store
+            .snapshot(environment.to_owned())
+            .await
+            .map_err(Self::failed)?;
+        let listed = environment == self.default_environment;
+        let documents = snapshot.flag_sets;
+        let parse = move || {
+            documents
+                .into_iter()
+                .map(|(set, document)| {
+                    let key = format!("{environment}/{set}", environment = snapshot.environment);
+                    let parsed =
+                        parse::parse_value(&document, Strictness::Flagd).map_err(|source| LoadError::Invalid {
+                            path: format!("{STORE_SOURCE}:{key}"),
+                            source,
+                        })?;
+                    Ok(Part { key, parsed, listed })
+                })
+                .collect::<Result<Vec<Part>, LoadError>>()
+        };
+        let parts = tokio::task::spawn_blocking(parse)
+            .await
+            .map_err(|e| LoadError::Other(Box::new(e)))??;
+        Ok((snapshot.config_version, parts))
+    }
+}
+
+impl Source for StoreSource {
+    fn name(&self) -> &str {
+        STORE_SOURCE
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, LoadError>> {
+        self.load_all().boxed()
+    }
+
+    fn changes(&self) -> BoxStream<'static, ()> {
+        let store = self.store.clone();
+        let wake = self.wake.clone();
+        let mut ticker = tokio::time::interval(self.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // `None`: not checked yet, so the first check reports (a change since the last load is
+        // not missed); an error reports too, so the failing load shows in readiness.
+        let state = (store, wake, ticker, None::<Vec<(String, i64)>>);
+        stream::unfold(state, |(store, wake, mut ticker, mut seen)| async move {
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = wake.notified() => {}
+                }
+                match store.config_versions().await {
+                    Ok(versions) if seen.as_ref() == Some(&versions) => continue,
+                    Ok(versions) => seen = Some(versions),
+                    Err(_) => seen = None,
+                }
+                return Some(((), (store, wake, ticker, seen)));
+            }
+        })
+        .boxed()
+    }
+}
