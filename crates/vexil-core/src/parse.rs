@@ -125,16 +125,21 @@ pub struct Parsed {
 
 /// Parses a flag document from text.
 pub fn parse_str(text: &str, format: Format, strictness: Strictness) -> Result<Parsed, ParseError> {
-    let document = match format {
+    parse_value(&read_document(text, format)?, strictness)
+}
+
+/// Reads a document's text as JSON (YAML is read into the same JSON model), without checking it
+/// as a flag document.
+pub fn read_document(text: &str, format: Format) -> Result<Value, ParseError> {
+    match format {
         Format::Json => {
-            serde_json::from_str::<Value>(text).map_err(|e| single_error(None, "", format!("not valid JSON: {e}")))?
+            serde_json::from_str::<Value>(text).map_err(|e| single_error(None, "", format!("not valid JSON: {e}")))
         }
         Format::Yaml => {
             check_yaml_flow_depth(text)?;
-            serde_yaml::from_str::<Value>(text).map_err(|e| single_error(None, "", format!("not valid YAML: {e}")))?
+            serde_yaml::from_str::<Value>(text).map_err(|e| single_error(None, "", format!("not valid YAML: {e}")))
         }
-    };
-    parse_value(&document, strictness)
+    }
 }
 
 /// How deeply `[` and `{` may nest in a YAML document. The YAML parser takes time quadratic in the

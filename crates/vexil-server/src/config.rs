@@ -1,4 +1,5 @@
-//! Command line and environment: flagd's `start` options, under `vexil serve` (alias `start`).
+//! Command line and environment: flagd's `start` options, under `vexil serve` (alias `start`), and
+//! the managed store's commands (`migrate`, `import`, `export`, `keys`).
 //!
 //! Every option reads `VEXIL_<NAME>`; where flagd has the option, `FLAGD_<NAME>` is read too (the
 //! `VEXIL_` name wins), so a flagd deployment's environment keeps working.
@@ -22,12 +23,84 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the server (flagd's `start` options work unchanged).
+    /// Run the server: the managed store (an embedded SQLite file unless --database-url says
+    /// otherwise) and any file sources. `vexil start` is flagd's command: the same options, with
+    /// no store unless --database-url is given.
     #[command(alias = "start")]
     Serve(Box<ServeArgs>),
     /// Check flag definition files (JSON or YAML) against the flagd schema and the targeting
     /// compiler; exits non-zero on any problem.
     Validate(ValidateArgs),
+    /// Bring the store's database schema up to date (`serve` does this at start too).
+    Migrate(DatabaseArgs),
+    /// Replace a managed flag set's flags, segments and metadata with a flagd document's (JSON or
+    /// YAML), creating the environment and flag set when missing, in one config version.
+    Import(ImportArgs),
+    /// Print a managed flag set as a flagd JSON document (what `import` takes back).
+    Export(ExportArgs),
+    /// Manage API keys.
+    Keys(KeysArgs),
+}
+
+/// The store's database.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// `postgres://user:password@host/db` or `sqlite:<file>`.
+    #[arg(long, env = "VEXIL_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+}
+
+/// The embedded database `vexil serve` uses when given none.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite:vexil.db";
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The flagd document (`-` for standard input).
+    pub file: String,
+    /// The environment (created when missing).
+    #[arg(long, short = 'e')]
+    pub environment: String,
+    /// The flag set (created when missing).
+    #[arg(long)]
+    pub flag_set: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// The environment.
+    #[arg(long, short = 'e')]
+    pub environment: String,
+    /// The flag set.
+    #[arg(long)]
+    pub flag_set: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key and print it (it is shown this once; only its hash is stored).
+    Create {
+        /// The environment the key is scoped to (an admin key without one is global).
+        #[arg(long, short = 'e')]
+        environment: Option<String>,
+        /// admin, evaluate or track.
+        #[arg(long)]
+        role: String,
+        /// A name for people (default: the role and environment).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -141,6 +214,20 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "VEXIL_LOG_JSON")]
     pub log_json: bool,
+    /// The managed store's database: `postgres://…` or `sqlite:<file>`; `none`: no store.
+    /// Default: `sqlite:vexil.db` for `serve`, none for flagd's `start`.
+    #[arg(long, env = "VEXIL_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The environment whose flag sets requests without a selector see (beside the file
+    /// sources); every environment's flag sets are served under `flagSetId=<environment>/<set>`.
+    #[arg(long, env = "VEXIL_DEFAULT_ENVIRONMENT", default_value = "default")]
+    pub default_environment: String,
+    /// How often the store is checked for changes made by other processes, in milliseconds.
+    #[arg(long, env = "VEXIL_STORE_POLL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
+    pub store_poll_interval_ms: u64,
+    /// Set when the command was flagd's `start`: no store unless --database-url names one.
+    #[arg(skip)]
+    pub flagd_start: bool,
 }
 
 /// The longest duration flagd accepts (Go's `time.Duration`, int64 nanoseconds): about 292 years.
@@ -210,12 +297,17 @@ impl Cli {
             return Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         };
         let extra = flagd_fallbacks(sub, &env);
-        if extra.is_empty() {
-            return Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let mut cli = if extra.is_empty() {
+            Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        } else {
+            let mut args = args.clone();
+            args.extend(extra.into_iter().map(Into::into));
+            Cli::try_parse_from(args).unwrap_or_else(|e| e.exit())
+        };
+        if let Command::Serve(serve) = &mut cli.command {
+            serve.flagd_start = args.get(1).is_some_and(|a| a == "start");
         }
-        let mut args = args;
-        args.extend(extra.into_iter().map(Into::into));
-        Cli::try_parse_from(args).unwrap_or_else(|e| e.exit())
+        cli
     }
 }
 
@@ -251,6 +343,16 @@ pub(crate) fn flagd_fallbacks(sub: &ArgMatches, env: &impl Fn(&str) -> Option<St
 }
 
 impl ServeArgs {
+    /// The store's database URL, if the server runs one.
+    pub fn store_url(&self) -> Option<String> {
+        match self.database_url.as_deref() {
+            Some("none") => None,
+            Some(url) => Some(url.to_owned()),
+            None if self.flagd_start => None,
+            None => Some(DEFAULT_DATABASE_URL.to_owned()),
+        }
+    }
+
     /// The sources and static context, or every problem with the options that give them (all at
     /// once, not the first only).
     pub fn check(&self) -> Result<(Vec<SourceSpec>, StaticContext), Vec<String>> {
@@ -349,7 +451,7 @@ mod tests {
         let cli = Cli::parse_from_with_env(args.iter().copied(), |k| env.get(k).cloned());
         match cli.command {
             Command::Serve(s) => *s,
-            Command::Validate(_) => panic!("not serve"),
+            _ => panic!("not serve"),
         }
     }
 
@@ -453,5 +555,22 @@ mod tests {
             "{problems:?}"
         );
         assert!(Cli::try_parse_from(["vexil", "serve", "--fractional", "v9"]).is_err());
+    }
+
+    #[test]
+    fn serve_runs_the_embedded_store_and_flagd_start_none_unless_named() {
+        assert_eq!(
+            serve(&["vexil", "serve"], &[]).store_url().as_deref(),
+            Some(DEFAULT_DATABASE_URL)
+        );
+        assert_eq!(serve(&["vexil", "start", "-f", "a.json"], &[]).store_url(), None);
+        let named = serve(&["vexil", "start", "--database-url", "postgres://h/db"], &[]);
+        assert_eq!(named.store_url().as_deref(), Some("postgres://h/db"));
+        let from_env = serve(&["vexil", "serve"], &[]);
+        assert_eq!(from_env.default_environment, "default");
+        assert_eq!(
+            serve(&["vexil", "serve", "--database-url", "none"], &[]).store_url(),
+            None
+        );
     }
 }

@@ -24,6 +24,7 @@ pub mod metrics;
 mod ofrep;
 mod selector;
 mod serve;
+pub mod store_cli;
 mod streams;
 pub mod validate;
 
@@ -32,13 +33,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
+use std::sync::Arc;
 use tokio::sync::watch;
 use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::flagd::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
 use vexil_proto::schema::v1 as schema_v1;
-use vexil_service::{Live, LiveConfig};
+
+use vexil_service::{Live, LiveConfig, StoreSource};
 
 use crate::app::{App, AppConfig};
 use crate::config::ServeArgs;
@@ -54,7 +57,20 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
         stale_after: (!args.stale_after.is_zero()).then_some(args.stale_after),
     };
-    let live = Live::open(&live_config).await;
+    let mut sources = live_config.open_sources();
+    if let Some(url) = args.store_url() {
+        let store = vexil_store::SqlStore::open(&url)
+            .await
+            .with_context(|| format!("cannot open the store at {}", vexil_store::redact(&url)))?;
+        tracing::info!(database = %store.database(), environment = %args.default_environment, "managed store open");
+        let poll = Duration::from_millis(args.store_poll_interval_ms);
+        sources.push(Arc::new(StoreSource::new(
+            Arc::new(store),
+            args.default_environment.clone(),
+            poll,
+        )));
+    }
+    let live = Live::compose(sources, live_config.options()).await;
     let watcher = live.watch();
     let prometheus = metrics::install().context("installing the metrics recorder")?;
     let upkeep = metrics::spawn_upkeep(prometheus.clone());

@@ -3,6 +3,7 @@
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 use vexil_server::config::{Cli, Command};
+use vexil_server::store_cli;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_with_flagd_env();
@@ -11,6 +12,10 @@ fn main() -> anyhow::Result<()> {
             let failed = vexil_server::validate::run(&args.files, &mut std::io::stdout())?;
             std::process::exit(i32::from(failed > 0));
         }
+        Command::Migrate(args) => run(store_cli::migrate(&args, &mut std::io::stdout())),
+        Command::Import(args) => run(store_cli::import(&args, &mut std::io::stdout())),
+        Command::Export(args) => run(store_cli::export(&args, &mut std::io::stdout())),
+        Command::Keys(args) => run(store_cli::keys(&args.command, &mut std::io::stdout())),
         Command::Serve(args) => {
             init_logging(args.log_json);
             let runtime = tokio::runtime::Runtime::new()?;
@@ -25,6 +30,14 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// Runs one of the store's commands on a runtime of its own.
+fn run(command: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(command)
 }
 
 fn init_logging(json: bool) {

@@ -1,10 +1,9 @@
-//! `vexil validate`: checks flag files strictly (every schema violation is an error) and compiles
-//! their targeting, printing every problem with the flag and JSON pointer.
+//! `vexil validate`: checks flag files strictly (every schema violation is an error, and so is a
+//! rule that does not compile), printing every problem with the flag and JSON pointer: the same
+//! check the managed store runs before it stores a flag set.
 
-use std::sync::Arc;
-
-use vexil_core::parse::{self, Format, Strictness};
-use vexil_core::{Engine, FractionalMode, Snapshot, SourceConfig};
+use vexil_core::parse::{self, Format};
+use vexil_core::{Engine, FractionalMode};
 
 /// Checks `files`; returns the number of files with problems. Writes a report to `out`.
 pub fn run(files: &[String], out: &mut impl std::io::Write) -> std::io::Result<usize> {
@@ -28,23 +27,9 @@ fn check(path: &str) -> Vec<String> {
         Ok(t) => t,
         Err(e) => return vec![format!("error: cannot read: {e}")],
     };
-    let parsed = match parse::parse_str(&text, Format::from_path(path), Strictness::Strict) {
-        Ok(p) => p,
-        Err(e) => return e.diagnostics.iter().map(ToString::to_string).collect(),
-    };
-    let mut problems: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
-    let engine = Arc::new(Engine::new(FractionalMode::default()));
-    let (_, warnings) = Snapshot::build(
-        engine,
-        vec![SourceConfig {
-            name: path.to_owned(),
-            config: parsed.config,
-        }],
-    );
-    problems.extend(
-        warnings
-            .iter()
-            .map(|w| format!("error: {}", w.to_string().trim_start_matches("warning: "))),
-    );
-    problems
+    let engine = Engine::new(FractionalMode::default());
+    match parse::read_document(&text, Format::from_path(path)).and_then(|doc| parse::check_value(&doc, &engine)) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.diagnostics.iter().map(ToString::to_string).collect(),
+    }
 }

@@ -24,7 +24,7 @@ use serde_json::Value;
 
 pub use error::{Problem, StoreError};
 pub use model::*;
-pub use sql::{Backend, SqlStore};
+pub use sql::{Backend, SqlStore, redact};
 
 /// The result of a store operation.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
