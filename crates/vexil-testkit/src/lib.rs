@@ -26,6 +26,8 @@
 //!
 //! # Environment
 //!
+//! - `TMPDIR`: where the directories go (the system's temporary directory). On a RAM disk such as
+//!   `/dev/shm`, `CREATE DATABASE` is several times faster than on a slow disk.
 //! - `VEXIL_TEST_DATABASE_URL` ([`DATABASE_URL_ENV`]): an existing PostgreSQL server for
 //!   [`postgres()`] to use instead of starting one, e.g. `postgres://user:password@host:5432/postgres`;
 //!   its user must be allowed to `CREATE DATABASE`. Test databases are created on it and dropped

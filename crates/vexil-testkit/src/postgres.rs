@@ -47,7 +47,9 @@ const MISSING: &str = "PostgreSQL server binaries (initdb, postgres) not found: 
 pub fn postgres() -> &'static PostgresServer {
     static SERVER: OnceLock<Result<PostgresServer>> = OnceLock::new();
     let server = SERVER.get_or_init(|| match env::var(DATABASE_URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => Ok(PostgresServer { kind: Kind::External { url } }),
+        Ok(url) if !url.trim().is_empty() => Ok(PostgresServer {
+            kind: Kind::External { url },
+        }),
         _ => PostgresServer::launch(false),
     });
     server.as_ref().unwrap_or_else(|message| panic!("{message}"))
@@ -63,7 +65,10 @@ enum Kind {
     /// The server of [`DATABASE_URL_ENV`]: not ours to stop.
     External { url: String },
     /// A server we started; `dedicated` ones may be stopped and started.
-    Throwaway { server: ServerProcess<Postgres>, dedicated: bool },
+    Throwaway {
+        server: Box<ServerProcess<Postgres>>,
+        dedicated: bool,
+    },
 }
 
 impl PostgresServer {
@@ -92,9 +97,16 @@ impl PostgresServer {
         }
         let data = dir.join("data");
         init_data_dir(&binaries.initdb, &data, &dir, run_as, &watchdog)?;
-        let spec = Postgres { binary: binaries.postgres, data, socket_dir: dir.clone(), run_as };
-        let server = ServerProcess::launch(spec, dir, watchdog)?;
-        Ok(Self { kind: Kind::Throwaway { server, dedicated } })
+        let spec = Postgres {
+            binary: binaries.postgres,
+            data,
+            socket_dir: dir.clone(),
+            run_as,
+        };
+        let server = Box::new(ServerProcess::launch(spec, dir, watchdog)?);
+        Ok(Self {
+            kind: Kind::Throwaway { server, dedicated },
+        })
     }
 
     /// The URL of database `db` on this server, for sqlx: `postgres://vexil@127.0.0.1:PORT/db` for a
@@ -132,11 +144,18 @@ impl PostgresServer {
     pub async fn database(&self) -> TestDatabase {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let admin_url = self.admin_url();
-        let mut conn = PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|err| panic!("cannot connect to the test PostgreSQL server at {}: {err}", redact(&admin_url)));
+        let mut conn = PgConnection::connect(&admin_url).await.unwrap_or_else(|err| {
+            panic!(
+                "cannot connect to the test PostgreSQL server at {}: {err}",
+                redact(&admin_url)
+            )
+        });
         let name = loop {
-            let name = format!("vexil_test_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+            let name = format!(
+                "vexil_test_{}_{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            );
             let create = format!("CREATE DATABASE {}", quote_ident(&name));
             match sqlx::raw_sql(AssertSqlSafe(create)).execute(&mut conn).await {
                 Ok(_) => break name,
@@ -147,7 +166,11 @@ impl PostgresServer {
         };
         // The database exists either way; a failed goodbye changes nothing.
         let _ = conn.close().await;
-        TestDatabase { url: self.url(&name), name, admin_url }
+        TestDatabase {
+            url: self.url(&name),
+            name,
+            admin_url,
+        }
     }
 
     /// The URL to connect to for creating and dropping databases.
@@ -165,7 +188,9 @@ impl PostgresServer {
     ///
     /// On the shared server from [`postgres()`], and if the server does not stop.
     pub fn stop(&self) {
-        self.dedicated("stop").stop().unwrap_or_else(|message| panic!("{message}"));
+        self.dedicated("stop")
+            .stop()
+            .unwrap_or_else(|message| panic!("{message}"));
     }
 
     /// Starts a stopped dedicated server again, on the same port and data, and returns once it
@@ -176,12 +201,17 @@ impl PostgresServer {
     /// On the shared server from [`postgres()`], and if the server does not start (e.g. when
     /// another process took its port meanwhile).
     pub fn start(&self) {
-        self.dedicated("start").start().unwrap_or_else(|message| panic!("{message}"));
+        self.dedicated("start")
+            .start()
+            .unwrap_or_else(|message| panic!("{message}"));
     }
 
     fn dedicated(&self, what: &str) -> &ServerProcess<Postgres> {
         match &self.kind {
-            Kind::Throwaway { server, dedicated: true } => server,
+            Kind::Throwaway {
+                server,
+                dedicated: true,
+            } => server,
             Kind::Throwaway { dedicated: false, .. } | Kind::External { .. } => panic!(
                 "PostgresServer::{what}() needs a server of the test's own, from PostgresServer::start_dedicated(): \
                  the shared server of postgres() serves the other tests too"
@@ -224,7 +254,10 @@ impl TestDatabase {
 
 impl fmt::Debug for TestDatabase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TestDatabase").field("url", &redact(&self.url)).field("name", &self.name).finish()
+        f.debug_struct("TestDatabase")
+            .field("url", &redact(&self.url))
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -235,19 +268,21 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         let admin_url = self.admin_url.clone();
         let drop_database = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&self.name));
-        let dropper = thread::Builder::new().name("vexil-testkit-dropdb".to_owned()).spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async {
-                let drop = async {
-                    let mut conn = PgConnection::connect(&admin_url).await?;
-                    sqlx::raw_sql(AssertSqlSafe(drop_database)).execute(&mut conn).await?;
-                    conn.close().await
+        let dropper = thread::Builder::new()
+            .name("vexil-testkit-dropdb".to_owned())
+            .spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                    return;
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(30), drop).await;
+                runtime.block_on(async {
+                    let drop = async {
+                        let mut conn = PgConnection::connect(&admin_url).await?;
+                        sqlx::raw_sql(AssertSqlSafe(drop_database)).execute(&mut conn).await?;
+                        conn.close().await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(30), drop).await;
+                });
             });
-        });
         if let Ok(dropper) = dropper {
             let _ = dropper.join();
         }
@@ -268,7 +303,10 @@ impl Binaries {
         let dir = process::find_in_path(path, &NAMES)
             .or_else(|| newest_version_bin(lib_dir, &NAMES))
             .ok_or_else(|| format!("{MISSING} (searched PATH and {}/*/bin)", lib_dir.display()))?;
-        Ok(Self { initdb: dir.join("initdb"), postgres: dir.join("postgres") })
+        Ok(Self {
+            initdb: dir.join("initdb"),
+            postgres: dir.join("postgres"),
+        })
     }
 }
 
@@ -278,10 +316,17 @@ fn newest_version_bin(lib_dir: &Path, names: &[&str]) -> Option<PathBuf> {
         .ok()?
         .filter_map(|entry| {
             let entry = entry.ok()?;
-            let version: Vec<u32> =
-                entry.file_name().to_str()?.split('.').map(|part| part.parse().ok()).collect::<Option<_>>()?;
+            let version: Vec<u32> = entry
+                .file_name()
+                .to_str()?
+                .split('.')
+                .map(|part| part.parse().ok())
+                .collect::<Option<_>>()?;
             let bin = entry.path().join("bin");
-            names.iter().all(|name| process::is_executable(&bin.join(name))).then_some((version, bin))
+            names
+                .iter()
+                .all(|name| process::is_executable(&bin.join(name)))
+                .then_some((version, bin))
         })
         .max_by(|(a, _), (b, _)| a.cmp(b))
         .map(|(_, bin)| bin)
@@ -354,7 +399,14 @@ impl ServerSpec for Postgres {
             .arg(&self.socket_dir)
             .args(["-p", &port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .args(["-c", "max_connections=200"])
             .env("LC_ALL", "C");
         run_as(&mut command, self.run_as);
@@ -412,16 +464,23 @@ fn accepts_sessions(port: u16) -> bool {
 fn with_database(url: &str, db: &str) -> String {
     let (base, query) = url.split_at(url.find('?').unwrap_or(url.len()));
     let authority = base.find("://").map_or(0, |scheme_end| scheme_end + 3);
-    let path = base[authority..].find('/').map_or(base.len(), |slash| authority + slash);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |slash| authority + slash);
     format!("{}/{db}{query}", &base[..path])
 }
 
 /// `url` with the password, if any, replaced by `***`, for messages.
 fn redact(url: &str) -> String {
     let authority_start = url.find("://").map_or(0, |scheme_end| scheme_end + 3);
-    let authority_end = url[authority_start..].find(['/', '?']).map_or(url.len(), |end| authority_start + end);
+    let authority_end = url[authority_start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |end| authority_start + end);
     let authority = &url[authority_start..authority_end];
-    match authority.rfind('@').and_then(|at| Some((authority[..at].find(':')?, at))) {
+    match authority
+        .rfind('@')
+        .and_then(|at| Some((authority[..at].find(':')?, at)))
+    {
         Some((colon, at)) => format!(
             "{}{}:***{}",
             &url[..authority_start],
@@ -439,7 +498,9 @@ fn quote_ident(name: &str) -> String {
 
 /// Whether `err` is PostgreSQL's `duplicate_database` (42P04).
 fn is_duplicate_database(err: &sqlx::Error) -> bool {
-    err.as_database_error().and_then(|err| err.code()).is_some_and(|code| code == "42P04")
+    err.as_database_error()
+        .and_then(|err| err.code())
+        .is_some_and(|code| code == "42P04")
 }
 
 #[cfg(test)]
@@ -450,7 +511,10 @@ mod tests {
 
     #[test]
     fn with_database_replaces_only_the_path() {
-        assert_eq!(with_database("postgres://u:p@h:5432/postgres", "t1"), "postgres://u:p@h:5432/t1");
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres", "t1"),
+            "postgres://u:p@h:5432/t1"
+        );
         assert_eq!(with_database("postgres://u@h:5432", "t1"), "postgres://u@h:5432/t1");
         assert_eq!(
             with_database("postgres://u@h/postgres?sslmode=disable&application_name=x", "t1"),
@@ -464,7 +528,10 @@ mod tests {
 
     #[test]
     fn redact_hides_only_the_password() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db?x=1"), "postgres://u:***@h:5432/db?x=1");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db?x=1"),
+            "postgres://u:***@h:5432/db?x=1"
+        );
         assert_eq!(redact("postgres://u@h:5432/db"), "postgres://u@h:5432/db");
         assert_eq!(redact("postgres://h:5432/db"), "postgres://h:5432/db");
     }
@@ -500,7 +567,13 @@ mod tests {
         let found = Binaries::find(Some(path_dir.as_os_str()), &lib).expect("in PATH");
         assert_eq!(found.postgres, path_dir.join("postgres"));
         let found = Binaries::find(Some(only_initdb.as_os_str()), &lib).expect("in lib");
-        assert_eq!(found, Binaries { initdb: lib.join("16/bin/initdb"), postgres: lib.join("16/bin/postgres") });
+        assert_eq!(
+            found,
+            Binaries {
+                initdb: lib.join("16/bin/initdb"),
+                postgres: lib.join("16/bin/postgres")
+            }
+        );
 
         let message = Binaries::find(None, &root.join("nowhere")).expect_err("nothing installed");
         assert!(message.starts_with(MISSING), "{message}");

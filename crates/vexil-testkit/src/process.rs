@@ -60,14 +60,16 @@ pub(crate) fn create_temp_dir(kind: &str) -> Result<PathBuf> {
 pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(|err| format!("cannot bind 127.0.0.1:0 to find a free port: {err}"))?;
-    let addr = listener.local_addr().map_err(|err| format!("cannot read the free port: {err}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|err| format!("cannot read the free port: {err}"))?;
     Ok(addr.port())
 }
 
 /// Sends `signal` (a name such as `QUIT`) to `pid` with the shell's `kill`.
 pub(crate) fn send_signal(pid: u32, signal: &str) {
     // A process that is already gone is fine; anything else shows up when waiting for it.
-    let _ = Command::new("sh")
+    let _ = Command::new("/bin/sh")
         .args(["-c", r#"kill -s "$1" "$2" 2>/dev/null"#, "sh", signal, &pid.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -98,7 +100,10 @@ fn shut_down(child: &mut Child, signal: &str) -> Result<()> {
             // Best effort: the error that matters is reported below.
             let _ = child.kill();
             let _ = child.wait();
-            Err(format!("process {} did not stop within {STOP_TIMEOUT:?} of SIG{signal}; killed it", child.id()))
+            Err(format!(
+                "process {} did not stop within {STOP_TIMEOUT:?} of SIG{signal}; killed it",
+                child.id()
+            ))
         }
         Err(err) => Err(format!("cannot wait for process {}: {err}", child.id())),
     }
@@ -107,13 +112,21 @@ fn shut_down(child: &mut Child, signal: &str) -> Result<()> {
 /// PostgreSQL refuses to run as root. When `dir` (just created by us) belongs to root, we are root:
 /// returns the uid and gid of the unprivileged user to run PostgreSQL as (`postgres`, else `nobody`).
 pub(crate) fn unprivileged_user_if_root(dir: &Path) -> Result<Option<(u32, u32)>> {
-    let owner = fs::metadata(dir).map_err(|err| format!("cannot stat {}: {err}", dir.display()))?.uid();
+    let owner = fs::metadata(dir)
+        .map_err(|err| format!("cannot stat {}: {err}", dir.display()))?
+        .uid();
     if owner != 0 {
         return Ok(None);
     }
     let id = |flag: &str, user: &str| -> Option<u32> {
-        let out = Command::new("id").args([flag, user]).stderr(Stdio::null()).output().ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())?
+        let out = Command::new("id")
+            .args([flag, user])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())?
     };
     ["postgres", "nobody"]
         .into_iter()
@@ -159,7 +172,7 @@ pub(crate) struct Watchdog {
 impl Watchdog {
     /// Starts the watchdog of `dir`; `signal` is what it sends to the watched process.
     pub(crate) fn spawn(dir: &Path, signal: &str) -> Result<Self> {
-        let mut process = Command::new("sh")
+        let mut process = Command::new("/bin/sh")
             .arg("-c")
             .arg(WATCHDOG_SCRIPT)
             .arg("sh")
@@ -173,7 +186,10 @@ impl Watchdog {
             .spawn()
             .map_err(|err| format!("cannot start the cleanup watchdog (`sh`): {err}"))?;
         let stdin = process.stdin.take();
-        Ok(Self { stdin: Mutex::new(stdin), process: Mutex::new(process) })
+        Ok(Self {
+            stdin: Mutex::new(stdin),
+            process: Mutex::new(process),
+        })
     }
 
     /// Tells the watchdog which process to stop (`None`: none) if the test process dies.
@@ -242,13 +258,23 @@ impl<S: ServerSpec> ServerProcess<S> {
             let port = free_port()?;
             match run(&spec, &dir, &log, port, &watchdog) {
                 Ok(child) => {
-                    return Ok(Self { spec, dir, log, port, child: Mutex::new(Some(child)), watchdog });
+                    return Ok(Self {
+                        spec,
+                        dir,
+                        log,
+                        port,
+                        child: Mutex::new(Some(child)),
+                        watchdog,
+                    });
                 }
                 Err(StartError::PortInUse(message)) => last = message,
                 Err(StartError::Failed(message)) => return Err(message),
             }
         }
-        Err(format!("{} could not get a free port in {PORT_ATTEMPTS} attempts; last: {last}", S::NAME))
+        Err(format!(
+            "{} could not get a free port in {PORT_ATTEMPTS} attempts; last: {last}",
+            S::NAME
+        ))
     }
 
     pub(crate) fn port(&self) -> u16 {
@@ -302,11 +328,26 @@ impl<S: ServerSpec> Drop for ServerProcess<S> {
 }
 
 /// Starts the server on `port` and waits until it accepts connections.
-fn run<S: ServerSpec>(spec: &S, dir: &Path, log: &Path, port: u16, watchdog: &Watchdog) -> std::result::Result<Child, StartError> {
+fn run<S: ServerSpec>(
+    spec: &S,
+    dir: &Path,
+    log: &Path,
+    port: u16,
+    watchdog: &Watchdog,
+) -> std::result::Result<Child, StartError> {
     let failed = |what: &str, err: io::Error| StartError::Failed(format!("{}: {what}: {err}", S::NAME));
-    let log_file = OpenOptions::new().create(true).append(true).open(log).map_err(|err| failed("cannot open its log", err))?;
-    let log_start = log_file.metadata().map_err(|err| failed("cannot stat its log", err))?.len();
-    let stderr = log_file.try_clone().map_err(|err| failed("cannot duplicate its log's descriptor", err))?;
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|err| failed("cannot open its log", err))?;
+    let log_start = log_file
+        .metadata()
+        .map_err(|err| failed("cannot stat its log", err))?
+        .len();
+    let stderr = log_file
+        .try_clone()
+        .map_err(|err| failed("cannot duplicate its log's descriptor", err))?;
     let mut child = spec
         .command(port)
         .current_dir(dir)
@@ -325,7 +366,10 @@ fn run<S: ServerSpec>(spec: &S, dir: &Path, log: &Path, port: u16, watchdog: &Wa
             Ok(Some(status)) => {
                 watchdog.watch(None);
                 let output = read_log(log, log_start);
-                let message = format!("{} exited ({status}) before accepting connections on port {port}; its log:\n{output}", S::NAME);
+                let message = format!(
+                    "{} exited ({status}) before accepting connections on port {port}; its log:\n{output}",
+                    S::NAME
+                );
                 return Err(if output.contains("Address already in use") {
                     StartError::PortInUse(message)
                 } else {

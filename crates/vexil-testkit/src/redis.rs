@@ -29,7 +29,9 @@ const MISSING: &str = "Redis server binary (redis-server) not found: install the
 /// If the server cannot be started, e.g. when Redis is not installed.
 pub fn redis() -> RedisServer {
     match env::var(REDIS_URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => RedisServer { kind: Kind::External { url } },
+        Ok(url) if !url.trim().is_empty() => RedisServer {
+            kind: Kind::External { url },
+        },
         _ => RedisServer::launch().unwrap_or_else(|message| panic!("{message}")),
     }
 }
@@ -41,8 +43,13 @@ pub struct RedisServer {
 
 enum Kind {
     /// The server of [`REDIS_URL_ENV`].
-    External { url: String },
-    Throwaway { server: ServerProcess<Redis>, url: String },
+    External {
+        url: String,
+    },
+    Throwaway {
+        server: ServerProcess<Redis>,
+        url: String,
+    },
 }
 
 impl RedisServer {
@@ -54,9 +61,18 @@ impl RedisServer {
         let watchdog = Watchdog::spawn(&dir, Redis::KILL_SIGNAL).inspect_err(|_| {
             let _ = std::fs::remove_dir(&dir);
         })?;
-        let server = ServerProcess::launch(Redis { binary, dir: dir.clone() }, dir, watchdog)?;
+        let server = ServerProcess::launch(
+            Redis {
+                binary,
+                dir: dir.clone(),
+            },
+            dir,
+            watchdog,
+        )?;
         let url = format!("redis://127.0.0.1:{}", server.port());
-        Ok(Self { kind: Kind::Throwaway { server, url } })
+        Ok(Self {
+            kind: Kind::Throwaway { server, url },
+        })
     }
 
     /// The server's URL: `redis://127.0.0.1:PORT` for a throwaway server.
@@ -88,7 +104,9 @@ impl RedisServer {
     ///
     /// With [`REDIS_URL_ENV`] set (that server is not ours to stop), and if the server does not stop.
     pub fn stop(&self) {
-        self.throwaway("stop").stop().unwrap_or_else(|message| panic!("{message}"));
+        self.throwaway("stop")
+            .stop()
+            .unwrap_or_else(|message| panic!("{message}"));
     }
 
     /// Starts a stopped server again, on the same port (empty: nothing is persisted), and returns
@@ -99,7 +117,9 @@ impl RedisServer {
     /// With [`REDIS_URL_ENV`] set, and if the server does not start (e.g. when another process took
     /// its port meanwhile).
     pub fn start(&self) {
-        self.throwaway("start").start().unwrap_or_else(|message| panic!("{message}"));
+        self.throwaway("start")
+            .start()
+            .unwrap_or_else(|message| panic!("{message}"));
     }
 
     fn throwaway(&self, what: &str) -> &ServerProcess<Redis> {
@@ -162,13 +182,18 @@ impl ServerSpec for Redis {
             let mut header = String::new();
             reader.read_line(&mut header)?;
             // A bulk string, `$<len>`; while loading, an error such as `-LOADING`.
-            let Some(len) = header.strip_prefix('$').and_then(|len| len.trim().parse::<usize>().ok()) else {
+            let Some(len) = header
+                .strip_prefix('$')
+                .and_then(|len| len.trim().parse::<usize>().ok())
+            else {
                 return Ok(false);
             };
             let mut info = vec![0; len];
             reader.read_exact(&mut info)?;
             let expected = format!("process_id:{pid}");
-            Ok(String::from_utf8_lossy(&info).lines().any(|line| line.trim() == expected))
+            Ok(String::from_utf8_lossy(&info)
+                .lines()
+                .any(|line| line.trim() == expected))
         };
         probe().unwrap_or(false)
     }

@@ -4,7 +4,7 @@ use std::env;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,9 @@ use sqlx::{Connection, PgConnection, SqliteConnection};
 use vexil_testkit::{DATABASE_URL_ENV, PostgresServer, REDIS_URL_ENV, postgres, redis, sqlite};
 
 async fn connect(url: &str) -> PgConnection {
-    PgConnection::connect(url).await.unwrap_or_else(|err| panic!("connect to {url}: {err}"))
+    PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
 }
 
 async fn select_one(conn: &mut PgConnection) -> i32 {
@@ -27,7 +29,11 @@ fn postgres_is_one_server_for_the_process() {
         .map(|handle| handle.join().expect("thread calling postgres()"))
         .collect();
     assert!(std::ptr::eq(first, postgres()));
-    assert!(from_threads.iter().all(|&server| server == first as *const PostgresServer as usize));
+    assert!(
+        from_threads
+            .iter()
+            .all(|&server| server == first as *const PostgresServer as usize)
+    );
 }
 
 #[tokio::test]
@@ -39,11 +45,20 @@ async fn databases_are_distinct_and_usable() {
     for db in [&a, &b] {
         let mut conn = connect(db.url()).await;
         assert_eq!(select_one(&mut conn).await, 1);
-        let current: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&mut conn).await.expect("name");
+        let current: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&mut conn)
+            .await
+            .expect("name");
         assert_eq!(current, db.name());
         // The same table in both: each database is empty when handed out.
-        sqlx::query("CREATE TABLE flags (key text PRIMARY KEY)").execute(&mut conn).await.expect("CREATE TABLE");
-        sqlx::query("INSERT INTO flags VALUES ('a')").execute(&mut conn).await.expect("INSERT");
+        sqlx::query("CREATE TABLE flags (key text PRIMARY KEY)")
+            .execute(&mut conn)
+            .await
+            .expect("CREATE TABLE");
+        sqlx::query("INSERT INTO flags VALUES ('a')")
+            .execute(&mut conn)
+            .await
+            .expect("INSERT");
         conn.close().await.expect("close");
     }
 }
@@ -72,7 +87,10 @@ fn postgres_serves_several_runtimes_at_once() {
     let threads: Vec<_> = (0..4)
         .map(|_| {
             thread::spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 runtime.block_on(async {
                     let db = postgres().database().await;
                     let mut conn = connect(db.url()).await;
@@ -100,19 +118,33 @@ async fn dedicated_server_stops_and_starts_on_the_same_url() {
     assert_ne!(Some(port), postgres().port(), "not the shared server");
     let db = server.database().await;
     let mut conn = connect(db.url()).await;
-    sqlx::query("CREATE TABLE kept (n int)").execute(&mut conn).await.expect("CREATE TABLE");
-    sqlx::query("INSERT INTO kept VALUES (7)").execute(&mut conn).await.expect("INSERT");
+    sqlx::query("CREATE TABLE kept (n int)")
+        .execute(&mut conn)
+        .await
+        .expect("CREATE TABLE");
+    sqlx::query("INSERT INTO kept VALUES (7)")
+        .execute(&mut conn)
+        .await
+        .expect("INSERT");
 
     server.stop();
-    assert!(select_one_fails(&mut conn).await, "the open session ends with the server");
-    let err = PgConnection::connect(db.url()).await.expect_err("no server while stopped");
+    assert!(
+        select_one_fails(&mut conn).await,
+        "the open session ends with the server"
+    );
+    let err = PgConnection::connect(db.url())
+        .await
+        .expect_err("no server while stopped");
     assert!(!port_accepts(port), "nothing listens on {port} while stopped: {err}");
     server.stop(); // a second stop does nothing
 
     server.start();
     server.start(); // a second start does nothing
     let mut conn = connect(db.url()).await;
-    let kept: i32 = sqlx::query_scalar("SELECT n FROM kept").fetch_one(&mut conn).await.expect("data kept");
+    let kept: i32 = sqlx::query_scalar("SELECT n FROM kept")
+        .fetch_one(&mut conn)
+        .await
+        .expect("data kept");
     assert_eq!(kept, 7);
     conn.close().await.expect("close");
 
@@ -141,13 +173,22 @@ fn redis_command(port: u16, args: &[&str]) -> std::io::Result<String> {
 }
 
 fn redis_port(url: &str) -> u16 {
-    url.rsplit(':').next().and_then(|port| port.parse().ok()).unwrap_or_else(|| panic!("no port in {url}"))
+    url.rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url}"))
 }
 
 #[test]
 fn redis_answers_and_restarts_on_the_same_port() {
-    if env::var_os(REDIS_URL_ENV).is_some() {
-        // stop() and start() panic on an external server by design; covered below.
+    if let Ok(url) = env::var(REDIS_URL_ENV) {
+        // That server is used as is, and not ours to stop.
+        let server = redis();
+        assert_eq!(server.url(), url);
+        assert_eq!(redis_command(redis_port(&url), &["PING"]).expect("PING"), "+PONG");
+        let stop = std::panic::catch_unwind(|| server.stop()).expect_err("stop() panics");
+        let message = stop.downcast_ref::<String>().expect("a formatted message");
+        assert!(message.contains(REDIS_URL_ENV), "{message}");
         return;
     }
     let server = redis();
@@ -161,11 +202,18 @@ fn redis_answers_and_restarts_on_the_same_port() {
 
     server.stop();
     assert!(redis_command(port, &["PING"]).is_err(), "nothing answers while stopped");
-    assert_eq!(redis_command(redis_port(other.url()), &["PING"]).expect("the other one runs"), "+PONG");
+    assert_eq!(
+        redis_command(redis_port(other.url()), &["PING"]).expect("the other one runs"),
+        "+PONG"
+    );
 
     server.start();
     assert_eq!(redis_command(port, &["PING"]).expect("PING after start"), "+PONG");
-    assert_eq!(redis_command(port, &["GET", "k"]).expect("GET"), "$-1", "nothing persisted");
+    assert_eq!(
+        redis_command(port, &["GET", "k"]).expect("GET"),
+        "$-1",
+        "nothing persisted"
+    );
 
     let dir = server.dir().expect("a throwaway server has a directory").to_owned();
     drop(server);
@@ -179,7 +227,10 @@ async fn sqlite_file_is_usable_and_removed() {
     let path = db.path().to_owned();
     assert_eq!(db.url(), format!("sqlite://{}?mode=rwc", path.display()));
     let mut conn = SqliteConnection::connect(db.url()).await.expect("connect");
-    sqlx::query("CREATE TABLE flags (key text PRIMARY KEY)").execute(&mut conn).await.expect("CREATE TABLE");
+    sqlx::query("CREATE TABLE flags (key text PRIMARY KEY)")
+        .execute(&mut conn)
+        .await
+        .expect("CREATE TABLE");
     conn.close().await.expect("close");
     assert!(path.exists());
     drop(db);
@@ -201,7 +252,7 @@ fn servers_are_removed_when_the_test_process_is_killed() {
     if env::var_os(CHILD_ENV).is_some() {
         hold_servers_until_killed();
     }
-    let mut child = Command::new(env::current_exe().expect("the test binary"))
+    let child = Command::new(env::current_exe().expect("the test binary"))
         .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
         .env_remove(DATABASE_URL_ENV)
@@ -211,14 +262,16 @@ fn servers_are_removed_when_the_test_process_is_killed() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("run the test binary as a child");
-    let stdout = child.stdout.take().expect("piped stdout");
+    let mut child = KillOnDrop(child);
+    let stdout = child.0.stdout.take().expect("piped stdout");
     let mut servers: Vec<(String, u16, PathBuf)> = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("read the child's output");
+        // The harness's `test NAME ... ` may start the line.
         if line == "READY" {
             break;
         }
-        if let Some(server) = line.strip_prefix("SERVER ") {
+        if let Some((_, server)) = line.split_once("SERVER ") {
             let mut fields = server.splitn(3, ' ');
             let (Some(kind), Some(port), Some(dir)) = (fields.next(), fields.next(), fields.next()) else {
                 panic!("bad line {line:?}");
@@ -226,14 +279,18 @@ fn servers_are_removed_when_the_test_process_is_killed() {
             servers.push((kind.to_owned(), port.parse().expect("a port"), PathBuf::from(dir)));
         }
     }
-    assert_eq!(servers.len(), 3, "the child did not start its servers (status {:?})", child.try_wait());
+    assert_eq!(
+        servers.len(),
+        3,
+        "the child did not start its servers (status {:?})",
+        child.0.try_wait()
+    );
     for (kind, port, dir) in &servers {
         assert!(port_accepts(*port), "{kind} runs on {port}");
         assert!(dir.exists(), "{kind} has {}", dir.display());
     }
 
-    child.kill().expect("SIGKILL the child");
-    child.wait().expect("reap the child");
+    drop(child); // SIGKILL
 
     let deadline = Instant::now() + Duration::from_secs(30);
     for (kind, port, dir) in &servers {
@@ -247,6 +304,17 @@ fn servers_are_removed_when_the_test_process_is_killed() {
             );
             thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Kills (SIGKILL) and reaps the child when dropped, also when the test fails first.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Best effort: the child may have exited already.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
