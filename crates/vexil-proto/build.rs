@@ -1,5 +1,6 @@
-//! Compiles `proto/` with protox (pure Rust, no protoc) into prost + tonic code and pbjson serde
-//! impls (proto3 JSON, for flagd's Connect JSON protocol). `google.protobuf.Struct` is our
+//! Compiles `proto/` with protox (pure Rust, no protoc) into prost + tonic code, and pbjson serde
+//! impls (proto3 JSON) for flagd's protocols, whose Connect JSON codec uses them; Vexil's own
+//! `vexil.v1` is transcoded from its descriptors at run time and needs none. `google.protobuf.Struct` is our
 //! `JsonStruct` (the most specific extern path wins); other well-known types are pbjson-types'.
 
 use std::path::PathBuf;
@@ -11,6 +12,9 @@ const PROTOS: &[&str] = &[
     "flagd/evaluation/v2/evaluation.proto",
     "flagd/sync/v1/sync.proto",
     "schema/v1/schema.proto",
+    "vexil/v1/admin.proto",
+    "vexil/v1/evaluation.proto",
+    "vexil/v1/config.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

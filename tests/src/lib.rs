@@ -84,6 +84,7 @@ pub struct Server {
     pub ports: Ports,
     cwd: Option<PathBuf>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 fn owned(args: &[&str]) -> Vec<String> {
@@ -113,6 +114,7 @@ impl Server {
             ports: free_ports(),
             cwd: Some(dir.to_owned()),
             args: owned(args),
+            env: Vec::new(),
         };
         server.launch();
         server.wait_until(|s| s.http_status("/readyz") == Some(200), "ready");
@@ -127,12 +129,27 @@ impl Server {
         self.wait_until(|s| s.http_status("/readyz") == Some(200), "ready again");
     }
 
+    /// Starts `vexil start <args>` with the environment variables `env` and waits until ready.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut server = Server {
+            child: None,
+            ports: free_ports(),
+            cwd: None,
+            args: owned(args),
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        };
+        server.launch();
+        server.wait_until(|s| s.http_status("/readyz") == Some(200), "ready");
+        server
+    }
+
     fn spawn(args: &[&str]) -> Server {
         let mut server = Server {
             child: None,
             ports: free_ports(),
             cwd: None,
             args: owned(args),
+            env: Vec::new(),
         };
         server.launch();
         server
@@ -160,6 +177,7 @@ impl Server {
                 "VEXIL_LOG",
                 std::env::var("VEXIL_LOG").unwrap_or_else(|_| "error".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

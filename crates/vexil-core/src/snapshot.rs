@@ -33,6 +33,9 @@ pub enum Selector {
     FlagSet(Option<String>),
     /// `source=<name>`, or a bare value without `=`.
     Source(String),
+    /// Every flag set of a managed environment (`flagSetId` `<environment>/…`): Vexil's own API,
+    /// not a flagd selector (nothing parses to it).
+    Environment(String),
 }
 
 /// A selector that is not `flagSetId=…`, `source=…` or a bare source name.
@@ -62,7 +65,7 @@ impl Selector {
     pub fn metadata(&self) -> crate::model::Metadata {
         let mut m = crate::model::Metadata::new();
         match self {
-            Selector::All | Selector::FlagSet(None) => {}
+            Selector::All | Selector::FlagSet(None) | Selector::Environment(_) => {}
             Selector::FlagSet(Some(id)) => {
                 m.insert("flagSetId".into(), id.clone().into());
             }
@@ -78,6 +81,12 @@ impl Selector {
             Selector::All => entry.listed,
             Selector::FlagSet(id) => entry.flag.flag().flag_set_id() == id.as_deref(),
             Selector::Source(s) => *entry.source == **s,
+            Selector::Environment(env) => entry
+                .flag
+                .flag()
+                .flag_set_id()
+                .and_then(|id| id.strip_prefix(env.as_str()))
+                .is_some_and(|rest| rest.starts_with('/')),
         }
     }
 }
@@ -88,6 +97,7 @@ impl fmt::Display for Selector {
             Selector::All => Ok(()),
             Selector::FlagSet(id) => write!(f, "flagSetId={}", id.as_deref().unwrap_or("")),
             Selector::Source(s) => write!(f, "source={s}"),
+            Selector::Environment(env) => write!(f, "environment={env}"),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Generated code: prost messages, tonic clients and servers, and pbjson (proto3 JSON) serde
-//! impls for flagd's wire protocols — `flagd.evaluation.v1`, `flagd.evaluation.v2`,
-//! `flagd.sync.v1` and the legacy `schema.v1` — compiled from `proto/` at build time. Hand-written
+//! Generated code: prost messages, tonic clients and servers for flagd's wire protocols —
+//! `flagd.evaluation.v1`, `flagd.evaluation.v2`, `flagd.sync.v1` and the legacy `schema.v1`, with
+//! pbjson (proto3 JSON) serde impls — and for Vexil's own `vexil.v1` services (with
+//! `google.api.http` annotations), compiled from `proto/` at build time. Hand-written
 //! beside it: the codec, and [`JsonStruct`], the type of every `google.protobuf.Struct` field
 //! (decoded straight into JSON).
 
@@ -43,5 +44,17 @@ pub mod schema {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/schema.v1.rs"));
         include!(concat!(env!("OUT_DIR"), "/schema.v1.serde.rs"));
+    }
+}
+
+pub mod vexil {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/vexil.v1.rs"));
+    }
+}
+
+pub mod google {
+    pub mod api {
+        include!(concat!(env!("OUT_DIR"), "/google.api.rs"));
     }
 }

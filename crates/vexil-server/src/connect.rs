@@ -31,6 +31,7 @@ use tonic::Status;
 use tower::ServiceExt;
 
 use crate::error::{self, ErrorKind};
+use crate::serve::Peer;
 
 /// Whether a request is Connect (rather than gRPC or gRPC-web), by its content type.
 pub fn is_connect(headers: &HeaderMap) -> bool {
@@ -99,8 +100,8 @@ impl Connect {
     }
 }
 
-/// Answers a Connect request.
-pub async fn handle(connect: &Connect, path: &str, headers: HeaderMap, body: Body) -> Response {
+/// Answers a Connect request. `peer` (on Vexil's own API) travels on to the gRPC request.
+pub async fn handle(connect: &Connect, path: &str, headers: HeaderMap, peer: Option<Peer>, body: Body) -> Response {
     let Some((kind, codec)) = content_type(&headers) else {
         return unary_error(&error::grpc_status(
             ErrorKind::InvalidArgument,
@@ -133,7 +134,7 @@ pub async fn handle(connect: &Connect, path: &str, headers: HeaderMap, body: Bod
     let response = match connect
         .grpc
         .clone()
-        .oneshot(grpc_request(path, &headers, &request))
+        .oneshot(grpc_request(path, &headers, peer, &request))
         .await
     {
         Ok(r) => r,
@@ -160,8 +161,11 @@ const CONNECT_ONLY: [&str; 10] = [
 ];
 
 /// The gRPC request for `message` (protobuf), with the caller's headers (selector, `-H` context).
-fn grpc_request(path: &str, headers: &HeaderMap, message: &[u8]) -> axum::extract::Request {
+fn grpc_request(path: &str, headers: &HeaderMap, peer: Option<Peer>, message: &[u8]) -> axum::extract::Request {
     let mut request = axum::extract::Request::new(Body::from(grpc_frame(message)));
+    if let Some(peer) = peer {
+        request.extensions_mut().insert(peer);
+    }
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = path.parse().unwrap_or_default();
     let forwarded = request.headers_mut();

@@ -6,16 +6,10 @@
 use http::StatusCode;
 use tonic::Code;
 use vexil_core::ErrorCode;
+use vexil_store::StoreError;
 
 /// Every kind of error a request can end in, whatever the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the managed store's admin API (issue #9) reports the request errors not yet used"
-    )
-)]
 pub enum ErrorKind {
     /// An evaluation error (flagd's error codes).
     Evaluation(ErrorCode),
@@ -25,7 +19,8 @@ pub enum ErrorKind {
     InvalidContext,
     NotFound,
     AlreadyExists,
-    FailedPrecondition,
+    /// A write's expected version is not the stored one (optimistic concurrency).
+    Aborted,
     Unauthenticated,
     PermissionDenied,
     /// A limit was reached (streams, connections, rate).
@@ -65,11 +60,7 @@ pub fn mapping(kind: ErrorKind) -> ErrorMapping {
         K::InvalidContext => row(Code::InvalidArgument, StatusCode::BAD_REQUEST, Some("INVALID_CONTEXT")),
         K::NotFound => row(Code::NotFound, StatusCode::NOT_FOUND, Some("GENERAL")),
         K::AlreadyExists => row(Code::AlreadyExists, StatusCode::CONFLICT, Some("GENERAL")),
-        K::FailedPrecondition => row(
-            Code::FailedPrecondition,
-            StatusCode::PRECONDITION_FAILED,
-            Some("GENERAL"),
-        ),
+        K::Aborted => row(Code::Aborted, StatusCode::CONFLICT, Some("GENERAL")),
         K::Unauthenticated => row(Code::Unauthenticated, StatusCode::UNAUTHORIZED, None),
         K::PermissionDenied => row(Code::PermissionDenied, StatusCode::FORBIDDEN, None),
         K::ResourceExhausted => row(Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS, None),
@@ -84,6 +75,37 @@ pub fn mapping(kind: ErrorKind) -> ErrorMapping {
 /// A tonic status (gRPC and Connect) for `kind`.
 pub fn grpc_status(kind: ErrorKind, message: impl Into<String>) -> tonic::Status {
     tonic::Status::new(mapping(kind).grpc, message)
+}
+
+/// The kind of a store error.
+pub fn store_kind(e: &StoreError) -> ErrorKind {
+    match e {
+        StoreError::NotFound(_) => ErrorKind::NotFound,
+        StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+        StoreError::Conflict { .. } => ErrorKind::Aborted,
+        StoreError::Invalid(_) => ErrorKind::InvalidArgument,
+        StoreError::Unavailable(_) => ErrorKind::Unavailable,
+        StoreError::Internal(_) => ErrorKind::Internal,
+    }
+}
+
+/// A tonic status for a store error. An invalid input's problems also travel as the status
+/// details (a JSON array of `{pointer, message}`), which the JSON routes show as `problems`.
+pub fn store_status(e: StoreError) -> tonic::Status {
+    let kind = store_kind(&e);
+    if let StoreError::Internal(detail) = &e {
+        tracing::error!("store: {detail}");
+    }
+    let details = match &e {
+        StoreError::Invalid(problems) => serde_json::to_vec(problems).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let message = e.to_string();
+    if details.is_empty() {
+        grpc_status(kind, message)
+    } else {
+        tonic::Status::with_details(mapping(kind).grpc, message, details.into())
+    }
 }
 
 /// flagd's gRPC message for an evaluation error.
@@ -157,7 +179,7 @@ mod tests {
             ErrorKind::InvalidContext,
             ErrorKind::NotFound,
             ErrorKind::AlreadyExists,
-            ErrorKind::FailedPrecondition,
+            ErrorKind::Aborted,
             ErrorKind::Unauthenticated,
             ErrorKind::PermissionDenied,
             ErrorKind::ResourceExhausted,

@@ -419,8 +419,8 @@ fn start_server() -> Server {
     let evaluation = {
         // The health service spawns a task: build the router inside the runtime.
         let _entered = runtime.enter();
-        match crate::evaluation_router(&app, MAX_BODY) {
-            Ok(r) => r,
+        match crate::grpc_routes(&app, None, MAX_BODY) {
+            Ok(routes) => crate::evaluation_router(routes.into_axum_router(), MAX_BODY),
             Err(e) => panic!("building the evaluation router: {e}"),
         }
     };

@@ -26,7 +26,9 @@ mod selector;
 mod serve;
 pub mod store_cli;
 mod streams;
+mod transcode;
 pub mod validate;
+mod vexil_api;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,18 +60,14 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         stale_after: (!args.stale_after.is_zero()).then_some(args.stale_after),
     };
     let mut sources = live_config.open_sources();
-    if let Some(url) = args.store_url() {
-        let store = vexil_store::SqlStore::open(&url)
-            .await
-            .with_context(|| format!("cannot open the store at {}", vexil_store::redact(&url)))?;
-        tracing::info!(database = %store.database(), environment = %args.default_environment, "managed store open");
-        let poll = Duration::from_millis(args.store_poll_interval_ms);
-        sources.push(Arc::new(StoreSource::new(
-            Arc::new(store),
-            args.default_environment.clone(),
-            poll,
-        )));
-    }
+    let managed = match args.store_url() {
+        Some(url) => {
+            let managed = managed(&url, &args).await?;
+            sources.push(managed.source.clone());
+            Some(Arc::new(managed))
+        }
+        None => None,
+    };
     let live = Live::compose(sources, live_config.options()).await;
     let watcher = live.watch();
     let prometheus = metrics::install().context("installing the metrics recorder")?;
@@ -87,10 +85,15 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     });
 
     let cors = cors(&args.cors_origin);
-    let evaluation = evaluation_router(&app, args.max_request_body)?.layer(cors.clone());
+    let grpc = grpc_routes(&app, managed.as_ref(), args.max_request_body)?.into_axum_router();
+    let evaluation = evaluation_router(grpc.clone(), args.max_request_body).layer(cors.clone());
     let sync = sync_router(&app, args.max_request_body);
     let management = management::router(live.clone(), prometheus).merge(health_router());
-    let ofrep = ofrep::router(app.clone()).layer(cors);
+    let mut ofrep = ofrep::router(app.clone());
+    if managed.is_some() {
+        ofrep = ofrep.merge(transcode::router(grpc, args.max_request_body));
+    }
+    let ofrep = ofrep.layer(cors);
 
     let tls = match (&args.server_cert_path, &args.server_key_path) {
         (Some(cert), Some(key)) => Some(serve::tls_acceptor(cert, key)?),
@@ -135,8 +138,31 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     Ok(())
 }
 
-/// 8013: flagd's evaluation APIs over gRPC and gRPC-web, health and reflection.
-pub(crate) fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Router> {
+/// The managed store: opened (and migrated), its source, and access to Vexil's API.
+async fn managed(url: &str, args: &ServeArgs) -> anyhow::Result<vexil_api::Managed> {
+    let store = vexil_store::SqlStore::open(url)
+        .await
+        .with_context(|| format!("cannot open the store at {}", vexil_store::redact(url)))?;
+    tracing::info!(database = %store.database(), environment = %args.default_environment, "managed store open");
+    let store: Arc<dyn vexil_store::Store> = Arc::new(store);
+    let poll = Duration::from_millis(args.store_poll_interval_ms);
+    let source = Arc::new(StoreSource::new(store.clone(), args.default_environment.clone(), poll));
+    let admin_token = std::env::var("VEXIL_ADMIN_TOKEN").ok();
+    let access = vexil_api::Access::new(store.clone(), admin_token);
+    if access.open().await.unwrap_or(false) {
+        tracing::warn!(
+            "no API key exists and VEXIL_ADMIN_TOKEN is not set: the admin API answers clients on this machine (loopback) without a key; create one with `vexil keys create --role admin`"
+        );
+    }
+    Ok(vexil_api::Managed { store, source, access })
+}
+
+/// Every gRPC service of port 8013: flagd's, Vexil's own (with a store), health and reflection.
+pub(crate) fn grpc_routes(
+    app: &App,
+    managed: Option<&Arc<vexil_api::Managed>>,
+    max_body: usize,
+) -> anyhow::Result<tonic::service::Routes> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vexil_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -160,7 +186,31 @@ pub(crate) fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Ro
     .add_service(health_service())
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
-    let tonic = routes.into_axum_router();
+    let Some(managed) = managed else {
+        return Ok(routes);
+    };
+    use vexil_proto::vexil::v1::admin_service_server::AdminServiceServer;
+    use vexil_proto::vexil::v1::config_service_server::ConfigServiceServer;
+    use vexil_proto::vexil::v1::evaluation_service_server::EvaluationServiceServer;
+    let admin = vexil_api::Admin {
+        managed: managed.clone(),
+    };
+    let evaluation = vexil_api::EvaluationApi {
+        app: app.clone(),
+        managed: managed.clone(),
+    };
+    let config = vexil_api::ConfigApi {
+        app: app.clone(),
+        managed: managed.clone(),
+    };
+    Ok(routes
+        .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max_body))
+        .add_service(EvaluationServiceServer::new(evaluation).max_decoding_message_size(max_body))
+        .add_service(ConfigServiceServer::new(config).max_decoding_message_size(max_body)))
+}
+
+/// 8013: the gRPC services over gRPC, gRPC-web and Connect.
+pub(crate) fn evaluation_router(tonic: Router, max_body: usize) -> Router {
     let connect = connect::Connect::new(tonic.clone(), max_body);
     let grpc = tonic.layer(tonic_web::GrpcWebLayer::new());
     // One port, three protocols: Connect requests are told apart by their content type and reach
@@ -170,13 +220,14 @@ pub(crate) fn evaluation_router(app: &App, max_body: usize) -> anyhow::Result<Ro
         async move {
             if connect::is_connect(request.headers()) {
                 let (parts, body) = request.into_parts();
-                Ok(connect::handle(&connect, parts.uri.path(), parts.headers, body).await)
+                let peer = parts.extensions.get::<serve::Peer>().copied();
+                Ok(connect::handle(&connect, parts.uri.path(), parts.headers, peer, body).await)
             } else {
                 grpc.oneshot(request).await
             }
         }
     });
-    Ok(Router::new().fallback_service(dispatch))
+    Router::new().fallback_service(dispatch)
 }
 
 /// 8015: flagd.sync.v1. SyncFlags is framed by hand (shared payload bytes, see `flagd::sync`);

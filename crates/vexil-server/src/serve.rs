@@ -118,7 +118,7 @@ pub async fn serve(
             let result = match tls {
                 Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
                 {
-                    Ok(Ok(tls_stream)) => connection(tls_stream, builder, router, limits, shutdown).await,
+                    Ok(Ok(tls_stream)) => connection(tls_stream, peer, builder, router, limits, shutdown).await,
                     Ok(Err(e)) => {
                         tracing::debug!(server = name, %peer, "TLS handshake failed: {e}");
                         return;
@@ -128,7 +128,7 @@ pub async fn serve(
                         return;
                     }
                 },
-                None => connection(stream, builder, router, limits, shutdown).await,
+                None => connection(stream, peer, builder, router, limits, shutdown).await,
             };
             if let Err(e) = result {
                 tracing::debug!(server = name, %peer, "connection ended: {e}");
@@ -150,6 +150,7 @@ pub async fn serve(
 /// - the server shuts down (gracefully: in-flight requests and streams finish).
 async fn connection<I>(
     io: I,
+    peer: SocketAddr,
     builder: auto::Builder<TokioExecutor>,
     router: Router,
     limits: Limits,
@@ -159,7 +160,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
-    let service = TowerToHyperService::new(tracked(router, activity.clone(), limits.body_read_timeout));
+    let service = TowerToHyperService::new(tracked(router, activity.clone(), limits.body_read_timeout, peer));
     let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
     tokio::pin!(conn);
     let connected = Instant::now();
@@ -190,20 +191,36 @@ where
     }
 }
 
+/// The client's address, on the requests of Vexil's own API (`/vexil.v1.…` on the gRPC port,
+/// `/v1/…` on the HTTP port), whose access rules depend on it. Only those carry it: attaching it to
+/// every request would cost each flagd evaluation an allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl Peer {
+    fn wanted(path: &str) -> bool {
+        path.starts_with("/vexil.") || path.starts_with("/v1/")
+    }
+}
+
 /// `router`, counting requests in flight on `activity` until their response bodies are done, with
 /// each request body due within `body_read_timeout` of its headers.
 fn tracked(
     router: Router,
     activity: Arc<Activity>,
     body_read_timeout: Duration,
+    peer: SocketAddr,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = Response<Body>,
     Error = std::convert::Infallible,
     Future = impl Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send,
 > + Clone {
-    tower::service_fn(move |request: Request<Incoming>| {
+    tower::service_fn(move |mut request: Request<Incoming>| {
         let active = activity.begin();
+        if Peer::wanted(request.uri().path()) {
+            request.extensions_mut().insert(Peer(peer));
+        }
         let due = tokio::time::Instant::now() + body_read_timeout;
         let call = router
             .clone()

@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::Notify;
 use vexil_core::parse::{self, Strictness};
-use vexil_store::Store;
+use vexil_store::{EnvironmentSnapshot, Store};
 
 use super::{LoadError, Loaded, Part, Source};
 
@@ -27,9 +27,16 @@ pub struct StoreSource {
     store: Arc<dyn Store>,
     default_environment: String,
     poll_interval: Duration,
-    /// Per environment: the config version last loaded and its documents.
-    loaded: Mutex<HashMap<String, (i64, Vec<Part>)>>,
+    /// Per environment: its documents as last loaded, as JSON and parsed.
+    loaded: Mutex<HashMap<String, Environment>>,
     wake: Arc<Notify>,
+}
+
+/// One environment as last loaded.
+#[derive(Debug, Clone)]
+struct Environment {
+    documents: Arc<EnvironmentSnapshot>,
+    parts: Vec<Part>,
 }
 
 /// The source's name, as `source=store` selects it.
@@ -52,6 +59,18 @@ impl StoreSource {
         self.wake.notify_one();
     }
 
+    /// An environment's flag sets as last loaded (what this server serves, or is about to), with
+    /// its config version; `None` if the environment was not there.
+    pub fn environment(&self, environment: &str) -> Option<Arc<EnvironmentSnapshot>> {
+        let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        loaded.get(environment).map(|e| e.documents.clone())
+    }
+
+    /// The default environment: the one requests without a selector see.
+    pub fn default_environment(&self) -> &str {
+        &self.default_environment
+    }
+
     fn failed(e: vexil_store::StoreError) -> LoadError {
         LoadError::Other(Box::new(e))
     }
@@ -68,34 +87,39 @@ impl StoreSource {
         for (environment, version) in others.into_iter().chain(default) {
             let cached = {
                 let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-                loaded.get(&environment).filter(|(v, _)| *v == version).cloned()
+                loaded
+                    .get(&environment)
+                    .filter(|e| e.documents.config_version == version)
+                    .cloned()
             };
-            let (version, env_parts) = match cached {
+            let loaded = match cached {
                 Some(hit) => hit,
                 None => self.load_environment(&environment).await?,
             };
-            parts.extend(env_parts.iter().cloned());
-            fresh.insert(environment, (version, env_parts));
+            parts.extend(loaded.parts.iter().cloned());
+            fresh.insert(environment, loaded);
         }
         *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(Loaded { parts })
     }
 
-    async fn load_environment(&self, environment: &str) -> Result<(i64, Vec<Part>), LoadError> {
+    async fn load_environment(&self, environment: &str) -> Result<Environment, LoadError> {
         let snapshot = self
             .store
             .snapshot(environment.to_owned())
             .await
             .map_err(Self::failed)?;
+        let documents = Arc::new(snapshot);
         let listed = environment == self.default_environment;
-        let documents = snapshot.flag_sets;
+        let shared = documents.clone();
         let parse = move || {
-            documents
-                .into_iter()
+            shared
+                .flag_sets
+                .iter()
                 .map(|(set, document)| {
-                    let key = format!("{environment}/{set}", environment = snapshot.environment);
+                    let key = format!("{}/{set}", shared.environment);
                     let parsed =
-                        parse::parse_value(&document, Strictness::Flagd).map_err(|source| LoadError::Invalid {
+                        parse::parse_value(document, Strictness::Flagd).map_err(|source| LoadError::Invalid {
                             path: format!("{STORE_SOURCE}:{key}"),
                             source,
                         })?;
@@ -106,7 +130,7 @@ impl StoreSource {
         let parts = tokio::task::spawn_blocking(parse)
             .await
             .map_err(|e| LoadError::Other(Box::new(e)))??;
-        Ok((snapshot.config_version, parts))
+        Ok(Environment { documents, parts })
     }
 }
 

@@ -1,0 +1,180 @@
+//! `vexil.v1.EvaluationService`: the same snapshot and rules as flagd's protocols, scoped to a
+//! managed environment (and optionally one flag set), answering with the environment's config
+//! version.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tonic::{Request, Response, Status};
+use vexil_core::{Attributes, Resolution, Selector, ValueType};
+use vexil_proto::JsonStruct;
+use vexil_proto::vexil::v1 as pb;
+use vexil_proto::vexil::v1::evaluation_service_server::EvaluationService;
+
+use super::Managed;
+use super::auth::Need;
+use super::convert;
+use crate::app::App;
+use crate::error::{ErrorKind, grpc_status};
+
+/// Most flags one EvaluateBatch may name.
+const MAX_BATCH: usize = 10_000;
+
+const PROTOCOL: &str = "vexil.v1";
+
+#[derive(Debug, Clone)]
+pub struct EvaluationApi {
+    pub app: App,
+    pub managed: Arc<Managed>,
+}
+
+impl EvaluationApi {
+    /// The environment a request evaluates in (the one asked for, else the key's, else the default
+    /// one), which the caller must be allowed to evaluate in.
+    async fn scope<T>(&self, request: &Request<T>, asked: &str) -> Result<String, Status> {
+        let environment = if asked.is_empty() {
+            match self.managed.access.key_scope(request.metadata()).await? {
+                Some(scope) => scope,
+                None => self.managed.source.default_environment().to_owned(),
+            }
+        } else {
+            asked.to_owned()
+        };
+        self.managed.check(request, Need::Evaluate(&environment)).await?;
+        Ok(environment)
+    }
+
+    fn config_version(&self, environment: &str) -> i64 {
+        self.managed
+            .source
+            .environment(environment)
+            .map_or(0, |e| e.config_version)
+    }
+}
+
+fn selector(environment: &str, flag_set: &str) -> Selector {
+    if flag_set.is_empty() {
+        Selector::Environment(environment.to_owned())
+    } else {
+        Selector::FlagSet(Some(format!("{environment}/{flag_set}")))
+    }
+}
+
+fn value_type(t: i32) -> Result<ValueType, Status> {
+    Ok(match pb::ValueType::try_from(t) {
+        Ok(pb::ValueType::Any) => ValueType::Any,
+        Ok(pb::ValueType::Boolean) => ValueType::Boolean,
+        Ok(pb::ValueType::String) => ValueType::String,
+        Ok(pb::ValueType::Integer) => ValueType::Integer,
+        Ok(pb::ValueType::Float) => ValueType::Float,
+        Ok(pb::ValueType::Object) => ValueType::Object,
+        Err(_) => {
+            return Err(grpc_status(
+                ErrorKind::InvalidArgument,
+                format!("unknown value type {t}"),
+            ));
+        }
+    })
+}
+
+fn typed(value: &Value) -> Option<pb::evaluate_response::Typed> {
+    use pb::evaluate_response::Typed;
+    Some(match value {
+        Value::Bool(b) => Typed::BoolValue(*b),
+        Value::String(s) => Typed::StringValue(s.clone()),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Typed::IntValue(i),
+            None => Typed::DoubleValue(n.as_f64()?),
+        },
+        Value::Object(m) => Typed::ObjectValue(JsonStruct::from(m.clone())),
+        Value::Null | Value::Array(_) => return None,
+    })
+}
+
+fn response(key: &str, r: &Resolution<'_>, config_version: i64) -> pb::EvaluateResponse {
+    pb::EvaluateResponse {
+        flag_key: key.to_owned(),
+        value: r.value.and_then(|v| convert::value(v.clone())),
+        typed: r.value.and_then(typed),
+        variant: r.variant.unwrap_or_default().to_owned(),
+        reason: r.reason.as_str().to_owned(),
+        error_code: r.error.as_ref().map(|e| e.code.as_str().to_owned()).unwrap_or_default(),
+        error_message: r.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+        metadata: r.metadata.map(|m| JsonStruct::from(m.clone())),
+        config_version,
+    }
+}
+
+#[tonic::async_trait]
+impl EvaluationService for EvaluationApi {
+    async fn evaluate(&self, request: Request<pb::EvaluateRequest>) -> Result<Response<pb::EvaluateResponse>, Status> {
+        let asked = request.get_ref().environment.clone();
+        let environment = self.scope(&request, &asked).await?;
+        let (metadata, _, r) = request.into_parts();
+        let ty = value_type(r.r#type)?;
+        let selector = selector(&environment, &r.flag_set);
+        let own: &dyn Attributes = match &r.context {
+            Some(c) => c,
+            None => &(),
+        };
+        let context = self
+            .app
+            .flags()
+            .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()));
+        let version = self.config_version(&environment);
+        let answer = self
+            .app
+            .flags()
+            .evaluate(PROTOCOL, &r.flag_key, &selector, &context, ty, |_, res| {
+                response(&r.flag_key, res, version)
+            });
+        Ok(Response::new(answer))
+    }
+
+    async fn evaluate_batch(
+        &self,
+        request: Request<pb::EvaluateBatchRequest>,
+    ) -> Result<Response<pb::EvaluateBatchResponse>, Status> {
+        let asked = request.get_ref().environment.clone();
+        let environment = self.scope(&request, &asked).await?;
+        let (metadata, _, r) = request.into_parts();
+        if r.flag_keys.len() > MAX_BATCH {
+            return Err(grpc_status(
+                ErrorKind::InvalidArgument,
+                format!("at most {MAX_BATCH} flag keys per batch (got {})", r.flag_keys.len()),
+            ));
+        }
+        let selector = selector(&environment, &r.flag_set);
+        let own: &dyn Attributes = match &r.context {
+            Some(c) => c,
+            None => &(),
+        };
+        let context = self
+            .app
+            .flags()
+            .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()));
+        let version = self.config_version(&environment);
+        let mut results = Vec::new();
+        if r.flag_keys.is_empty() {
+            self.app
+                .flags()
+                .evaluate_all(PROTOCOL, &selector, &context, |flag, res| {
+                    results.push(response(flag.key(), res, version));
+                });
+        } else {
+            for key in &r.flag_keys {
+                let answer = self
+                    .app
+                    .flags()
+                    .evaluate(PROTOCOL, key, &selector, &context, ValueType::Any, |_, res| {
+                        response(key, res, version)
+                    });
+                results.push(answer);
+            }
+        }
+        Ok(Response::new(pb::EvaluateBatchResponse {
+            results,
+            config_version: version,
+        }))
+    }
+}

@@ -1,0 +1,468 @@
+//! Vexil's own API (`vexil.v1`) against the built server with a managed store: administration
+//! over gRPC and Connect, evaluation of what was written (and flagd's EventStream seeing it),
+//! conflicts, validation with paths, versions, rollback, audit, and API keys (401/403).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use vexil_e2e::{Scratch, Server};
+use vexil_proto::JsonStruct;
+use vexil_proto::flagd::evaluation::v1 as flagd;
+use vexil_proto::vexil::v1 as pb;
+use vexil_proto::vexil::v1::admin_service_client::AdminServiceClient;
+use vexil_proto::vexil::v1::config_service_client::ConfigServiceClient;
+use vexil_proto::vexil::v1::evaluation_service_client::EvaluationServiceClient;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+type Admin = AdminServiceClient<tonic::transport::Channel>;
+type Evaluation = EvaluationServiceClient<tonic::transport::Channel>;
+
+fn structure(v: Value) -> Option<JsonStruct> {
+    match v {
+        Value::Object(m) => Some(JsonStruct::from(m)),
+        _ => None,
+    }
+}
+
+fn flag(default: &str) -> Value {
+    json!({"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": default})
+}
+
+fn put(environment: &str, key: &str, definition: Value) -> pb::PutFlagRequest {
+    pb::PutFlagRequest {
+        environment: environment.into(),
+        flag_set: "web".into(),
+        key: key.into(),
+        definition: structure(definition),
+        ..Default::default()
+    }
+}
+
+fn keyed<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {key}")).unwrap(),
+    );
+    request
+}
+
+fn server(dir: &Scratch, env: &[(&str, &str)]) -> Server {
+    let url = format!("sqlite:{}", dir.0.join("vexil.db").display());
+    Server::start_with_env(&["--database-url", &url, "--default-environment", "prod"], env)
+}
+
+async fn clients(s: &Server) -> (Admin, Evaluation) {
+    let channel = tonic::transport::Endpoint::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (
+        AdminServiceClient::new(channel.clone()),
+        EvaluationServiceClient::new(channel),
+    )
+}
+
+/// Evaluates `key` in `prod/web` until it answers `want` (a write is served within moments).
+async fn served(evaluation: &mut Evaluation, key: &str, want: Value) -> pb::EvaluateResponse {
+    let start = Instant::now();
+    loop {
+        let r = evaluation
+            .evaluate(pb::EvaluateRequest {
+                environment: "prod".into(),
+                flag_set: "web".into(),
+                flag_key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got = serde_json::to_value(r.value.clone()).unwrap();
+        if got == want {
+            return r;
+        }
+        assert!(start.elapsed() < DEADLINE, "{key} still evaluates to {got}, not {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn administration_over_grpc_reaches_evaluation_and_flagd_streams() {
+    let dir = Scratch::new("api");
+    let s = server(&dir, &[]);
+    let (mut admin, mut evaluation) = clients(&s).await;
+
+    let env = admin
+        .create_environment(pb::CreateEnvironmentRequest {
+            key: "prod".into(),
+            name: "Production".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((env.key.as_str(), env.version, env.config_version), ("prod", 1, 0));
+    let set = admin
+        .put_flag_set(pb::PutFlagSetRequest {
+            environment: "prod".into(),
+            flag_set: "web".into(),
+            create_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.config_version, 1);
+
+    let mut flagd = flagd::service_client::ServiceClient::connect(s.grpc_url())
+        .await
+        .unwrap();
+    let mut events = flagd
+        .event_stream(flagd::EventStreamRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(events.message().await.unwrap().unwrap().r#type, "provider_ready");
+
+    let mut create = put("prod", "banner", flag("off"));
+    create.create_only = true;
+    create.owner = "web-team".into();
+    let written = admin.put_flag(create).await.unwrap().into_inner();
+    let stored = written.flag.unwrap();
+    assert_eq!(
+        (stored.version, stored.owner.as_str(), written.config_version),
+        (1, "web-team", 2)
+    );
+    let answer = served(&mut evaluation, "banner", json!(false)).await;
+    assert_eq!(
+        (answer.reason.as_str(), answer.variant.as_str(), answer.config_version),
+        ("STATIC", "off", 2)
+    );
+    assert_eq!(answer.typed, Some(pb::evaluate_response::Typed::BoolValue(false)));
+    // flagd's own protocol sees the managed flag without a selector (the default environment).
+    let change = tokio::time::timeout(DEADLINE, events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(change.r#type, "configuration_change");
+    let resolved = flagd
+        .resolve_boolean(flagd::ResolveBooleanRequest {
+            flag_key: "banner".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.variant, "off");
+
+    // Optimistic concurrency: a stale version is ABORTED and changes nothing.
+    let mut update = put("prod", "banner", flag("on"));
+    update.version = Some(1);
+    admin.put_flag(update.clone()).await.unwrap();
+    let stale = admin.put_flag(update).await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    served(&mut evaluation, "banner", json!(true)).await;
+
+    // Invalid flags: every problem with its path, nothing stored; validate says the same.
+    let bad = json!({"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "off", "targeting": {"if": [{"$ref": "nobody"}, "on", null]}});
+    let invalid = admin.put_flag(put("prod", "broken", bad.clone())).await.unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(
+        invalid.message().contains("/flags/broken/defaultVariant"),
+        "{}",
+        invalid.message()
+    );
+    assert!(
+        invalid.message().contains("/flags/broken/targeting"),
+        "{}",
+        invalid.message()
+    );
+    let problems: Value = serde_json::from_slice(invalid.details()).unwrap();
+    assert!(problems.as_array().unwrap().len() >= 2, "{problems}");
+    let checked = admin
+        .validate_flag(put("prod", "broken", bad))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!checked.valid);
+    assert!(
+        checked
+            .problems
+            .iter()
+            .any(|p| p.pointer == "/flags/broken/defaultVariant")
+    );
+    let missing = admin
+        .get_flag(pb::GetFlagRequest {
+            environment: "prod".into(),
+            flag_set: "web".into(),
+            key: "broken".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // Versions, diff, rollback and the audit log.
+    let versions = admin
+        .list_versions(pb::ListVersionsRequest {
+            environment: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        versions.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+    let diff = admin
+        .diff_versions(pb::DiffVersionsRequest {
+            environment: "prod".into(),
+            from: 2,
+            to: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(diff.changes.len(), 1);
+    let rolled = admin
+        .rollback(pb::RollbackRequest {
+            environment: "prod".into(),
+            version: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rolled.config_version, 4);
+    let answer = served(&mut evaluation, "banner", json!(false)).await;
+    assert_eq!(answer.config_version, 4);
+    let audit = admin
+        .list_audit_entries(pb::ListAuditEntriesRequest {
+            entity: "prod/web/banner".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let actions: Vec<&str> = audit.entries.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["rollback", "update", "create"]);
+    assert!(
+        audit.entries[0].actor.starts_with("anonymous"),
+        "{:?}",
+        audit.entries[0]
+    );
+
+    // Batch evaluation of the whole environment, and the config service.
+    let batch = evaluation
+        .evaluate_batch(pb::EvaluateBatchRequest {
+            environment: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        batch.results.iter().map(|r| r.flag_key.as_str()).collect::<Vec<_>>(),
+        ["banner"]
+    );
+    let mut config = ConfigServiceClient::connect(s.grpc_url()).await.unwrap();
+    let snapshot = config
+        .get_snapshot(pb::GetSnapshotRequest {
+            environment: "prod".into(),
+            flag_set: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snapshot.config_version, 4);
+    let mut watch = config
+        .watch(pb::WatchRequest {
+            environment: "prod".into(),
+            flag_set: "web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.config_version, 4);
+    admin.put_flag(put("prod", "second", flag("on"))).await.unwrap();
+    let next = tokio::time::timeout(DEADLINE, watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.config_version, 5);
+    let document = serde_json::to_value(next.flag_sets[0].document.clone()).unwrap();
+    assert_eq!(document["flags"]["second"]["defaultVariant"], "on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_the_api() {
+    let dir = Scratch::new("keys");
+    let s = server(&dir, &[("VEXIL_ADMIN_TOKEN", "bootstrap-secret")]);
+    let (mut admin, mut evaluation) = clients(&s).await;
+
+    // With an admin token set, nothing is open, even on loopback.
+    let anonymous = admin
+        .list_environments(pb::ListEnvironmentsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let wrong = admin
+        .list_environments(keyed(pb::ListEnvironmentsRequest::default(), "vx_nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+
+    let token = "bootstrap-secret";
+    for environment in ["prod", "staging"] {
+        admin
+            .import_flag_set(keyed(
+                pb::ImportFlagSetRequest {
+                    environment: environment.into(),
+                    flag_set: "web".into(),
+                    document: structure(json!({"flags": {"banner": flag("on")}})),
+                },
+                token,
+            ))
+            .await
+            .unwrap();
+    }
+    let evaluate_key = admin
+        .create_api_key(keyed(
+            pb::CreateApiKeyRequest {
+                name: "web".into(),
+                environment: "prod".into(),
+                role: "evaluate".into(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let secret = evaluate_key.secret;
+    assert!(secret.starts_with("vx_"));
+    let prod_admin = admin
+        .create_api_key(keyed(
+            pb::CreateApiKeyRequest {
+                name: "prod ops".into(),
+                environment: "prod".into(),
+                role: "admin".into(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+
+    // Evaluation needs a key once keys exist; the evaluate key works in its environment only.
+    let evaluate = |environment: &str| pb::EvaluateRequest {
+        environment: environment.into(),
+        flag_key: "banner".into(),
+        ..Default::default()
+    };
+    let refused = evaluation.evaluate(evaluate("prod")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let answer = evaluation
+        .evaluate(keyed(evaluate("prod"), &secret))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.value.map(|v| serde_json::to_value(v).unwrap()),
+        Some(json!(true))
+    );
+    let implied = evaluation
+        .evaluate(keyed(evaluate(""), &secret))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        implied.variant, "on",
+        "an environment-scoped key implies its environment"
+    );
+    let elsewhere = evaluation
+        .evaluate(keyed(evaluate("staging"), &secret))
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), Code::PermissionDenied);
+    // An evaluate key administers nothing; an environment admin only its environment.
+    let not_admin = admin
+        .list_flag_sets(keyed(
+            pb::ListFlagSetsRequest {
+                environment: "prod".into(),
+                ..Default::default()
+            },
+            &secret,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(not_admin.code(), Code::PermissionDenied);
+    admin
+        .put_flag(keyed(put("prod", "new", flag("off")), &prod_admin))
+        .await
+        .unwrap();
+    let other = admin
+        .put_flag(keyed(put("staging", "new", flag("off")), &prod_admin))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+    let global = admin
+        .list_environments(keyed(pb::ListEnvironmentsRequest::default(), &prod_admin))
+        .await
+        .unwrap_err();
+    assert_eq!(global.code(), Code::PermissionDenied);
+
+    // The audit log names the key, never its secret; a revoked key stops working.
+    let audit = admin
+        .list_audit_entries(keyed(
+            pb::ListAuditEntriesRequest {
+                entity: "prod/web/new".into(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(audit.entries[0].actor.starts_with("key:"), "{:?}", audit.entries[0]);
+    let keys = admin
+        .list_api_keys(keyed(pb::ListApiKeysRequest::default(), token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys.api_keys.len(), 2);
+    let id = keys.api_keys.iter().find(|k| k.role == "evaluate").unwrap().id;
+    admin
+        .revoke_api_key(keyed(pb::RevokeApiKeyRequest { id }, token))
+        .await
+        .unwrap();
+    let revoked = evaluation.evaluate(keyed(evaluate("prod"), &secret)).await.unwrap_err();
+    assert_eq!(revoked.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_json_reaches_vexil_services_through_the_generic_layer() {
+    let dir = Scratch::new("connect");
+    let s = server(&dir, &[]);
+    let http = reqwest::Client::new();
+    let call = |method: &str, body: Value| {
+        http.post(format!("{}/vexil.v1.AdminService/{method}", s.grpc_url()))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let created = call("CreateEnvironment", json!({"key": "prod"})).await.unwrap();
+    assert_eq!(created.status(), 200);
+    let body: Value = created.json().await.unwrap();
+    assert_eq!(body["key"], "prod");
+    let again = call("CreateEnvironment", json!({"key": "prod"})).await.unwrap();
+    assert_eq!(again.status(), 409);
+    let error: Value = again.json().await.unwrap();
+    assert_eq!(error["code"], "already_exists");
+}
