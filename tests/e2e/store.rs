@@ -290,3 +290,101 @@ fn the_store_commands_report_problems_and_exit_non_zero() {
     ]);
     assert!(!out.status.success());
 }
+
+/// Waits until `ok` holds, polling.
+async fn until(what: &str, mut ok: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !ok().await {
+        assert!(start.elapsed() < DEADLINE, "not within {DEADLINE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluation_outlives_a_postgres_outage_and_writes_fail_cleanly() {
+    use vexil_proto::vexil::v1 as pb;
+    use vexil_proto::vexil::v1::admin_service_client::AdminServiceClient;
+
+    let postgres = vexil_testkit::PostgresServer::start_dedicated();
+    let url = postgres.url("postgres");
+    let dir = Scratch::new("outage");
+    import(&dir, &url, "default", &document("blue"));
+    let server = Server::start(&[
+        "--database-url",
+        &url,
+        "--store-poll-interval-ms",
+        "100",
+        "--stale-after",
+        "0",
+    ]);
+    let mut flagd = v1::service_client::ServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap();
+    let mut admin = AdminServiceClient::connect(server.grpc_url()).await.unwrap();
+    let write = |color: &str| pb::PutFlagRequest {
+        environment: "default".into(),
+        flag_set: "web".into(),
+        key: "color".into(),
+        definition: match document(color)["flags"]["color"].clone() {
+            Value::Object(m) => Some(m.into()),
+            _ => None,
+        },
+        ..Default::default()
+    };
+    admin.put_flag(write("green")).await.unwrap();
+    until("the write is served", async || {
+        resolve(&mut flagd, None).await == Ok("green".into())
+    })
+    .await;
+
+    postgres.stop();
+    // Writes fail with UNAVAILABLE; evaluation answers from the last snapshot.
+    let failed = admin.put_flag(write("red")).await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+    for _ in 0..20 {
+        assert_eq!(resolve(&mut flagd, None).await, Ok("green".into()));
+    }
+    let http = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let url = server.management_url(path);
+        let http = http.clone();
+        async move { http.get(url).send().await.unwrap() }
+    };
+    until("readiness reports the store failing", async || {
+        let response = get("/readyz").await;
+        response.status() == 200 && response.text().await.unwrap().contains("source store: failing")
+    })
+    .await;
+    until("the metrics report the store down", async || {
+        get("/metrics")
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains(r#"vexil_source_up{source="store"} 0"#)
+    })
+    .await;
+    assert_eq!(resolve(&mut flagd, None).await, Ok("green".into()));
+
+    // The database returns: writes work again and everything converges.
+    postgres.start();
+    until("writes work again", async || admin.put_flag(write("red")).await.is_ok()).await;
+    until("the new value is served", async || {
+        resolve(&mut flagd, None).await == Ok("red".into())
+    })
+    .await;
+    until("readiness recovers", async || {
+        let response = get("/readyz").await;
+        response.status() == 200 && response.text().await.unwrap() == "ready"
+    })
+    .await;
+    until("the metrics report the store up", async || {
+        get("/metrics")
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains(r#"vexil_source_up{source="store"} 1"#)
+    })
+    .await;
+}

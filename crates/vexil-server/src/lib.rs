@@ -294,14 +294,17 @@ fn cors(origins: &[String]) -> CorsLayer {
 /// Keeps the configuration gauges current.
 async fn track_config(live: Live) {
     let mut rx = live.subscribe();
+    let mut tick = tokio::time::interval(metrics::UPKEEP_INTERVAL);
     loop {
         let (version, flags) = {
             let p = rx.borrow_and_update();
             (p.version, p.snapshot.len())
         };
         metrics::config(version, flags);
-        if rx.changed().await.is_err() {
-            return;
+        metrics::sources(&live.readiness());
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }

@@ -18,6 +18,7 @@ const FLAGS: &str = "vexil_flags";
 const STREAMS: &str = "vexil_connected_streams";
 const STREAMS_REJECTED: &str = "vexil_streams_rejected_total";
 const CONNECTIONS_REJECTED: &str = "vexil_connections_rejected_total";
+const SOURCE_UP: &str = "vexil_source_up";
 
 /// How often queued histogram samples are drained into their buckets.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -35,6 +36,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     metrics::describe_gauge!(FLAGS, "Flags in the configuration being served");
     metrics::describe_gauge!(STREAMS, "Open EventStream and SyncFlags streams");
     metrics::describe_counter!(STREAMS_REJECTED, "Streams refused because --max-streams were open");
+    metrics::describe_gauge!(
+        SOURCE_UP,
+        "1 while a source's last load succeeded, 0 while it fails (its last good flags keep serving)"
+    );
     metrics::describe_counter!(
         CONNECTIONS_REJECTED,
         "Connections refused because --max-connections were open"
@@ -107,6 +112,15 @@ impl Observer for Evaluations {
 pub fn config(version: u64, flags: usize) {
     metrics::gauge!(CONFIG_VERSION).set(version as f64);
     metrics::gauge!(FLAGS).set(flags as f64);
+}
+
+/// Every source's state (`vexil_source_up{source}`: names come from the configuration, so the
+/// label is bounded).
+pub fn sources(readiness: &vexil_service::Readiness) {
+    for source in &readiness.sources {
+        let up = matches!(source.state, vexil_service::SourceState::Loaded);
+        metrics::gauge!(SOURCE_UP, "source" => source.name.clone()).set(if up { 1.0 } else { 0.0 });
+    }
 }
 
 /// A connection refused by `--max-connections` on the `server` port.

@@ -5,9 +5,11 @@
 //! - no key: the admin API is open only while no key exists and no `VEXIL_ADMIN_TOKEN` is set, and
 //!   then only to clients on the same machine (loopback); evaluation is open while no key exists.
 //!
-//! Keys are looked up in the store and remembered for a few seconds, so a busy client costs the
-//! database one lookup per key per [`REMEMBER`], and a revoked key stops working within it. Key
-//! material is never logged.
+//! Keys are looked up in the store and remembered: a busy client costs the database one lookup per
+//! key per [`REMEMBER`], and a revoked key stops working within about that long. A remembered
+//! answer that is older is still used while it is checked again in the background, so a database
+//! that is slow or down never holds a request up for a key seen before (evaluation keeps answering
+//! through an outage). Key material is never logged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,8 +70,33 @@ pub enum Need<'a> {
 pub struct Access {
     store: Arc<dyn Store>,
     admin_token: Option<String>,
-    keys: Mutex<HashMap<String, (Instant, Option<ApiKey>)>>,
-    any_keys: Mutex<Option<(Instant, bool)>>,
+    keys: Arc<Mutex<HashMap<String, Remembered<Option<ApiKey>>>>>,
+    any_keys: Arc<Mutex<Option<Remembered<bool>>>>,
+}
+
+/// A lookup's answer, when it was fetched, and whether a refresh is under way.
+#[derive(Debug, Clone)]
+struct Remembered<T> {
+    at: Instant,
+    value: T,
+    refreshing: bool,
+}
+
+impl<T: Clone> Remembered<T> {
+    fn new(value: T) -> Remembered<T> {
+        Remembered {
+            at: Instant::now(),
+            value,
+            refreshing: false,
+        }
+    }
+
+    /// The value, and whether the caller should start a refresh (it is old and none is running).
+    fn read(&mut self) -> (T, bool) {
+        let refresh = self.at.elapsed() >= REMEMBER && !self.refreshing;
+        self.refreshing |= refresh;
+        (self.value.clone(), refresh)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -101,8 +128,8 @@ impl Access {
         Access {
             store,
             admin_token: admin_token.filter(|t| !t.is_empty()),
-            keys: Mutex::new(HashMap::new()),
-            any_keys: Mutex::new(None),
+            keys: Arc::new(Mutex::new(HashMap::new())),
+            any_keys: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -117,28 +144,55 @@ impl Access {
         if self.admin_token.is_some() {
             return Ok(false);
         }
-        if let Some((at, any)) = *lock(&self.any_keys)
-            && at.elapsed() < REMEMBER
-        {
+        let remembered = lock(&self.any_keys).as_mut().map(Remembered::read);
+        if let Some((any, refresh)) = remembered {
+            if refresh {
+                let (store, cell) = (self.store.clone(), self.any_keys.clone());
+                tokio::spawn(async move {
+                    let fetched = store.has_api_keys().await;
+                    let mut cell = lock(&cell);
+                    match (fetched, cell.as_mut()) {
+                        (Ok(any), _) => *cell = Some(Remembered::new(any)),
+                        (Err(_), Some(old)) => old.refreshing = false,
+                        (Err(_), None) => {}
+                    }
+                });
+            }
             return Ok(!any);
         }
         let any = self.store.has_api_keys().await.map_err(store_status)?;
-        *lock(&self.any_keys) = Some((Instant::now(), any));
+        *lock(&self.any_keys) = Some(Remembered::new(any));
         Ok(!any)
     }
 
     async fn key(&self, secret: &str) -> Result<Option<ApiKey>, tonic::Status> {
-        if let Some((at, key)) = lock(&self.keys).get(secret)
-            && at.elapsed() < REMEMBER
-        {
-            return Ok(key.clone());
+        let remembered = lock(&self.keys).get_mut(secret).map(Remembered::read);
+        if let Some((key, refresh)) = remembered {
+            if refresh {
+                let (store, keys, secret) = (self.store.clone(), self.keys.clone(), secret.to_owned());
+                tokio::spawn(async move {
+                    let fetched = store.authenticate(secret.clone()).await;
+                    let mut keys = lock(&keys);
+                    match fetched {
+                        Ok(key) => {
+                            keys.insert(secret, Remembered::new(key));
+                        }
+                        Err(_) => {
+                            if let Some(old) = keys.get_mut(&secret) {
+                                old.refreshing = false;
+                            }
+                        }
+                    }
+                });
+            }
+            return Ok(key);
         }
         let key = self.store.authenticate(secret.to_owned()).await.map_err(store_status)?;
         let mut keys = lock(&self.keys);
         if keys.len() >= REMEMBERED_KEYS {
             keys.clear();
         }
-        keys.insert(secret.to_owned(), (Instant::now(), key.clone()));
+        keys.insert(secret.to_owned(), Remembered::new(key.clone()));
         Ok(key)
     }
 
