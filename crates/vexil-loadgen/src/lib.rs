@@ -9,4 +9,5 @@ pub mod process;
 pub mod report;
 pub mod soak;
 pub mod stalled;
+pub mod store;
 pub mod workload;

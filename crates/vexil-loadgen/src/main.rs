@@ -41,6 +41,8 @@ enum Command {
     Stalled(StalledArgs),
     /// Memory per idle stream (EventStream or SyncFlags), N streams held open.
     IdleStreams(IdleArgs),
+    /// The managed store: admin write → value served (p50/p99), and writes per second.
+    Store(StoreArgs),
     /// The no-op baseline server (started by `run`).
     #[command(hide = true)]
     BaselineServer {
@@ -169,6 +171,24 @@ struct IdleArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The database (`postgres://…` or `sqlite:<file>`); default: a fresh SQLite file.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Writes timed from PutFlag to the new value being served.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// Concurrent writers for the throughput measurement.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Seconds of the throughput measurement.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
 struct SoakArgs {
     /// Seconds of the open-loop phase.
     #[arg(long, default_value_t = 600.0)]
@@ -219,6 +239,7 @@ fn main() -> anyhow::Result<()> {
             Command::Soak(args) => soak_cmd(args).await,
             Command::Stalled(args) => stalled_cmd(args).await,
             Command::IdleStreams(args) => idle_cmd(args).await,
+            Command::Store(args) => store_cmd(args).await,
             Command::BaselineServer {
                 port,
                 management_port,
@@ -617,4 +638,41 @@ fn strip_ansi(line: &str) -> String {
         }
     }
     out
+}
+
+async fn store_cmd(args: StoreArgs) -> anyhow::Result<()> {
+    let binary = vexil_binary(&args.common)?;
+    let dir = scratch()?;
+    let url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite:{}", dir.join("store-bench.db").display()));
+    let backend = if url.starts_with("postgres") {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let server = vexil_loadgen::store::server(&binary, &url)?;
+    let report = vexil_loadgen::store::measure(
+        &server,
+        backend,
+        args.changes,
+        args.writers,
+        Duration::from_secs_f64(args.duration),
+    )
+    .await?;
+    println!(
+        "| {backend} | write → served p50 {} µs, p99 {} µs (n={}) | {:.0} writes/s with {} writers | write p50 {} µs, p99 {} µs |",
+        report.propagation.p50_us,
+        report.propagation.p99_us,
+        report.propagation.count,
+        report.writes_per_second,
+        report.writers,
+        report.write_latency.p50_us,
+        report.write_latency.p99_us,
+    );
+    if let Some(path) = &args.common.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
 }

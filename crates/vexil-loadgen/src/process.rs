@@ -77,6 +77,11 @@ impl Server {
         Server::spawn(cmd, ports, Stdio::inherit()).context("starting the baseline server")
     }
 
+    /// Any command serving on `ports` (its standard error inherited).
+    pub fn spawn_command(cmd: Command, ports: Ports) -> anyhow::Result<Server> {
+        Server::spawn(cmd, ports, Stdio::inherit())
+    }
+
     fn spawn(mut cmd: Command, ports: Ports, stderr: Stdio) -> anyhow::Result<Server> {
         let started = Instant::now();
         let child = cmd.stdout(Stdio::null()).stderr(stderr).spawn()?;
