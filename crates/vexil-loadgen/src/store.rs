@@ -127,7 +127,7 @@ pub async fn measure(
 
     let mut propagation = Histogram::<u64>::new(3)?;
     for i in 0..changes + 5 {
-        let variant = if i % 2 == 0 { "a" } else { "b" };
+        let variant = if i.is_multiple_of(2) { "a" } else { "b" };
         let started = Instant::now();
         admin.put_flag(put("propagated", variant)).await?;
         loop {
@@ -162,7 +162,7 @@ pub async fn measure(
                 let mut n = 0usize;
                 while Instant::now() < deadline {
                     let started = Instant::now();
-                    let variant = if n % 2 == 0 { "a" } else { "b" };
+                    let variant = if n.is_multiple_of(2) { "a" } else { "b" };
                     admin.put_flag(put(&format!("w{w}-{}", n % 50), variant)).await?;
                     latencies.record(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX))?;
                     n += 1;

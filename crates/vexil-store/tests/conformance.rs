@@ -720,7 +720,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable(store: &SqlStore) {
         .await
         .unwrap()
         .items;
-    assert_eq!(listed, [created.key.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&created.key));
     let audit = store
         .audit(
             AuditFilter {

@@ -114,7 +114,7 @@ impl SqlStore {
             .filter_map(|id| {
                 let before = at_from.remove(&id);
                 let after = at_to.remove(&id);
-                (before != after).then(|| Change {
+                (before != after).then_some(Change {
                     flag_set: id.0,
                     kind: id.1,
                     key: id.2,

@@ -73,11 +73,11 @@ fn split(source: &str) -> Result<HashMap<String, String>, String> {
                 insert(&mut named, name, text)?;
             }
             current = Some((name.trim().to_owned(), String::new()));
-        } else if let Some((_, text)) = &mut current {
-            if !line.trim_start().starts_with("--") {
-                text.push_str(line);
-                text.push('\n');
-            }
+        } else if let Some((_, text)) = &mut current
+            && !line.trim_start().starts_with("--")
+        {
+            text.push_str(line);
+            text.push('\n');
         }
     }
     if let Some((name, text)) = current {
