@@ -368,6 +368,19 @@ async fn api_keys_guard_the_api() {
     };
     let refused = evaluation.evaluate(evaluate("prod")).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
+    // flagd's protocols stay open, as in flagd, unless --flagd-keys.
+    let mut flagd = flagd::service_client::ServiceClient::connect(s.grpc_url())
+        .await
+        .unwrap();
+    let open = flagd
+        .resolve_boolean(flagd::ResolveBooleanRequest {
+            flag_key: "banner".into(),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(open.value);
     let answer = evaluation
         .evaluate(keyed(evaluate("prod"), &secret))
         .await
@@ -465,4 +478,125 @@ async fn connect_json_reaches_vexil_services_through_the_generic_layer() {
     assert_eq!(again.status(), 409);
     let error: Value = again.json().await.unwrap();
     assert_eq!(error["code"], "already_exists");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagd_keys_put_flagd_protocols_behind_keys() {
+    let dir = Scratch::new("flagd-keys");
+    let url = format!("sqlite:{}", dir.0.join("vexil.db").display());
+    let token = "bootstrap-secret";
+    let s = Server::start_with_env(
+        &["--database-url", &url, "--default-environment", "prod", "--flagd-keys"],
+        &[("VEXIL_ADMIN_TOKEN", token)],
+    );
+    let (mut admin, _) = clients(&s).await;
+    for environment in ["prod", "staging"] {
+        admin
+            .import_flag_set(keyed(
+                pb::ImportFlagSetRequest {
+                    environment: environment.into(),
+                    flag_set: "web".into(),
+                    document: structure(json!({"flags": {"banner": flag("on")}})),
+                },
+                token,
+            ))
+            .await
+            .unwrap();
+    }
+    let key_for = async |environment: &str| {
+        AdminServiceClient::connect(s.grpc_url())
+            .await
+            .unwrap()
+            .create_api_key(keyed(
+                pb::CreateApiKeyRequest {
+                    name: "flagd".into(),
+                    environment: environment.into(),
+                    role: "evaluate".into(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .secret
+    };
+    let (prod, staging) = (key_for("prod").await, key_for("staging").await);
+
+    let mut flagd = flagd::service_client::ServiceClient::connect(s.grpc_url())
+        .await
+        .unwrap();
+    let resolve = || flagd::ResolveBooleanRequest {
+        flag_key: "banner".into(),
+        context: None,
+    };
+    assert_eq!(
+        flagd.resolve_boolean(resolve()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        flagd
+            .resolve_boolean(keyed(resolve(), "vx_wrong"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        flagd
+            .resolve_boolean(keyed(resolve(), &staging))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert!(
+        flagd
+            .resolve_boolean(keyed(resolve(), &prod))
+            .await
+            .unwrap()
+            .into_inner()
+            .value
+    );
+
+    let http = reqwest::Client::new();
+    let ofrep = |key: Option<&str>| {
+        let mut request = http
+            .post(s.ofrep_url("/ofrep/v1/evaluate/flags/banner"))
+            .header("content-type", "application/json")
+            .body(r#"{"context": {}}"#);
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        request.send()
+    };
+    assert_eq!(ofrep(None).await.unwrap().status(), 401);
+    assert_eq!(ofrep(Some(&staging)).await.unwrap().status(), 403);
+    let answered = ofrep(Some(&prod)).await.unwrap();
+    assert_eq!(answered.status(), 200);
+    assert_eq!(answered.json::<Value>().await.unwrap()["value"], true);
+
+    let mut sync = vexil_proto::flagd::sync::v1::flag_sync_service_client::FlagSyncServiceClient::connect(format!(
+        "http://127.0.0.1:{}",
+        s.ports.sync
+    ))
+    .await
+    .unwrap();
+    let fetch = || vexil_proto::flagd::sync::v1::FetchAllFlagsRequest::default();
+    assert_eq!(
+        sync.fetch_all_flags(fetch()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    sync.fetch_all_flags(keyed(fetch(), &prod)).await.unwrap();
+    // Health stays open for probes.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(s.grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
 }

@@ -225,6 +225,10 @@ pub struct ServeArgs {
     /// How often the store is checked for changes made by other processes, in milliseconds.
     #[arg(long, env = "VEXIL_STORE_POLL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
     pub store_poll_interval_ms: u64,
+    /// Require an API key (evaluate or admin, of the default environment) on flagd's protocols
+    /// and OFREP too; without it they are open, as in flagd. Needs the store (the keys live there).
+    #[arg(long, env = "VEXIL_FLAGD_KEYS")]
+    pub flagd_keys: bool,
     /// Set when the command was flagd's `start`: no store unless --database-url names one.
     #[arg(skip)]
     pub flagd_start: bool,

@@ -84,15 +84,27 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         shutdown: shutdown.clone(),
     });
 
+    if args.flagd_keys && managed.is_none() {
+        anyhow::bail!("--flagd-keys needs the store (the API keys live there): give --database-url");
+    }
     let cors = cors(&args.cors_origin);
     let grpc = grpc_routes(&app, managed.as_ref(), args.max_request_body)?.into_axum_router();
-    let evaluation = evaluation_router(grpc.clone(), args.max_request_body).layer(cors.clone());
+    let evaluation = evaluation_router(grpc.clone(), args.max_request_body);
     let sync = sync_router(&app, args.max_request_body);
     let management = management::router(live.clone(), prometheus).merge(health_router());
     let mut ofrep = ofrep::router(app.clone());
     if managed.is_some() {
         ofrep = ofrep.merge(transcode::router(grpc, args.max_request_body));
     }
+    // With --flagd-keys, flagd's protocols want a key too (inside CORS, so browsers read refusals).
+    let (evaluation, sync, ofrep) = match managed.as_ref().filter(|_| args.flagd_keys) {
+        Some(managed) => {
+            let guard = || axum::middleware::from_fn_with_state(managed.clone(), vexil_api::require_key);
+            (evaluation.layer(guard()), sync.layer(guard()), ofrep.layer(guard()))
+        }
+        None => (evaluation, sync, ofrep),
+    };
+    let evaluation = evaluation.layer(cors.clone());
     let ofrep = ofrep.layer(cors);
 
     let tls = match (&args.server_cert_path, &args.server_key_path) {

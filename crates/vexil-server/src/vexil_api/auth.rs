@@ -207,6 +207,22 @@ impl Access {
         Ok(self.key(secret).await?.and_then(|key| key.environment))
     }
 
+    /// As [`Access::check`], but a key is required even while none exists (`--flagd-keys`).
+    pub async fn check_required(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<Peer>,
+        need: Need<'_>,
+    ) -> Result<Principal, tonic::Status> {
+        if presented(metadata).is_none_or(str::is_empty) {
+            return Err(grpc_status(
+                ErrorKind::Unauthenticated,
+                "an API key is required (Authorization: Bearer <key>)",
+            ));
+        }
+        self.check(metadata, peer, need).await
+    }
+
     /// Who the caller is, if they may do what they `need`.
     pub async fn check(
         &self,

@@ -7,6 +7,7 @@ mod auth;
 mod config;
 mod convert;
 mod evaluation;
+mod guard;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ pub use admin::Admin;
 pub use auth::Access;
 pub use config::ConfigApi;
 pub use evaluation::EvaluationApi;
+pub use guard::require_key;
 
 use crate::serve::Peer;
 use auth::{Need, Principal};
