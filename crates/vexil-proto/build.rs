@@ -5,8 +5,6 @@
 
 use std::path::PathBuf;
 
-use prost::Message;
-
 const PROTOS: &[&str] = &[
     "flagd/evaluation/v1/evaluation.proto",
     "flagd/evaluation/v2/evaluation.proto",
@@ -22,9 +20,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={}", root.display());
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
 
-    let fds = protox::compile(PROTOS, [&root])?;
+    let mut compiler = protox::Compiler::new([&root])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(PROTOS)?;
+    let fds = compiler.file_descriptor_set();
     let descriptor_path = out.join("descriptor.bin");
-    std::fs::write(&descriptor_path, fds.encode_to_vec())?;
+    // Encoded by protox, not from `fds`: prost-types' options have no room for extensions, and the
+    // `google.api.http` annotations the JSON routes are built from are extensions.
+    std::fs::write(&descriptor_path, compiler.encode_file_descriptor_set())?;
 
     tonic_prost_build::configure()
         .compile_well_known_types(true)

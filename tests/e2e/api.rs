@@ -600,3 +600,155 @@ async fn flagd_keys_put_flagd_protocols_behind_keys() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_api_is_transcoded_from_the_annotations() {
+    use futures::StreamExt as _;
+
+    let dir = Scratch::new("json");
+    let s = server(&dir, &[]);
+    let http = reqwest::Client::new();
+    let v1 = |path: &str| s.ofrep_url(&format!("/v1{path}"));
+    let send = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = http.request(method, v1(path));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    use reqwest::Method;
+
+    let (status, env) = send(Method::POST, "/environments", Some(json!({"key": "prod"}))).await;
+    assert_eq!(
+        (status, env["key"].clone(), env["version"].clone()),
+        (200, json!("prod"), json!("1"))
+    );
+    let (status, _) = send(Method::PUT, "/environments/prod/flag-sets/web", Some(json!({}))).await;
+    assert_eq!(status, 200);
+    let path = "/environments/prod/flag-sets/web/flags/banner";
+    let (status, created) = send(
+        Method::PUT,
+        path,
+        Some(json!({"definition": flag("off"), "createOnly": true})),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(
+        (created["flag"]["version"].clone(), created["configVersion"].clone()),
+        (json!("1"), json!("2"))
+    );
+    let (status, exists) = send(
+        Method::PUT,
+        path,
+        Some(json!({"definition": flag("on"), "createOnly": true})),
+    )
+    .await;
+    assert_eq!((status, exists["status"].clone()), (409, json!("ALREADY_EXISTS")));
+    let (status, _) = send(
+        Method::PUT,
+        path,
+        Some(json!({"definition": flag("on"), "version": "1"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, stale) = send(
+        Method::PUT,
+        path,
+        Some(json!({"definition": flag("off"), "version": "1"})),
+    )
+    .await;
+    assert_eq!((status, stale["status"].clone()), (409, json!("ABORTED")));
+    let bad = json!({"definition": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "off"}});
+    let (status, invalid) = send(Method::PUT, "/environments/prod/flag-sets/web/flags/broken", Some(bad)).await;
+    assert_eq!((status, invalid["status"].clone()), (400, json!("INVALID_ARGUMENT")));
+    assert_eq!(
+        invalid["problems"][0]["pointer"], "/flags/broken/defaultVariant",
+        "{invalid}"
+    );
+    let (status, unknown) = send(Method::PUT, path, Some(json!({"definition": flag("on"), "colour": 1}))).await;
+    assert_eq!(status, 400, "unknown fields are refused: {unknown}");
+
+    let (status, listed) = send(Method::GET, "/environments/prod/flag-sets/web/flags?pageSize=1", None).await;
+    assert_eq!((status, listed["flags"].as_array().unwrap().len()), (200, 1));
+    let evaluate = json!({"environment": "prod", "flagSet": "web", "flagKey": "banner"});
+    let start = Instant::now();
+    loop {
+        let (status, answer) = send(Method::POST, "/evaluate", Some(evaluate.clone())).await;
+        assert_eq!(status, 200, "{answer}");
+        if answer["value"] == json!(true) {
+            assert_eq!(
+                (answer["boolValue"].clone(), answer["reason"].clone()),
+                (json!(true), json!("STATIC"))
+            );
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{answer}");
+    }
+    let (status, audit) = send(Method::GET, "/audit?entity=prod/web/banner", None).await;
+    assert_eq!(
+        (status, audit["entries"].as_array().unwrap().len()),
+        (200, 2),
+        "{audit}"
+    );
+    let (status, missing) = send(Method::GET, "/nowhere", None).await;
+    assert_eq!(status, 404, "{missing}");
+    let (status, openapi) = send(Method::GET, "/openapi.json", None).await;
+    assert_eq!(status, 200);
+    assert!(openapi["paths"]["/v1/environments/{environment}/flag-sets/{flag_set}/flags/{key}"]["put"].is_object());
+
+    // A browser page on this machine does not get the open admin API.
+    let from_page = http
+        .post(v1("/environments"))
+        .header("content-type", "application/json")
+        .header("origin", "http://evil.example")
+        .body(json!({"key": "evil"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(from_page.status(), 401);
+
+    // Watch as Server-Sent Events: the current version, then the next.
+    let watch = http
+        .get(v1("/environments/prod/config:watch?flagSet=web"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.headers()["content-type"], "text/event-stream");
+    let mut body = watch.bytes_stream();
+    let mut text = String::new();
+    let mut next_event = async || loop {
+        if let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                return serde_json::from_str::<Value>(data).unwrap();
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout(DEADLINE, body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    };
+    let first = next_event().await;
+    assert_eq!(first["configVersion"], "3");
+    send(
+        Method::PUT,
+        "/environments/prod/flag-sets/web/flags/second",
+        Some(json!({"definition": flag("on")})),
+    )
+    .await;
+    let second = next_event().await;
+    assert_eq!(second["configVersion"], "4");
+    assert_eq!(
+        second["flagSets"][0]["document"]["flags"]["second"]["defaultVariant"],
+        "on"
+    );
+}

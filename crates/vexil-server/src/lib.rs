@@ -22,6 +22,7 @@ pub mod fuzzing;
 mod management;
 pub mod metrics;
 mod ofrep;
+mod openapi;
 mod selector;
 mod serve;
 pub mod store_cli;

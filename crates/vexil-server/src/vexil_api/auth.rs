@@ -3,7 +3,8 @@
 //! - a key of another environment, or a role that does not cover the call: `PERMISSION_DENIED`
 //!   (403);
 //! - no key: the admin API is open only while no key exists and no `VEXIL_ADMIN_TOKEN` is set, and
-//!   then only to clients on the same machine (loopback); evaluation is open while no key exists.
+//!   then only to clients on the same machine (loopback) that are not browser pages (no `Origin`
+//!   header); evaluation is open while no key exists.
 //!
 //! Keys are looked up in the store and remembered: a busy client costs the database one lookup per
 //! key per [`REMEMBER`], and a revoked key stops working within about that long. A remembered
@@ -231,7 +232,9 @@ impl Access {
         need: Need<'_>,
     ) -> Result<Principal, tonic::Status> {
         let Some(secret) = presented(metadata).filter(|s| !s.is_empty()) else {
-            let loopback = peer.is_some_and(|p| p.0.ip().is_loopback());
+            // A browser page (it sends `Origin`) is never the single local user, even on loopback:
+            // without this, any web page open on the machine could call the open admin API.
+            let loopback = peer.is_some_and(|p| p.0.ip().is_loopback()) && metadata.get("origin").is_none();
             let allowed = match need {
                 Need::Admin(_) => loopback && self.open().await?,
                 Need::Evaluate(_) => self.open().await?,
