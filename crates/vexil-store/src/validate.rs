@@ -115,7 +115,9 @@ impl SetDocument {
     }
 
     /// Splits a flagd document into a set's content: flags (the map form or flagd's array form),
-    /// `$evaluators` and metadata. The document is checked first.
+    /// `$evaluators` and metadata, then checks it. A `flagSetId` in the document's metadata or a
+    /// flag's is dropped: an imported set is named by the store (`<environment>/<set>`), and a flagd
+    /// file often names its own.
     pub fn from_document(document: &Value) -> Result<SetDocument, StoreError> {
         let Some(object) = document.as_object() else {
             return Err(StoreError::invalid("", "a flag document is a JSON object"));
@@ -163,11 +165,17 @@ impl SetDocument {
         for key in segments.keys() {
             item_key("segment", key).map_err(|e| at(e, &format!("/$evaluators/{}", escape_pointer(key))))?;
         }
-        let set = SetDocument {
+        let mut set = SetDocument {
             metadata,
             flags,
             segments,
         };
+        set.metadata.remove("flagSetId");
+        for flag in set.flags.values_mut() {
+            if let Some(Value::Object(metadata)) = flag.get_mut("metadata") {
+                metadata.remove("flagSetId");
+            }
+        }
         set.check()?;
         Ok(set)
     }
@@ -236,8 +244,7 @@ mod tests {
         let doc = json!({
             "flags": {
                 "a": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "off"},
-                "b": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "targeting": {"nope": [1]}},
-                "c": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "metadata": {"flagSetId": "x"}}
+                "b": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "targeting": {"nope": [1]}}
             }
         });
         let StoreError::Invalid(problems) = SetDocument::from_document(&doc).unwrap_err() else {
@@ -245,7 +252,25 @@ mod tests {
         };
         let pointers: Vec<&str> = problems.iter().map(|p| p.pointer.as_str()).collect();
         assert!(pointers.iter().any(|p| p.starts_with("/flags/a")), "{problems:?}");
-        assert!(pointers.contains(&"/flags/c/metadata/flagSetId"), "{problems:?}");
+        assert!(
+            pointers.iter().any(|p| p.starts_with("/flags/b/targeting")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_written_flag_set_cannot_name_its_own_flag_set() {
+        let mut set = SetDocument::default();
+        set.flags.insert(
+            "c".into(),
+            json!({"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on", "metadata": {"flagSetId": "x"}}),
+        );
+        set.metadata.insert("flagSetId".into(), json!("y"));
+        let StoreError::Invalid(problems) = set.check().unwrap_err() else {
+            panic!("not invalid")
+        };
+        let pointers: Vec<&str> = problems.iter().map(|p| p.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/metadata/flagSetId", "/flags/c/metadata/flagSetId"]);
     }
 
     #[test]
@@ -260,6 +285,15 @@ mod tests {
         assert_eq!(set.flags.keys().collect::<Vec<_>>(), ["a"]);
         assert!(set.flags["a"].get("key").is_none());
         let served = set.to_document(Some("prod/web".into()));
+        let named = json!({"metadata": {"flagSetId": "theirs", "team": "web"},
+                           "flags": {"a": {"state": "ENABLED", "variants": {"on": true}, "defaultVariant": "on",
+                                           "metadata": {"flagSetId": "other"}}}});
+        let imported = SetDocument::from_document(&named).unwrap();
+        assert_eq!(
+            imported.to_document(Some("prod/web".into()))["metadata"],
+            json!({"team": "web", "flagSetId": "prod/web"})
+        );
+        assert!(imported.flags["a"]["metadata"].get("flagSetId").is_none());
         assert_eq!(served["metadata"], json!({"team": "web", "flagSetId": "prod/web"}));
         assert_eq!(served["$evaluators"]["beta"], doc["$evaluators"]["beta"]);
     }
