@@ -752,3 +752,59 @@ async fn the_json_api_is_transcoded_from_the_annotations() {
         "on"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_reaches_vexil_services() {
+    use prost::Message;
+
+    let dir = Scratch::new("grpc-web");
+    let s = server(&dir, &[]);
+    let http = reqwest::Client::builder().http1_only().build().unwrap();
+    let call = |method: &'static str, message: Vec<u8>| {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&message);
+        http.post(format!("{}/vexil.v1.AdminService/{method}", s.grpc_url()))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .body(frame)
+            .send()
+    };
+    let created = call(
+        "CreateEnvironment",
+        pb::CreateEnvironmentRequest {
+            key: "prod".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 200);
+    let body = created.bytes().await.unwrap();
+    assert_eq!(body[0], 0, "a data frame first");
+    let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+    let environment = pb::Environment::decode(&body[5..5 + len]).unwrap();
+    assert_eq!((environment.key.as_str(), environment.version), ("prod", 1));
+    let trailers = String::from_utf8_lossy(&body[5 + len + 5..]).to_ascii_lowercase();
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+
+    // Errors come as gRPC-web trailers too: ALREADY_EXISTS is 6.
+    let again = call(
+        "CreateEnvironment",
+        pb::CreateEnvironmentRequest {
+            key: "prod".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .await
+    .unwrap();
+    let status = again
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_else(|| "in trailers".into());
+    let text = String::from_utf8_lossy(&again.bytes().await.unwrap()).to_ascii_lowercase();
+    assert!(status == "6" || text.contains("grpc-status:6"), "{status} {text}");
+}

@@ -166,6 +166,8 @@ pub struct CompiledFlag {
     flag: Arc<Flag>,
     default_index: Option<usize>,
     targeting: Targeting,
+    /// [`crate::snapshot`]'s hash of the definition (part of the snapshot revision).
+    hash: u64,
     /// See [`CompiledFlag::memo`].
     memo: OnceLock<Box<dyn Any + Send + Sync>>,
 }
@@ -194,15 +196,34 @@ impl CompiledFlag {
                 Err(e) => (Targeting::Invalid(e.clone()), Some(e)),
             },
         };
+        let hash = crate::snapshot::flag_hash(&flag);
         (
             CompiledFlag {
                 flag,
                 default_index,
                 targeting,
+                hash,
                 memo: OnceLock::new(),
             },
             problem,
         )
+    }
+
+    /// The shared definition (to tell whether a reloaded source kept this very flag).
+    pub(crate) fn definition(&self) -> &Arc<Flag> {
+        &self.flag
+    }
+
+    /// Why the targeting rule did not compile, if it did not.
+    pub(crate) fn problem(&self) -> Option<&str> {
+        match &self.targeting {
+            Targeting::Invalid(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn content_hash(&self) -> u64 {
+        self.hash
     }
 
     /// The definition this flag was compiled from.

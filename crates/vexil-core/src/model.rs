@@ -33,7 +33,9 @@ impl FlagState {
 
 /// One flag as written in a flag definition document, after `$ref` substitution and with the flag
 /// set's metadata merged into its own (the flag's keys win).
-#[derive(Debug, Clone, PartialEq)]
+/// `Eq` so that comparing `Arc<Flag>`s (documents reloaded with most flags shared) short-cuts on
+/// the pointer.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flag {
     /// The flag key, unique within its flag set.
     pub key: String,
@@ -88,7 +90,7 @@ impl RuleText {
 
 /// A parsed flag definition document (one file, one managed flag set): flagd's `flags`,
 /// `$evaluators` and `metadata`.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlagConfig {
     /// The flags, in document order. Shared (`Arc`) with the snapshots compiled from them, so a
     /// snapshot rebuilt after another source changed copies no definitions.

@@ -485,3 +485,48 @@ fn an_unlisted_source_is_seen_only_by_selectors_that_name_it() {
     let listed_too = Snapshot::build(engine.clone(), vec![listed, managed]).0;
     assert_ne!(listed_too.revision(), snap.revision());
 }
+
+#[test]
+fn recompiling_a_source_reuses_its_unchanged_flags() {
+    use vexil_core::snapshot::CompiledSource;
+
+    let engine = Arc::new(Engine::new(FractionalMode::V3));
+    let doc = |plan: &str| {
+        json!({"flags": {
+            "kept": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                     "targeting": {"if": [{"==": [{"var": "plan"}, "pro"]}, "on", null]}},
+            "broken": {"state": "ENABLED", "variants": {"v": 1}, "defaultVariant": "v", "targeting": {"a": 1, "b": 2}},
+            "changed": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                        "targeting": {"if": [{"==": [{"var": "plan"}, plan]}, "on", null]}}
+        }})
+    };
+    let first = CompiledSource::compile(&engine, source("a.json", doc("pro")));
+    // Reloaded: every definition parsed anew (equal, not the same allocation), one changed.
+    let second = CompiledSource::compile_reusing(&engine, source("a.json", doc("team")), Some(&first));
+    let by_key = |c: &CompiledSource, key: &str| -> *const vexil_core::CompiledFlag {
+        c.flags().find(|f| f.key() == key).map(|f| f as *const _).unwrap()
+    };
+    assert_eq!(
+        by_key(&first, "kept"),
+        by_key(&second, "kept"),
+        "an equal flag is not compiled again"
+    );
+    assert_eq!(by_key(&first, "broken"), by_key(&second, "broken"));
+    assert_ne!(by_key(&first, "changed"), by_key(&second, "changed"));
+    assert_eq!(
+        second.warnings(),
+        first.warnings(),
+        "a reused flag's compile problem is still reported"
+    );
+    // The same as compiling from scratch.
+    let scratch = CompiledSource::compile(&engine, source("a.json", doc("team")));
+    let snap = |c: CompiledSource| Snapshot::assemble(engine.clone(), vec![Arc::new(c)]);
+    let (reused, fresh) = (snap(second), snap(scratch));
+    assert_eq!(reused.revision(), fresh.revision());
+    let attrs = json!({"plan": "team"}).as_object().unwrap().clone();
+    for key in ["kept", "broken", "changed"] {
+        let a = reused.evaluate(key, &Selector::All, ctx(&attrs), ValueType::Any);
+        let b = fresh.evaluate(key, &Selector::All, ctx(&attrs), ValueType::Any);
+        assert_eq!((a.value, a.variant, a.reason), (b.value, b.variant, b.reason), "{key}");
+    }
+}

@@ -418,8 +418,10 @@ impl Slot {
             };
             let engine = engine.clone();
             let listed = part.listed;
+            // The same document's last compiled version: its unchanged flags are not compiled again.
+            let previous = good.iter().find(|(key, _)| *key == part.key).map(|(_, c)| c.clone());
             let compile = move || {
-                let compiled = CompiledSource::compile(&engine, source);
+                let compiled = CompiledSource::compile_reusing(&engine, source, previous.as_deref());
                 if listed { compiled } else { compiled.unlisted() }
             };
             let compiled = match tokio::task::spawn_blocking(compile).await {

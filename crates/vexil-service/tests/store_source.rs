@@ -81,6 +81,65 @@ async fn served_and_followed(store: Arc<dyn Store>) {
     assert_eq!(value(&live, "color", &staging), Some(json!("red")));
     assert_eq!(value(&live, "color", &Selector::All), Some(json!("blue")));
 
+    // Catching up from the history (flags only) serves what a full load of the store serves.
+    let whole = source.whole_loads();
+    for (key, value) in [("color", "amber"), ("size", "large")] {
+        store
+            .put_flag(
+                actor.clone(),
+                "staging".into(),
+                "web".into(),
+                key.into(),
+                FlagInput::new(flag(value)),
+                Precondition::Any,
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .delete_flag(
+            actor.clone(),
+            "default".into(),
+            "web".into(),
+            "color".into(),
+            Precondition::Any,
+        )
+        .await
+        .unwrap();
+    let version = live.current().version;
+    source.wake();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        updates.wait_for(|p| {
+            p.version > version
+                && p.snapshot.get("size", &staging).is_some()
+                && p.snapshot.get("color", &Selector::All).is_none()
+        }),
+    )
+    .await
+    .expect("the flag writes are published")
+    .unwrap();
+    let fresh = Arc::new(StoreSource::new(store.clone(), "default", Duration::from_millis(50)));
+    let full = Live::compose(vec![fresh.clone() as Arc<dyn Source>], options).await;
+    assert_eq!(
+        source.whole_loads(),
+        whole,
+        "flag writes are caught up from the history"
+    );
+    assert_eq!(
+        live.snapshot().revision(),
+        full.snapshot().revision(),
+        "caught up = loaded whole"
+    );
+    for environment in ["default", "staging"] {
+        assert_eq!(
+            source.environment(environment),
+            fresh.environment(environment),
+            "{environment}"
+        );
+    }
+    assert_eq!(value(&live, "color", &staging), Some(json!("amber")));
+
     // A new environment appears; a deleted one disappears.
     let version = live.current().version;
     store

@@ -184,6 +184,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn config_versions(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>>>;
     /// One environment's flag sets as flagd documents, consistent at one config version.
     fn snapshot(&self, environment: String) -> BoxFuture<'_, Result<EnvironmentSnapshot>>;
+    /// What changed in an environment after config version `since`: its current version, and the
+    /// current content of every flag set, flag and segment changed since (`after: None`: gone;
+    /// `before` is not filled), read at one version. Lets a reader that holds version `since`
+    /// catch up without reading the whole environment.
+    fn changes_since(&self, environment: String, since: i64) -> BoxFuture<'_, Result<(i64, Vec<Change>)>>;
 
     /// Outbox rows not yet published, oldest first.
     fn pending_outbox(&self, limit: u32) -> BoxFuture<'_, Result<Vec<OutboxEntry>>>;

@@ -64,6 +64,7 @@ conformance! {
     concurrent_writers_are_serialized_and_stale_ones_conflict,
     the_audit_log_filters_and_pages,
     lists_page_with_tokens,
+    changes_since_gives_what_changed_at_the_current_version,
 }
 
 fn actor() -> Actor {
@@ -1007,4 +1008,45 @@ async fn lists_page_with_tokens(store: &SqlStore) {
         .await
         .unwrap();
     assert_eq!(rest.items.iter().map(|v| v.version).collect::<Vec<_>>(), [2, 1]);
+}
+
+async fn changes_since_gives_what_changed_at_the_current_version(store: &SqlStore) {
+    with_set(store, "prod", "web").await; // 1
+    put(store, "a", boolean_flag("on"), Precondition::Any).await.unwrap(); // 2
+    put(store, "b", boolean_flag("on"), Precondition::Any).await.unwrap(); // 3
+    put(store, "a", boolean_flag("off"), Precondition::Any).await.unwrap(); // 4
+    store
+        .delete_flag(actor(), "prod".into(), "web".into(), "b".into(), Precondition::Any)
+        .await
+        .unwrap(); // 5
+    let (version, changes) = store.changes_since("prod".into(), 2).await.unwrap();
+    assert_eq!(version, 5);
+    let seen: Vec<(&str, Option<&Value>)> = changes
+        .iter()
+        .map(|c| (c.key.as_str(), c.after.as_ref().map(|b| &b["definition"])))
+        .collect();
+    assert_eq!(seen, [("a", Some(&boolean_flag("off"))), ("b", None)]);
+    assert!(
+        changes
+            .iter()
+            .all(|c| c.kind == EntityKind::Flag && c.flag_set == "web")
+    );
+    assert_eq!(store.changes_since("prod".into(), 5).await.unwrap(), (5, Vec::new()));
+    let (_, everything) = store.changes_since("prod".into(), 0).await.unwrap();
+    let kinds: Vec<(EntityKind, &str, bool)> = everything
+        .iter()
+        .map(|c| (c.kind, c.key.as_str(), c.after.is_some()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (EntityKind::FlagSet, "web", true),
+            (EntityKind::Flag, "a", true),
+            (EntityKind::Flag, "b", false)
+        ]
+    );
+    assert!(matches!(
+        store.changes_since("nope".into(), 0).await,
+        Err(StoreError::NotFound(_))
+    ));
 }

@@ -6,9 +6,12 @@
 //! interval (one small query) and a load follows when one moved; a write made by this process
 //! wakes the check at once ([`StoreSource::wake`]). A load reads only the environments whose
 //! version moved; the others keep their documents, so [`Live`](crate::Live) recompiles nothing of
-//! theirs.
+//! theirs. When only flags changed (the common write), even that environment is not read again:
+//! the store's history gives the changed flags, which are parsed on their own and put in place, so
+//! a write to a flag set of ten thousand flags parses and compiles one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +20,7 @@ use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt as _};
 use tokio::sync::Notify;
 use vexil_core::parse::{self, Strictness};
-use vexil_store::{EnvironmentSnapshot, Store};
+use vexil_store::{Change, EntityKind, EnvironmentSnapshot, Store};
 
 use super::{LoadError, Loaded, Part, Source};
 
@@ -30,6 +33,8 @@ pub struct StoreSource {
     /// Per environment: its documents as last loaded, as JSON and parsed.
     loaded: Mutex<HashMap<String, Environment>>,
     wake: Arc<Notify>,
+    /// Environments read whole so far (the rest were caught up from the history).
+    whole_loads: AtomicUsize,
 }
 
 /// One environment as last loaded.
@@ -51,6 +56,7 @@ impl StoreSource {
             poll_interval,
             loaded: Mutex::new(HashMap::new()),
             wake: Arc::new(Notify::new()),
+            whole_loads: AtomicUsize::new(0),
         }
     }
 
@@ -64,6 +70,11 @@ impl StoreSource {
     pub fn environment(&self, environment: &str) -> Option<Arc<EnvironmentSnapshot>> {
         let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         loaded.get(environment).map(|e| e.documents.clone())
+    }
+
+    /// How many times an environment was read whole (not caught up from the history).
+    pub fn whole_loads(&self) -> usize {
+        self.whole_loads.load(Ordering::Relaxed)
     }
 
     /// The default environment: the one requests without a selector see.
@@ -87,13 +98,14 @@ impl StoreSource {
         for (environment, version) in others.into_iter().chain(default) {
             let cached = {
                 let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-                loaded
-                    .get(&environment)
-                    .filter(|e| e.documents.config_version == version)
-                    .cloned()
+                loaded.get(&environment).cloned()
             };
             let loaded = match cached {
-                Some(hit) => hit,
+                Some(hit) if hit.documents.config_version == version => hit,
+                Some(older) => match self.catch_up(&environment, &older).await? {
+                    Some(caught_up) => caught_up,
+                    None => self.load_environment(&environment).await?,
+                },
                 None => self.load_environment(&environment).await?,
             };
             parts.extend(loaded.parts.iter().cloned());
@@ -103,7 +115,30 @@ impl StoreSource {
         Ok(Loaded { parts })
     }
 
+    /// Brings an environment loaded at an older version up to date from what changed since, when
+    /// only flags changed (the common write): the changed flags are parsed on their own and put in
+    /// place, every other flag keeps its parsed definition (so Live compiles only the changed
+    /// ones). `None` when something else changed (a segment, a flag set): load it whole.
+    async fn catch_up(&self, environment: &str, older: &Environment) -> Result<Option<Environment>, LoadError> {
+        let since = older.documents.config_version;
+        let (version, changes) = self
+            .store
+            .changes_since(environment.to_owned(), since)
+            .await
+            .map_err(Self::failed)?;
+        if changes.iter().any(|c| c.kind != EntityKind::Flag) {
+            return Ok(None);
+        }
+        let older = older.clone();
+        let environment = environment.to_owned();
+        let apply = move || apply_flag_changes(&environment, older, version, changes);
+        tokio::task::spawn_blocking(apply)
+            .await
+            .map_err(|e| LoadError::Other(Box::new(e)))
+    }
+
     async fn load_environment(&self, environment: &str) -> Result<Environment, LoadError> {
+        self.whole_loads.fetch_add(1, Ordering::Relaxed);
         let snapshot = self
             .store
             .snapshot(environment.to_owned())
@@ -167,4 +202,61 @@ impl Source for StoreSource {
         })
         .boxed()
     }
+}
+
+/// `older` with flag changes applied (see [`StoreSource::catch_up`]); `None` if a change is not in
+/// a flag set `older` has, or a changed flag does not parse on its own.
+fn apply_flag_changes(
+    environment: &str,
+    older: Environment,
+    version: i64,
+    changes: Vec<Change>,
+) -> Option<Environment> {
+    let mut documents = (*older.documents).clone();
+    let mut parts = older.parts;
+    for change in changes {
+        let index = documents
+            .flag_sets
+            .iter()
+            .position(|(set, _)| *set == change.flag_set)?;
+        let part_key = format!("{environment}/{}", change.flag_set);
+        let part = parts.iter_mut().find(|p| p.key == part_key)?;
+        let document = &mut documents.flag_sets[index].1;
+        let flags = &mut part.parsed.config.flags;
+        let at = flags.binary_search_by(|f| f.key.as_str().cmp(&change.key));
+        match change.after.as_ref().and_then(|body| body.get("definition")) {
+            Some(definition) => {
+                // The flag alone, with its set's evaluators and metadata: parsed as in the whole
+                // document (the store validated it before it committed).
+                let mut alone = serde_json::Map::new();
+                alone.insert("flags".into(), serde_json::json!({ change.key.clone(): definition }));
+                for field in ["$evaluators", "metadata"] {
+                    if let Some(value) = document.get(field) {
+                        alone.insert(field.into(), value.clone());
+                    }
+                }
+                let parsed = parse::parse_value(&serde_json::Value::Object(alone), Strictness::Flagd).ok()?;
+                let flag = parsed.config.flags.into_iter().next()?;
+                match at {
+                    Ok(i) => flags[i] = flag,
+                    Err(i) => flags.insert(i, flag),
+                }
+                document
+                    .get_mut("flags")?
+                    .as_object_mut()?
+                    .insert(change.key, definition.clone());
+            }
+            None => {
+                if let Ok(i) = at {
+                    flags.remove(i);
+                }
+                document.get_mut("flags")?.as_object_mut()?.remove(&change.key);
+            }
+        }
+    }
+    documents.config_version = version;
+    Some(Environment {
+        documents: Arc::new(documents),
+        parts,
+    })
 }

@@ -125,6 +125,30 @@ impl SqlStore {
             .collect())
     }
 
+    pub(super) async fn changed_since(&self, environment: &str, since: i64) -> Result<(i64, Vec<Change>)> {
+        let mut tx = self.read().await?;
+        let (env_id, current) = self.environment_id(&mut tx, environment).await?;
+        if since >= current {
+            return Ok((current, Vec::new()));
+        }
+        let entities = self.changed_between(&mut tx, env_id, since, current).await?;
+        let mut now = self.state_at(&mut tx, env_id, current, since, current).await?;
+        let changes = entities
+            .into_iter()
+            .map(|id| {
+                let after = now.remove(&id);
+                Change {
+                    flag_set: id.0,
+                    kind: id.1,
+                    key: id.2,
+                    before: None,
+                    after,
+                }
+            })
+            .collect();
+        Ok((current, changes))
+    }
+
     pub(super) async fn roll_back(&self, actor: &Actor, environment: &str, to: i64) -> Result<Written<Vec<Change>>> {
         let mut w = self.begin_env_write(actor, environment).await?;
         let current = w.version() - 1;

@@ -533,6 +533,10 @@ impl Store for SqlStore {
         Box::pin(async move { self.environment_snapshot(&environment).await })
     }
 
+    fn changes_since(&self, environment: String, since: i64) -> BoxFuture<'_, Result<(i64, Vec<Change>)>> {
+        Box::pin(async move { self.changed_since(&environment, since).await })
+    }
+
     fn pending_outbox(&self, limit: u32) -> BoxFuture<'_, Result<Vec<OutboxEntry>>> {
         Box::pin(async move {
             let rows = sqlx::query(self.q.outbox_pending)
