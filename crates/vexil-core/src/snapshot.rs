@@ -144,7 +144,7 @@ impl CompiledSource {
         mut source: SourceConfig,
         previous: Option<&CompiledSource>,
     ) -> CompiledSource {
-        let reusable: HashMap<&str, &Arc<CompiledFlag>> = previous
+        let reusable: HashMap<&str, &Arc<CompiledFlag>, RandomState> = previous
             .filter(|p| Arc::ptr_eq(&p.engine, engine))
             .map(|p| p.flags.iter().map(|c| (c.key(), c)).collect())
             .unwrap_or_default();
@@ -344,7 +344,8 @@ impl Snapshot {
         );
         let revision = revision(engine.fractional_mode(), &sources);
         let mut entries: Vec<Entry> = Vec::new();
-        let mut by_id: HashMap<(Option<&str>, &str), usize> = HashMap::new();
+        // Keys come from configuration, never from requests: the fast hasher is safe.
+        let mut by_id: HashMap<(Option<&str>, &str), usize, RandomState> = HashMap::default();
         for (priority, source) in sources.iter().enumerate() {
             for flag in &source.flags {
                 let entry = Entry {

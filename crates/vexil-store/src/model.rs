@@ -410,8 +410,8 @@ pub struct EnvironmentSnapshot {
     /// The config version the documents are at.
     pub config_version: i64,
     /// Each flag set's flagd document (its metadata carrying `flagSetId: <environment>/<set>`),
-    /// sorted by key.
-    pub flag_sets: Vec<(String, Value)>,
+    /// sorted by key. Shared: a reader that updates one set keeps the others as they are.
+    pub flag_sets: Vec<(String, std::sync::Arc<Value>)>,
 }
 
 /// A row of the outbox: a config version to announce.

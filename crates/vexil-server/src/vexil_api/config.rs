@@ -33,7 +33,7 @@ fn message(snapshot: &EnvironmentSnapshot, flag_set: &str) -> pb::ConfigSnapshot
             .filter(|(key, _)| flag_set.is_empty() || key == flag_set)
             .map(|(key, document)| pb::FlagSetDocument {
                 key: key.clone(),
-                document: convert::structure(document.clone()),
+                document: convert::structure((**document).clone()),
             })
             .collect(),
     }

@@ -221,7 +221,7 @@ fn apply_flag_changes(
             .position(|(set, _)| *set == change.flag_set)?;
         let part_key = format!("{environment}/{}", change.flag_set);
         let part = parts.iter_mut().find(|p| p.key == part_key)?;
-        let document = &mut documents.flag_sets[index].1;
+        let document = Arc::make_mut(&mut documents.flag_sets[index].1);
         let flags = &mut part.parsed.config.flags;
         let at = flags.binary_search_by(|f| f.key.as_str().cmp(&change.key));
         match change.after.as_ref().and_then(|body| body.get("definition")) {

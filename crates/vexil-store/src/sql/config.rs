@@ -775,7 +775,7 @@ impl SqlStore {
                 .into_iter()
                 .map(|(key, doc)| {
                     let document = doc.to_document(Some(format!("{environment}/{key}")));
-                    (key, document)
+                    (key, std::sync::Arc::new(document))
                 })
                 .collect(),
         })
