@@ -131,17 +131,16 @@ WHERE environment_id = $1 AND version > $2 AND version <= $3;
 -- name: state_at
 -- The body at version $2 of each entity changed after version $3 up to $4: that of its last change
 -- at or before $2 (NULL: deleted by then). An entity with no change at or before $2 has no row.
+-- Only the changed entities are visited (by the version index), not the whole history.
 SELECT c.flag_set, c.kind, c.key, vx_text(c.body)
-FROM config_changes c
-WHERE c.environment_id = $1
-  AND c.version = (
-      SELECT max(p.version) FROM config_changes p
-      WHERE p.environment_id = c.environment_id AND p.flag_set = c.flag_set AND p.kind = c.kind
-        AND p.key = c.key AND p.version <= $2)
-  AND EXISTS (
-      SELECT 1 FROM config_changes n
-      WHERE n.environment_id = c.environment_id AND n.flag_set = c.flag_set AND n.kind = c.kind
-        AND n.key = c.key AND n.version > $3 AND n.version <= $4);
+FROM (SELECT DISTINCT flag_set, kind, key FROM config_changes
+      WHERE environment_id = $1 AND version > $3 AND version <= $4) n
+JOIN config_changes c
+  ON c.environment_id = $1 AND c.flag_set = n.flag_set AND c.kind = n.kind AND c.key = n.key
+WHERE c.version = (
+    SELECT max(p.version) FROM config_changes p
+    WHERE p.environment_id = $1 AND p.flag_set = n.flag_set AND p.kind = n.kind AND p.key = n.key
+      AND p.version <= $2);
 
 -- name: audit_insert
 INSERT INTO audit_log (at, actor, action, environment, entity_kind, entity, config_version, before, after)
