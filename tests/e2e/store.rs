@@ -213,6 +213,58 @@ async fn a_change_by_another_process_reaches_every_protocol(url: &str) {
         Ok("red".into())
     );
 
+    // A write through this server's admin API reaches the same subscribers and both providers.
+    let mut admin = vexil_proto::vexil::v1::admin_service_client::AdminServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap();
+    for environment in ["default", "staging"] {
+        let mut flag = document("green")["flags"]["color"].clone();
+        flag["defaultVariant"] = json!("green");
+        admin
+            .put_flag(vexil_proto::vexil::v1::PutFlagRequest {
+                environment: environment.into(),
+                flag_set: "web".into(),
+                key: "color".into(),
+                definition: match flag {
+                    Value::Object(m) => Some(m.into()),
+                    _ => None,
+                },
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let change = tokio::time::timeout(DEADLINE, events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(change.r#type, "configuration_change");
+    let synced = tokio::time::timeout(DEADLINE, syncs.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let config: Value = serde_json::from_str(&synced.flag_configuration).unwrap();
+    assert_eq!(config["flags"]["color"]["defaultVariant"], "green");
+    eventually(&rpc, "green").await;
+    eventually(&in_process, "green").await;
+    let mut flag = document("red")["flags"]["color"].clone();
+    flag["defaultVariant"] = json!("red");
+    admin
+        .put_flag(vexil_proto::vexil::v1::PutFlagRequest {
+            environment: "default".into(),
+            flag_set: "web".into(),
+            key: "color".into(),
+            definition: match flag {
+                Value::Object(m) => Some(m.into()),
+                _ => None,
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
     // `export` gives the document back.
     let out = vexil(&[
         "export",
