@@ -808,3 +808,49 @@ async fn grpc_web_reaches_vexil_services() {
     let text = String::from_utf8_lossy(&again.bytes().await.unwrap()).to_ascii_lowercase();
     assert!(status == "6" || text.contains("grpc-status:6"), "{status} {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_watches_count_against_max_streams() {
+    let dir = Scratch::new("watch-limit");
+    let url = format!("sqlite:{}", dir.0.join("vexil.db").display());
+    let s = Server::start_with_env(&["--database-url", &url, "--max-streams", "1"], &[]);
+    let (mut admin, _) = clients(&s).await;
+    admin
+        .create_environment(pb::CreateEnvironmentRequest {
+            key: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut config = ConfigServiceClient::connect(s.grpc_url()).await.unwrap();
+    let watch = || pb::WatchRequest {
+        environment: "prod".into(),
+        flag_set: String::new(),
+    };
+    // The new environment is served once this server has loaded it (moments after the write).
+    let start = Instant::now();
+    let mut first = loop {
+        match config.watch(watch()).await {
+            Ok(stream) => break stream.into_inner(),
+            Err(status) if status.code() == Code::NotFound && start.elapsed() < DEADLINE => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    first.message().await.unwrap().unwrap();
+    let refused = config.watch(watch()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    drop(first);
+    let start = Instant::now();
+    loop {
+        match config.watch(watch()).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert!(start.elapsed() < DEADLINE, "the slot of a closed watch is given back");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

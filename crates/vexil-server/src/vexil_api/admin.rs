@@ -100,6 +100,7 @@ impl AdminService for Admin {
             .create_environment(who.actor(), r.key, input)
             .await
             .map_err(store_status)?;
+        self.managed.source.wake();
         Ok(Response::new(convert::environment(created)))
     }
 

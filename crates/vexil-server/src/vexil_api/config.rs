@@ -78,12 +78,15 @@ impl ConfigService for ConfigApi {
         self.managed.check(&request, Need::Evaluate(&environment)).await?;
         let flag_set = request.into_inner().flag_set;
         let first = self.current(&environment, &flag_set)?;
+        // Counted against --max-streams with flagd's streams.
+        let permit = self.app.streams().admit("config_watch")?;
         let (source, mut published, mut shutdown) = (
             self.managed.source.clone(),
             self.app.live().subscribe(),
             self.app.shutdown(),
         );
         let stream = async_stream(move |tx| async move {
+            let _permit = permit;
             let mut sent = first.config_version;
             if tx.send(Ok(message(&first, &flag_set))).await.is_err() {
                 return;
