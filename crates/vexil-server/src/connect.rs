@@ -13,24 +13,21 @@
 //! back. Every service on the port — flagd's and any added later — answers Connect identically to
 //! gRPC, through the same handlers.
 
-use std::sync::LazyLock;
-
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use futures::StreamExt;
 use http_body_util::{BodyExt, BodyStream};
 use prost::Message;
-use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions,
-};
+use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions};
 use serde_json::json;
 use tonic::Status;
 use tower::ServiceExt;
 
 use crate::error::{self, ErrorKind};
+use crate::grpc_wire;
 use crate::serve::Peer;
 
 /// Whether a request is Connect (rather than gRPC or gRPC-web), by its content type.
@@ -71,15 +68,9 @@ fn content_type_header(kind: Kind, codec: Codec) -> HeaderValue {
     })
 }
 
-/// The descriptors of every service served on the port.
-static DESCRIPTORS: LazyLock<Result<DescriptorPool, String>> =
-    LazyLock::new(|| DescriptorPool::decode(vexil_proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()));
-
 /// The method at `path` (`/<package.Service>/<Method>`).
 fn method(path: &str) -> Result<MethodDescriptor, Status> {
-    let pool = DESCRIPTORS
-        .as_ref()
-        .map_err(|e| error::grpc_status(ErrorKind::Internal, format!("descriptors: {e}")))?;
+    let pool = grpc_wire::pool().map_err(|e| error::grpc_status(ErrorKind::Internal, e))?;
     let (service, name) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
     pool.get_service_by_name(service)
         .and_then(|s| s.methods().find(|m| m.name() == name))
@@ -162,7 +153,7 @@ const CONNECT_ONLY: [&str; 10] = [
 
 /// The gRPC request for `message` (protobuf), with the caller's headers (selector, `-H` context).
 fn grpc_request(path: &str, headers: &HeaderMap, peer: Option<Peer>, message: &[u8]) -> axum::extract::Request {
-    let mut request = axum::extract::Request::new(Body::from(grpc_frame(message)));
+    let mut request = axum::extract::Request::new(Body::from(grpc_wire::frame(message)));
     if let Some(peer) = peer {
         request.extensions_mut().insert(peer);
     }
@@ -177,14 +168,6 @@ fn grpc_request(path: &str, headers: &HeaderMap, peer: Option<Peer>, message: &[
     forwarded.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     forwarded.insert(header::TE, HeaderValue::from_static("trailers"));
     request
-}
-
-fn grpc_frame(message: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(5 + message.len());
-    frame.extend_from_slice(&[0]);
-    frame.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
-    frame.extend_from_slice(message);
-    frame.freeze()
 }
 
 /// The request message as protobuf: JSON transcoded with the message's descriptor.
@@ -278,19 +261,7 @@ fn status_of(map: &HeaderMap) -> Option<Status> {
 
 /// Splits the complete gRPC messages off the front of `buffer`.
 fn take_messages(buffer: &mut BytesMut) -> Result<Vec<Bytes>, Status> {
-    let mut messages = Vec::new();
-    while buffer.len() >= 5 {
-        if buffer[0] != 0 {
-            return Err(error::grpc_status(ErrorKind::Internal, "a compressed gRPC response"));
-        }
-        let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
-        if buffer.len() < 5 + len {
-            break;
-        }
-        buffer.advance(5);
-        messages.push(buffer.split_to(len).freeze());
-    }
-    Ok(messages)
+    grpc_wire::take_messages(buffer).map_err(|e| error::grpc_status(ErrorKind::Internal, e))
 }
 
 async fn unary_reply(codec: Codec, output: &MessageDescriptor, response: Response) -> Response {

@@ -19,6 +19,7 @@ mod error;
 mod flagd;
 #[doc(hidden)]
 pub mod fuzzing;
+mod grpc_wire;
 mod management;
 pub mod metrics;
 mod ofrep;

@@ -77,7 +77,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use futures::StreamExt;
 use http_body_util::{BodyExt, BodyStream};
 use prost::Message;
@@ -90,6 +90,7 @@ use tonic::{Code, Status};
 use tower::ServiceExt;
 
 use crate::error::{self, ErrorKind};
+use crate::grpc_wire;
 use crate::serve::Peer;
 
 /// The package whose services are transcoded.
@@ -123,14 +124,11 @@ struct Transcoder {
 // Descriptors and the route table
 // ---------------------------------------------------------------------------------------------
 
-static POOL: LazyLock<Result<DescriptorPool, String>> =
-    LazyLock::new(|| DescriptorPool::decode(vexil_proto::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()));
-
 static ROUTES: LazyLock<Result<RouteTable, String>> = LazyLock::new(|| RouteTable::build(pool()?));
 
-/// The descriptors of every proto (decoded once).
+/// The descriptors of every proto (decoded once, shared with the Connect layer).
 pub(crate) fn pool() -> Result<&'static DescriptorPool, String> {
-    POOL.as_ref().map_err(|e| format!("descriptors: {e}"))
+    grpc_wire::pool()
 }
 
 /// The route table (built once, from the descriptors).
@@ -1049,11 +1047,7 @@ fn grpc_request(route: &Route, parts: &http::request::Parts, message: &[u8]) -> 
 }
 
 fn grpc_frame(message: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(5 + message.len());
-    frame.extend_from_slice(&[0]);
-    frame.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
-    frame.extend_from_slice(message);
-    frame.freeze()
+    grpc_wire::frame(message)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1080,19 +1074,7 @@ fn status_of(http: StatusCode, map: &HeaderMap) -> Option<Status> {
 
 /// Splits the complete gRPC messages off the front of `buffer`.
 fn take_messages(buffer: &mut BytesMut) -> Result<Vec<Bytes>, ApiError> {
-    let mut messages = Vec::new();
-    while buffer.len() >= 5 {
-        if buffer[0] != 0 {
-            return Err(ApiError::internal("a compressed gRPC response"));
-        }
-        let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
-        if buffer.len() < 5 + len {
-            break;
-        }
-        buffer.advance(5);
-        messages.push(buffer.split_to(len).freeze());
-    }
-    Ok(messages)
+    grpc_wire::take_messages(buffer).map_err(ApiError::internal)
 }
 
 /// How responses are written: every field but unset messages, optionals and oneofs; camelCase
