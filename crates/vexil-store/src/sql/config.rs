@@ -503,9 +503,30 @@ impl SqlStore {
     }
 
     pub(super) async fn flags(&self, environment: &str, flag_set: &str, page: PageRequest) -> Result<Page<FlagRecord>> {
+        self.list_in_set(environment, flag_set, page, self.q.flag_list, flag_of, |f| {
+            f.key.clone()
+        })
+        .await
+    }
+
+    pub(super) async fn flag(&self, environment: &str, flag_set: &str, key: &str) -> Result<FlagRecord> {
+        self.get_in_set(environment, flag_set, key, "flag", self.q.flag_select, flag_of)
+            .await
+    }
+
+    /// One page of the rows `query` lists in a flag set, decoded by `decode`.
+    async fn list_in_set<T>(
+        &self,
+        environment: &str,
+        flag_set: &str,
+        page: PageRequest,
+        query: &'static str,
+        decode: fn(&str, &str, &AnyRow) -> Result<T>,
+        key: fn(&T) -> String,
+    ) -> Result<Page<T>> {
         let mut tx = self.read().await?;
         let set = self.existing_set(&mut tx, environment, flag_set).await?;
-        let rows = sqlx::query(self.q.flag_list)
+        let rows = sqlx::query(query)
             .bind(set.id)
             .bind(key_start(&page)?)
             .bind(i64::from(page.limit()) + 1)
@@ -513,22 +534,31 @@ impl SqlStore {
             .await?;
         let items = rows
             .iter()
-            .map(|r| flag_of(environment, flag_set, r))
+            .map(|r| decode(environment, flag_set, r))
             .collect::<Result<Vec<_>>>()?;
-        Ok(page_of(items, page.limit(), |f| f.key.clone()))
+        Ok(page_of(items, page.limit(), key))
     }
 
-    pub(super) async fn flag(&self, environment: &str, flag_set: &str, key: &str) -> Result<FlagRecord> {
+    /// The row `query` selects by key in a flag set (a `what`), decoded by `decode`.
+    async fn get_in_set<T>(
+        &self,
+        environment: &str,
+        flag_set: &str,
+        key: &str,
+        what: &str,
+        query: &'static str,
+        decode: fn(&str, &str, &AnyRow) -> Result<T>,
+    ) -> Result<T> {
         let mut tx = self.read().await?;
         let set = self.existing_set(&mut tx, environment, flag_set).await?;
-        sqlx::query(self.q.flag_select)
+        sqlx::query(query)
             .bind(set.id)
             .bind(key)
             .fetch_optional(&mut *tx)
             .await?
-            .map(|row| flag_of(environment, flag_set, &row))
+            .map(|row| decode(environment, flag_set, &row))
             .transpose()?
-            .ok_or_else(|| StoreError::NotFound(format!("flag `{environment}/{flag_set}/{key}`")))
+            .ok_or_else(|| StoreError::NotFound(format!("{what} `{environment}/{flag_set}/{key}`")))
     }
 
     /// Writes (or with `None` deletes) a flag; the config version published, if anything changed.
@@ -588,32 +618,15 @@ impl SqlStore {
         flag_set: &str,
         page: PageRequest,
     ) -> Result<Page<SegmentRecord>> {
-        let mut tx = self.read().await?;
-        let set = self.existing_set(&mut tx, environment, flag_set).await?;
-        let rows = sqlx::query(self.q.segment_list)
-            .bind(set.id)
-            .bind(key_start(&page)?)
-            .bind(i64::from(page.limit()) + 1)
-            .fetch_all(&mut *tx)
-            .await?;
-        let items = rows
-            .iter()
-            .map(|r| segment_of(environment, flag_set, r))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(page_of(items, page.limit(), |s| s.key.clone()))
+        self.list_in_set(environment, flag_set, page, self.q.segment_list, segment_of, |s| {
+            s.key.clone()
+        })
+        .await
     }
 
     pub(super) async fn segment(&self, environment: &str, flag_set: &str, key: &str) -> Result<SegmentRecord> {
-        let mut tx = self.read().await?;
-        let set = self.existing_set(&mut tx, environment, flag_set).await?;
-        sqlx::query(self.q.segment_select)
-            .bind(set.id)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|row| segment_of(environment, flag_set, &row))
-            .transpose()?
-            .ok_or_else(|| StoreError::NotFound(format!("segment `{environment}/{flag_set}/{key}`")))
+        self.get_in_set(environment, flag_set, key, "segment", self.q.segment_select, segment_of)
+            .await
     }
 
     pub(super) async fn write_segment(
