@@ -128,6 +128,12 @@ VALUES ($1, $2, $3, $4, $5, vx_json($6));
 SELECT DISTINCT flag_set, kind, key FROM config_changes
 WHERE environment_id = $1 AND version > $2 AND version <= $3;
 
+-- name: version_changes
+-- Every change after version $2 up to version $3, in the order they were published.
+SELECT version, flag_set, kind, key, vx_text(body) FROM config_changes
+WHERE environment_id = $1 AND version > $2 AND version <= $3
+ORDER BY version, flag_set, kind, key;
+
 -- name: state_at
 -- The body at version $2 of each entity changed after version $3 up to $4: that of its last change
 -- at or before $2 (NULL: deleted by then). An entity with no change at or before $2 has no row.
@@ -191,7 +197,9 @@ SELECT count(*) FROM api_keys WHERE revoked_at IS NULL;
 INSERT INTO outbox (environment, config_version, created_at) VALUES ($1, $2, vx_ts($3));
 
 -- name: outbox_pending
-SELECT id, environment, config_version FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1;
+-- Rows written before $2 not published yet, oldest first.
+SELECT id, environment, config_version FROM outbox
+WHERE published_at IS NULL AND created_at <= vx_ts($2) ORDER BY id LIMIT $1;
 
 -- name: outbox_mark
 UPDATE outbox SET published_at = vx_ts($2) WHERE id = $1;

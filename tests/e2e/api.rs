@@ -283,12 +283,17 @@ async fn administration_over_grpc_reaches_evaluation_and_flagd_streams() {
         .watch(pb::WatchRequest {
             environment: "prod".into(),
             flag_set: "web".into(),
+            since_version: 0,
         })
         .await
         .unwrap()
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.config_version, 4);
+    let Some(pb::config_event::Event::Snapshot(snapshot)) = first.event else {
+        panic!("a watch without since_version starts with a snapshot: {first:?}");
+    };
+    assert_eq!(snapshot.flag_sets.len(), 1);
     admin.put_flag(put("prod", "second", flag("on"))).await.unwrap();
     let next = tokio::time::timeout(DEADLINE, watch.message())
         .await
@@ -296,8 +301,15 @@ async fn administration_over_grpc_reaches_evaluation_and_flagd_streams() {
         .unwrap()
         .unwrap();
     assert_eq!(next.config_version, 5);
-    let document = serde_json::to_value(next.flag_sets[0].document.clone()).unwrap();
-    assert_eq!(document["flags"]["second"]["defaultVariant"], "on");
+    let Some(pb::config_event::Event::Changes(changes)) = next.event else {
+        panic!("then each version's changes: {next:?}");
+    };
+    let [change] = changes.changes.as_slice() else {
+        panic!("one change: {changes:?}");
+    };
+    assert_eq!((change.kind.as_str(), change.key.as_str()), ("flag", "second"));
+    let after = serde_json::to_value(change.after.clone().unwrap()).unwrap();
+    assert_eq!(after["definition"]["defaultVariant"], "on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -739,6 +751,7 @@ async fn the_json_api_is_transcoded_from_the_annotations() {
     };
     let first = next_event().await;
     assert_eq!(first["configVersion"], "3");
+    assert_eq!(first["snapshot"]["flagSets"][0]["key"], "web");
     send(
         Method::PUT,
         "/environments/prod/flag-sets/web/flags/second",
@@ -747,8 +760,9 @@ async fn the_json_api_is_transcoded_from_the_annotations() {
     .await;
     let second = next_event().await;
     assert_eq!(second["configVersion"], "4");
+    assert_eq!(second["changes"]["changes"][0]["key"], "second");
     assert_eq!(
-        second["flagSets"][0]["document"]["flags"]["second"]["defaultVariant"],
+        second["changes"]["changes"][0]["after"]["definition"]["defaultVariant"],
         "on"
     );
 }
@@ -826,6 +840,7 @@ async fn config_watches_count_against_max_streams() {
     let watch = || pb::WatchRequest {
         environment: "prod".into(),
         flag_set: String::new(),
+        since_version: 0,
     };
     // The new environment is served once this server has loaded it (moments after the write).
     let start = Instant::now();

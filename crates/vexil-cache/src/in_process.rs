@@ -38,6 +38,10 @@ impl ConfigCache for InProcess {
         "in-process"
     }
 
+    fn holds_snapshots(&self) -> bool {
+        false
+    }
+
     fn publish(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), CacheError>> {
         self.status.published();
         // No subscriber is not an error: nobody is listening yet.

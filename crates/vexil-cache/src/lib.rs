@@ -86,6 +86,10 @@ pub trait ConfigCache: Send + Sync + fmt::Debug {
     /// `"redis"` or `"in-process"`: how readiness, logs and metrics name it.
     fn kind(&self) -> &'static str;
 
+    /// Whether snapshots are kept (Redis); without, `versions` is empty, `get_snapshot` finds
+    /// nothing and `put_snapshot` stores nothing.
+    fn holds_snapshots(&self) -> bool;
+
     /// Announces a change to every subscriber of every replica.
     fn publish(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), CacheError>>;
 

@@ -186,6 +186,10 @@ impl ConfigCache for RedisCache {
         "redis"
     }
 
+    fn holds_snapshots(&self) -> bool {
+        true
+    }
+
     fn publish(&self, announcement: Announcement) -> BoxFuture<'_, Result<(), CacheError>> {
         async move {
             let payload = serde_json::to_string(&announcement).expect("an announcement serializes");
@@ -294,7 +298,11 @@ mod tests {
     async fn until_up(cache: &RedisCache) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !cache.health().up {
-            assert!(tokio::time::Instant::now() < deadline, "cache not up: {:?}", cache.health());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cache not up: {:?}",
+                cache.health()
+            );
             let _ = cache.versions().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -362,10 +370,16 @@ mod tests {
         assert!(cache.put_snapshot("prod".into(), snapshot(2, "two")).await.unwrap());
         assert!(!cache.put_snapshot("prod".into(), snapshot(1, "one")).await.unwrap());
         assert!(!cache.put_snapshot("prod".into(), snapshot(2, "again")).await.unwrap());
-        assert_eq!(cache.get_snapshot("prod".into()).await.unwrap(), Some(snapshot(2, "two")));
+        assert_eq!(
+            cache.get_snapshot("prod".into()).await.unwrap(),
+            Some(snapshot(2, "two"))
+        );
         assert!(cache.put_snapshot("prod".into(), snapshot(5, "five")).await.unwrap());
         assert!(cache.put_snapshot("dev".into(), snapshot(1, "dev")).await.unwrap());
-        assert_eq!(cache.get_snapshot("prod".into()).await.unwrap(), Some(snapshot(5, "five")));
+        assert_eq!(
+            cache.get_snapshot("prod".into()).await.unwrap(),
+            Some(snapshot(5, "five"))
+        );
         let versions = cache.versions().await.unwrap();
         assert_eq!(versions, HashMap::from([("prod".into(), 5), ("dev".into(), 1)]));
         // The replaced body expires; the current one does not.

@@ -222,9 +222,21 @@ pub struct ServeArgs {
     /// sources); every environment's flag sets are served under `flagSetId=<environment>/<set>`.
     #[arg(long, env = "VEXIL_DEFAULT_ENVIRONMENT", default_value = "default")]
     pub default_environment: String,
-    /// How often the store is checked for changes made by other processes, in milliseconds.
+    /// How often the store is checked for changes made by other processes, in milliseconds (the
+    /// backstop for a missed change message). With --redis-url, Redis's snapshot versions are
+    /// checked at this interval and the database's every tenth time (every time while Redis is
+    /// down).
     #[arg(long, env = "VEXIL_STORE_POLL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
     pub store_poll_interval_ms: u64,
+    /// Redis, for replicas sharing one database: `redis://[user:password@]host:port[/db]`. Changes
+    /// are announced on its pub/sub and each environment's snapshot is cached there for replicas
+    /// that start. Without it, changes are announced inside the process (one replica; others
+    /// find changes by the version check). Needs the store.
+    #[arg(long, env = "VEXIL_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of Vexil's Redis keys and channel (deployments sharing a Redis use different ones).
+    #[arg(long, env = "VEXIL_REDIS_KEY_PREFIX", default_value = "vexil:")]
+    pub redis_key_prefix: String,
     /// Require an API key (evaluate or admin, of the default environment) on flagd's protocols
     /// and OFREP too; without it they are open, as in flagd. Needs the store (the keys live there).
     #[arg(long, env = "VEXIL_FLAGD_KEYS")]

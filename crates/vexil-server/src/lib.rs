@@ -45,7 +45,8 @@ use vexil_proto::flagd::evaluation::{v1, v2};
 use vexil_proto::flagd::sync::v1::flag_sync_service_server::FlagSyncServiceServer;
 use vexil_proto::schema::v1 as schema_v1;
 
-use vexil_service::{Live, LiveConfig, StoreSource};
+use vexil_cache::{ConfigCache, InProcess, RedisCache};
+use vexil_service::{Live, LiveConfig, Relay, StoreSource};
 
 use crate::app::{App, AppConfig};
 use crate::config::ServeArgs;
@@ -68,13 +69,20 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
             sources.push(managed.source.clone());
             Some(Arc::new(managed))
         }
+        None if args.redis_url.is_some() => {
+            anyhow::bail!("--redis-url needs the store (replicas share its database): give --database-url")
+        }
         None => None,
     };
+    let relay = managed
+        .as_ref()
+        .map(|m| tokio::spawn(m.relay.clone().run(RELAY_INTERVAL)));
     let live = Live::compose(sources, live_config.options()).await;
     let watcher = live.watch();
     let prometheus = metrics::install().context("installing the metrics recorder")?;
     let upkeep = metrics::spawn_upkeep(prometheus.clone());
-    let gauges = tokio::spawn(track_config(live.clone()));
+    let cache = managed.as_ref().map(|m| m.source.cache().clone());
+    let gauges = tokio::spawn(track_config(live.clone(), managed.clone()));
 
     let app = App::new(AppConfig {
         live: live.clone(),
@@ -93,7 +101,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     let grpc = grpc_routes(&app, managed.as_ref(), args.max_request_body)?.into_axum_router();
     let evaluation = evaluation_router(grpc.clone(), args.max_request_body);
     let sync = sync_router(&app, args.max_request_body);
-    let management = management::router(live.clone(), prometheus).merge(health_router());
+    let management = management::router(live.clone(), prometheus, cache).merge(health_router());
     let mut ofrep = ofrep::router(app.clone());
     if managed.is_some() {
         ofrep = ofrep.merge(transcode::router(grpc, args.max_request_body));
@@ -147,6 +155,9 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     }
     watcher.abort();
     gauges.abort();
+    if let Some(relay) = relay {
+        relay.abort();
+    }
     upkeep.abort();
     tracing::info!("stopped");
     Ok(())
@@ -159,8 +170,19 @@ async fn managed(url: &str, args: &ServeArgs) -> anyhow::Result<vexil_api::Manag
         .with_context(|| format!("cannot open the store at {}", vexil_store::redact(url)))?;
     tracing::info!(database = %store.database(), environment = %args.default_environment, "managed store open");
     let store: Arc<dyn vexil_store::Store> = Arc::new(store);
+    let cache: Arc<dyn ConfigCache> = match &args.redis_url {
+        Some(url) => {
+            let cache = RedisCache::connect(url, &args.redis_key_prefix)
+                .with_context(|| format!("invalid --redis-url {}", vexil_store::redact(url)))?;
+            tracing::info!(redis = %vexil_store::redact(url), prefix = %args.redis_key_prefix, "config cache and change bus on Redis");
+            Arc::new(cache)
+        }
+        None => Arc::new(InProcess::new()),
+    };
     let poll = Duration::from_millis(args.store_poll_interval_ms);
-    let source = Arc::new(StoreSource::new(store.clone(), args.default_environment.clone(), poll));
+    let source =
+        Arc::new(StoreSource::new(store.clone(), args.default_environment.clone(), poll).with_cache(cache.clone()));
+    let relay = Relay::new(store.clone(), cache);
     let admin_token = std::env::var("VEXIL_ADMIN_TOKEN").ok();
     let access = vexil_api::Access::new(store.clone(), admin_token);
     if access.open().await.unwrap_or(false) {
@@ -168,7 +190,13 @@ async fn managed(url: &str, args: &ServeArgs) -> anyhow::Result<vexil_api::Manag
             "no API key exists and VEXIL_ADMIN_TOKEN is not set: the admin API answers clients on this machine (loopback) without a key; create one with `vexil keys create --role admin`"
         );
     }
-    Ok(vexil_api::Managed { store, source, access })
+    Ok(vexil_api::Managed {
+        store,
+        source,
+        relay,
+        access,
+        fail_point: vexil_api::FailPoint::from_env(),
+    })
 }
 
 /// Every gRPC service of port 8013: flagd's, Vexil's own (with a store), health and reflection.
@@ -306,7 +334,10 @@ fn cors(origins: &[String]) -> CorsLayer {
 }
 
 /// Keeps the configuration gauges current.
-async fn track_config(live: Live) {
+/// How often the outbox relay sweeps for changes whose writer did not publish them.
+const RELAY_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn track_config(live: Live, managed: Option<Arc<vexil_api::Managed>>) {
     let mut rx = live.subscribe();
     let mut tick = tokio::time::interval(metrics::UPKEEP_INTERVAL);
     loop {
@@ -316,6 +347,9 @@ async fn track_config(live: Live) {
         };
         metrics::config(version, flags);
         metrics::sources(&live.readiness());
+        if let Some(managed) = &managed {
+            metrics::replication(managed.source.cache().as_ref(), managed.relay.published());
+        }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             _ = tick.tick() => {}

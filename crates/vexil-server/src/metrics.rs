@@ -19,6 +19,9 @@ const STREAMS: &str = "vexil_connected_streams";
 const STREAMS_REJECTED: &str = "vexil_streams_rejected_total";
 const CONNECTIONS_REJECTED: &str = "vexil_connections_rejected_total";
 const SOURCE_UP: &str = "vexil_source_up";
+const CACHE_UP: &str = "vexil_config_cache_up";
+const CACHE_RECEIVED: &str = "vexil_config_messages_received_total";
+const OUTBOX_PUBLISHED: &str = "vexil_outbox_published_total";
 
 /// How often queued histogram samples are drained into their buckets.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -40,6 +43,12 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         SOURCE_UP,
         "1 while a source's last load succeeded, 0 while it fails (its last good flags keep serving)"
     );
+    metrics::describe_gauge!(
+        CACHE_UP,
+        "1 while the config cache and change bus (Redis, or in-process) answers, 0 while it does not"
+    );
+    metrics::describe_counter!(CACHE_RECEIVED, "Config change messages received from the bus");
+    metrics::describe_counter!(OUTBOX_PUBLISHED, "Outbox rows this replica announced on the bus");
     metrics::describe_counter!(
         CONNECTIONS_REJECTED,
         "Connections refused because --max-connections were open"
@@ -124,6 +133,14 @@ pub fn sources(readiness: &vexil_service::Readiness) {
 }
 
 /// A connection refused by `--max-connections` on the `server` port.
+/// The change bus's health and counters.
+pub fn replication(cache: &dyn vexil_cache::ConfigCache, published: u64) {
+    let health = cache.health();
+    metrics::gauge!(CACHE_UP, "kind" => cache.kind()).set(if health.up { 1.0 } else { 0.0 });
+    metrics::counter!(CACHE_RECEIVED, "kind" => cache.kind()).absolute(health.received);
+    metrics::counter!(OUTBOX_PUBLISHED).absolute(published);
+}
+
 pub fn connection_rejected(server: &'static str) {
     metrics::counter!(CONNECTIONS_REJECTED, "server" => server).increment(1);
 }

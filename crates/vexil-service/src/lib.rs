@@ -8,9 +8,14 @@
 mod evaluate;
 mod flags;
 mod live;
+mod relay;
 mod sources;
 
 pub use evaluate::{RequestContext, StaticContext};
 pub use flags::{Changes, Flags, FlagsConfig, Observer, ReasonTally, Unobserved, flag_configuration};
 pub use live::{Live, LiveConfig, LiveOptions, Published, Readiness, SourceReadiness, SourceState};
-pub use sources::{FileSource, LoadError, Loaded, Part, STORE_SOURCE, Source, SourceSpec, StoreSource};
+pub use relay::{RELAY_GRACE, Relay};
+pub use sources::{
+    DATABASE_CHECK_EVERY, FileSource, LoadError, Loaded, Part, RECENT_VERSIONS, STORE_SOURCE, Source, SourceSpec,
+    StoreSource,
+};

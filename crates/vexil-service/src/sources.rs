@@ -20,7 +20,7 @@ use futures::stream::BoxStream;
 use vexil_core::parse::{ParseError, Parsed};
 
 pub use file::FileSource;
-pub use store::{STORE_SOURCE, StoreSource};
+pub use store::{DATABASE_CHECK_EVERY, RECENT_VERSIONS, STORE_SOURCE, StoreSource};
 
 /// A source of flag definitions.
 ///

@@ -184,14 +184,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn config_versions(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>>>;
     /// One environment's flag sets as flagd documents, consistent at one config version.
     fn snapshot(&self, environment: String) -> BoxFuture<'_, Result<EnvironmentSnapshot>>;
-    /// What changed in an environment after config version `since`: its current version, and the
-    /// current content of every flag set, flag and segment changed since (`after: None`: gone;
-    /// `before` is not filled), read at one version. Lets a reader that holds version `since`
-    /// catch up without reading the whole environment.
-    fn changes_since(&self, environment: String, since: i64) -> BoxFuture<'_, Result<(i64, Vec<Change>)>>;
+    /// An environment's changes after config version `since`, version by version in the order
+    /// they were published (each [`Change::after`] the entity's body at that version, `None`:
+    /// deleted; `before` is not filled); `versions: None` when more than `limit` versions were
+    /// published since. What a watcher that saw version `since` missed.
+    fn history(&self, environment: String, since: i64, limit: u32) -> BoxFuture<'_, Result<History>>;
 
-    /// Outbox rows not yet published, oldest first.
-    fn pending_outbox(&self, limit: u32) -> BoxFuture<'_, Result<Vec<OutboxEntry>>>;
+    /// Outbox rows at least `min_age` old and not yet published, oldest first.
+    fn pending_outbox(&self, limit: u32, min_age: std::time::Duration) -> BoxFuture<'_, Result<Vec<OutboxEntry>>>;
     /// Marks outbox rows published.
     fn mark_published(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<()>>;
 }

@@ -414,6 +414,25 @@ pub struct EnvironmentSnapshot {
     pub flag_sets: Vec<(String, std::sync::Arc<Value>)>,
 }
 
+/// An environment's changes since a config version ([`Store::history`](crate::Store::history)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    /// The environment's current config version.
+    pub current: i64,
+    /// Each version after the one asked for, up to `current`, oldest first; `None` when there
+    /// were more than the limit.
+    pub versions: Option<Vec<VersionChanges>>,
+}
+
+/// What one config version changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionChanges {
+    /// The version.
+    pub version: i64,
+    /// Its changes, by flag set, kind and key (empty for a version that changed nothing).
+    pub changes: Vec<Change>,
+}
+
 /// A row of the outbox: a config version to announce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {

@@ -1,6 +1,8 @@
 //! The store's conformance suite: every case is written once, as a function of a fresh store, and
 //! runs against both backends: a throwaway Postgres database (vexil-testkit) and a SQLite file.
 
+use std::time::Duration;
+
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -64,7 +66,8 @@ conformance! {
     concurrent_writers_are_serialized_and_stale_ones_conflict,
     the_audit_log_filters_and_pages,
     lists_page_with_tokens,
-    changes_since_gives_what_changed_at_the_current_version,
+    history_gives_each_version_s_changes_in_order,
+    the_outbox_waits_for_its_grace_period,
 }
 
 fn actor() -> Actor {
@@ -466,7 +469,7 @@ async fn every_write_is_versioned_audited_and_announced(store: &SqlStore) {
         ("flag", Some("prod"))
     );
 
-    let pending = store.pending_outbox(100).await.unwrap();
+    let pending = store.pending_outbox(100, Duration::ZERO).await.unwrap();
     let announced: Vec<(String, i64)> = pending
         .iter()
         .map(|o| (o.environment.clone(), o.config_version))
@@ -479,7 +482,7 @@ async fn every_write_is_versioned_audited_and_announced(store: &SqlStore) {
         .mark_published(pending.iter().map(|o| o.id).collect())
         .await
         .unwrap();
-    assert!(store.pending_outbox(100).await.unwrap().is_empty());
+    assert!(store.pending_outbox(100, Duration::ZERO).await.unwrap().is_empty());
     assert_eq!(store.config_versions().await.unwrap(), [("prod".to_owned(), 3)]);
 }
 
@@ -1010,7 +1013,7 @@ async fn lists_page_with_tokens(store: &SqlStore) {
     assert_eq!(rest.items.iter().map(|v| v.version).collect::<Vec<_>>(), [2, 1]);
 }
 
-async fn changes_since_gives_what_changed_at_the_current_version(store: &SqlStore) {
+async fn history_gives_each_version_s_changes_in_order(store: &SqlStore) {
     with_set(store, "prod", "web").await; // 1
     put(store, "a", boolean_flag("on"), Precondition::Any).await.unwrap(); // 2
     put(store, "b", boolean_flag("on"), Precondition::Any).await.unwrap(); // 3
@@ -1019,34 +1022,63 @@ async fn changes_since_gives_what_changed_at_the_current_version(store: &SqlStor
         .delete_flag(actor(), "prod".into(), "web".into(), "b".into(), Precondition::Any)
         .await
         .unwrap(); // 5
-    let (version, changes) = store.changes_since("prod".into(), 2).await.unwrap();
-    assert_eq!(version, 5);
-    let seen: Vec<(&str, Option<&Value>)> = changes
+    let history = store.history("prod".into(), 2, 100).await.unwrap();
+    assert_eq!(history.current, 5);
+    let seen: Vec<(i64, Vec<(&str, Option<&Value>)>)> = history
+        .versions
+        .as_ref()
+        .unwrap()
         .iter()
-        .map(|c| (c.key.as_str(), c.after.as_ref().map(|b| &b["definition"])))
-        .collect();
-    assert_eq!(seen, [("a", Some(&boolean_flag("off"))), ("b", None)]);
-    assert!(
-        changes
-            .iter()
-            .all(|c| c.kind == EntityKind::Flag && c.flag_set == "web")
-    );
-    assert_eq!(store.changes_since("prod".into(), 5).await.unwrap(), (5, Vec::new()));
-    let (_, everything) = store.changes_since("prod".into(), 0).await.unwrap();
-    let kinds: Vec<(EntityKind, &str, bool)> = everything
-        .iter()
-        .map(|c| (c.kind, c.key.as_str(), c.after.is_some()))
+        .map(|v| {
+            let changes = v
+                .changes
+                .iter()
+                .map(|c| (c.key.as_str(), c.after.as_ref().map(|b| &b["definition"])))
+                .collect();
+            (v.version, changes)
+        })
         .collect();
     assert_eq!(
-        kinds,
+        seen,
         [
-            (EntityKind::FlagSet, "web", true),
-            (EntityKind::Flag, "a", true),
-            (EntityKind::Flag, "b", false)
+            (3, vec![("b", Some(&boolean_flag("on")))]),
+            (4, vec![("a", Some(&boolean_flag("off")))]),
+            (5, vec![("b", None)]),
         ]
     );
+    let all_flags = history.versions.as_ref().unwrap().iter().flat_map(|v| &v.changes);
+    assert!(
+        all_flags
+            .clone()
+            .all(|c| c.kind == EntityKind::Flag && c.flag_set == "web")
+    );
+    let up_to_date = store.history("prod".into(), 5, 100).await.unwrap();
+    assert_eq!((up_to_date.current, up_to_date.versions), (5, Some(Vec::new())));
+    let first = store.history("prod".into(), 0, 100).await.unwrap().versions.unwrap();
+    assert_eq!(first.len(), 5);
+    assert_eq!(
+        (first[0].changes[0].kind, first[0].changes[0].key.as_str()),
+        (EntityKind::FlagSet, "web")
+    );
+    // Beyond the limit: too far behind, read the environment whole.
+    let far = store.history("prod".into(), 0, 4).await.unwrap();
+    assert_eq!((far.current, far.versions), (5, None));
+    assert!(store.history("prod".into(), 1, 4).await.unwrap().versions.is_some());
     assert!(matches!(
-        store.changes_since("nope".into(), 0).await,
+        store.history("nope".into(), 0, 10).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+async fn the_outbox_waits_for_its_grace_period(store: &SqlStore) {
+    with_set(store, "prod", "web").await;
+    // Written now: not a minute old, so not yet another replica's to relay.
+    assert!(
+        store
+            .pending_outbox(100, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.pending_outbox(100, Duration::ZERO).await.unwrap().len(), 1);
 }

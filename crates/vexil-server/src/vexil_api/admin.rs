@@ -29,7 +29,7 @@ impl Admin {
 
     fn wrote(&self, config_version: Option<i64>) -> i64 {
         if config_version.is_some() {
-            self.managed.source.wake();
+            self.managed.config_written();
         }
         config_version.unwrap_or(0)
     }
@@ -100,7 +100,8 @@ impl AdminService for Admin {
             .create_environment(who.actor(), r.key, input)
             .await
             .map_err(store_status)?;
-        self.managed.source.wake();
+        self.managed
+            .environment_changed(created.key.clone(), created.config_version);
         Ok(Response::new(convert::environment(created)))
     }
 
@@ -126,10 +127,11 @@ impl AdminService for Admin {
         let r = request.into_inner();
         self.managed
             .store
-            .delete_environment(who.actor(), r.environment, precondition(r.version, false))
+            .delete_environment(who.actor(), r.environment.clone(), precondition(r.version, false))
             .await
             .map_err(store_status)?;
-        self.managed.source.wake();
+        // Gone: no version a replica holds (-1).
+        self.managed.environment_changed(r.environment, -1);
         Ok(Response::new(pb::DeleteResponse { config_version: 0 }))
     }
 

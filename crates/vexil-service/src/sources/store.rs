@@ -2,15 +2,28 @@
 //! `flagSetId=<environment>/<flag set>`; those of the default environment also to requests without
 //! a selector.
 //!
-//! Changes are found by a version check: every environment's config version is read each poll
-//! interval (one small query) and a load follows when one moved; a write made by this process
-//! wakes the check at once ([`StoreSource::wake`]). A load reads only the environments whose
-//! version moved; the others keep their documents, so [`Live`](crate::Live) recompiles nothing of
-//! theirs. When only flags changed (the common write), even that environment is not read again:
-//! the store's history gives the changed flags, which are parsed on their own and put in place, so
-//! a write to a flag set of ten thousand flags parses and compiles one.
+//! How a change arrives, fastest first:
+//! - a write by this process wakes the source at once ([`StoreSource::wake`]);
+//! - a change message on the bus ([`ConfigCache::subscribe`]): the outbox relay of whichever
+//!   replica wrote it announces "environment E is at version V";
+//! - the version check, each poll interval: with a cache that holds snapshots (Redis), its
+//!   version hash (which any replica that loaded a newer version has advanced), and the
+//!   database's versions every [`DATABASE_CHECK_EVERY`] ticks or whenever the cache fails; without
+//!   one, the database's each tick. This repairs a missed message (and is all there is while Redis
+//!   is down).
+//!
+//! A load reads only the environments whose version moved. It reads the history since the version
+//! held ([`Store::history`]); when only flags changed (the common write), the changed flags are
+//! parsed on their own and put in place, so [`Live`](crate::Live) recompiles only those, and a
+//! write to a flag set of ten thousand flags parses and compiles one. The versions read are kept
+//! (the last [`RECENT_VERSIONS`]) for watchers that resume from a version ([`StoreSource::changes_after`]).
+//!
+//! An environment not held yet (at start) is read from the cache when it has it, then caught up
+//! from the history; from the database otherwise. Once a version has been held for a poll
+//! interval and the cache is behind, this replica writes it to the cache, so a starting replica
+//! does not read the whole environment from the database.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,23 +31,44 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt as _};
-use tokio::sync::Notify;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+use vexil_cache::{Announcement, CachedSnapshot, ConfigCache, Event, InProcess};
 use vexil_core::parse::{self, Strictness};
-use vexil_store::{Change, EntityKind, EnvironmentSnapshot, Store};
+use vexil_store::{Change, EntityKind, EnvironmentSnapshot, Store, VersionChanges};
 
 use super::{LoadError, Loaded, Part, Source};
+
+/// How many of an environment's latest versions' changes a source keeps for resuming watchers.
+pub const RECENT_VERSIONS: usize = 256;
+
+/// With a cache that holds snapshots, the database's versions are read every this many ticks of
+/// the version check (the first tick included).
+pub const DATABASE_CHECK_EVERY: u64 = 10;
 
 /// The managed store, as one source of many documents.
 #[derive(Debug)]
 pub struct StoreSource {
     store: Arc<dyn Store>,
+    cache: Arc<dyn ConfigCache>,
     default_environment: String,
     poll_interval: Duration,
-    /// Per environment: its documents as last loaded, as JSON and parsed.
-    loaded: Mutex<HashMap<String, Environment>>,
+    /// Per environment: what was last loaded.
+    loaded: Arc<Mutex<HashMap<String, Environment>>>,
     wake: Arc<Notify>,
-    /// Environments read whole so far (the rest were caught up from the history).
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    /// Environments read whole from the database.
     whole_loads: AtomicUsize,
+    /// Environments read from the cache.
+    cache_loads: AtomicUsize,
+    /// Snapshots this source wrote to the cache.
+    cache_writes: AtomicUsize,
 }
 
 /// One environment as last loaded.
@@ -42,22 +76,47 @@ pub struct StoreSource {
 struct Environment {
     documents: Arc<EnvironmentSnapshot>,
     parts: Vec<Part>,
+    /// The changes of the versions up to `documents.config_version`, oldest first, without gaps.
+    recent: VecDeque<Arc<VersionChanges>>,
+    /// When this version was loaded.
+    at: Instant,
+}
+
+impl Environment {
+    fn version(&self) -> i64 {
+        self.documents.config_version
+    }
 }
 
 /// The source's name, as `source=store` selects it.
 pub const STORE_SOURCE: &str = "store";
 
 impl StoreSource {
-    /// The store's flag sets; `default_environment`'s are listed (seen without a selector).
+    /// The store's flag sets; `default_environment`'s are listed (seen without a selector). One
+    /// replica: changes are announced in-process; see [`StoreSource::with_cache`].
     pub fn new(store: Arc<dyn Store>, default_environment: impl Into<String>, poll_interval: Duration) -> StoreSource {
         StoreSource {
             store,
+            cache: Arc::new(InProcess::new()),
             default_environment: default_environment.into(),
             poll_interval,
-            loaded: Mutex::new(HashMap::new()),
+            loaded: Arc::new(Mutex::new(HashMap::new())),
             wake: Arc::new(Notify::new()),
-            whole_loads: AtomicUsize::new(0),
+            counters: Arc::new(Counters::default()),
         }
+    }
+
+    /// Follows change messages of, and reads and writes snapshots in, `cache` (shared with the
+    /// outbox relay).
+    #[must_use]
+    pub fn with_cache(mut self, cache: Arc<dyn ConfigCache>) -> StoreSource {
+        self.cache = cache;
+        self
+    }
+
+    /// The cache and bus this source follows.
+    pub fn cache(&self) -> &Arc<dyn ConfigCache> {
+        &self.cache
     }
 
     /// Checks for changes now rather than at the next poll (after a write by this process).
@@ -68,13 +127,39 @@ impl StoreSource {
     /// An environment's flag sets as last loaded (what this server serves, or is about to), with
     /// its config version; `None` if the environment was not there.
     pub fn environment(&self, environment: &str) -> Option<Arc<EnvironmentSnapshot>> {
-        let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        loaded.get(environment).map(|e| e.documents.clone())
+        lock(&self.loaded).get(environment).map(|e| e.documents.clone())
     }
 
-    /// How many times an environment was read whole (not caught up from the history).
+    /// The changes of every version after `since` up to the one held, oldest first, if this source
+    /// still has them all (`Some(empty)` when `since` is the version held or newer); `None` when it
+    /// does not (the environment is unknown, or `since` is older than what it kept).
+    pub fn changes_after(&self, environment: &str, since: i64) -> Option<Vec<Arc<VersionChanges>>> {
+        let loaded = lock(&self.loaded);
+        let held = loaded.get(environment)?;
+        if since >= held.version() {
+            return Some(Vec::new());
+        }
+        let first = held.recent.front()?.version;
+        if since + 1 < first {
+            return None;
+        }
+        Some(held.recent.iter().filter(|v| v.version > since).cloned().collect())
+    }
+
+    /// How many times an environment was read whole from the database (not caught up from the
+    /// history, nor read from the cache).
     pub fn whole_loads(&self) -> usize {
-        self.whole_loads.load(Ordering::Relaxed)
+        self.counters.whole_loads.load(Ordering::Relaxed)
+    }
+
+    /// How many times an environment was read from the cache.
+    pub fn cache_loads(&self) -> usize {
+        self.counters.cache_loads.load(Ordering::Relaxed)
+    }
+
+    /// How many snapshots this source wrote to the cache.
+    pub fn cache_writes(&self) -> usize {
+        self.counters.cache_writes.load(Ordering::Relaxed)
     }
 
     /// The default environment: the one requests without a selector see.
@@ -96,77 +181,192 @@ impl StoreSource {
             .into_iter()
             .partition(|(env, _)| *env == self.default_environment);
         for (environment, version) in others.into_iter().chain(default) {
-            let cached = {
-                let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-                loaded.get(&environment).cloned()
-            };
-            let loaded = match cached {
-                Some(hit) if hit.documents.config_version == version => hit,
-                Some(older) => match self.catch_up(&environment, &older).await? {
-                    Some(caught_up) => caught_up,
-                    None => self.load_environment(&environment).await?,
-                },
-                None => self.load_environment(&environment).await?,
+            let held = lock(&self.loaded).get(&environment).cloned();
+            let loaded = match held {
+                Some(hit) if hit.version() == version => hit,
+                Some(older) => self.catch_up(&environment, older).await?,
+                None => self.first_load(&environment, version).await?,
             };
             parts.extend(loaded.parts.iter().cloned());
             fresh.insert(environment, loaded);
         }
-        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *lock(&self.loaded) = fresh;
         Ok(Loaded { parts })
     }
 
-    /// Brings an environment loaded at an older version up to date from what changed since, when
-    /// only flags changed (the common write): the changed flags are parsed on their own and put in
-    /// place, every other flag keeps its parsed definition (so Live compiles only the changed
-    /// ones). `None` when something else changed (a segment, a flag set): load it whole.
-    async fn catch_up(&self, environment: &str, older: &Environment) -> Result<Option<Environment>, LoadError> {
-        let since = older.documents.config_version;
-        let (version, changes) = self
+    /// An environment this source does not hold: from the cache and the history since, or whole
+    /// from the database.
+    async fn first_load(&self, environment: &str, version: i64) -> Result<Environment, LoadError> {
+        if self.cache.holds_snapshots() {
+            match self.from_cache(environment, version).await {
+                Ok(Some(cached)) => {
+                    self.counters.cache_loads.fetch_add(1, Ordering::Relaxed);
+                    return self.catch_up(environment, cached).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(environment, error = %e, "cannot read the cached snapshot, reading the database")
+                }
+            }
+        }
+        self.load_environment(environment).await
+    }
+
+    /// The cache's snapshot of `environment`, if it has one not newer than `version` (a newer one
+    /// belongs to an environment since deleted and created again).
+    async fn from_cache(&self, environment: &str, version: i64) -> Result<Option<Environment>, LoadError> {
+        let cached = self
+            .cache
+            .get_snapshot(environment.to_owned())
+            .await
+            .map_err(|e| LoadError::Other(Box::new(e)))?;
+        let Some(cached) = cached.filter(|c| c.config_version <= version) else {
+            return Ok(None);
+        };
+        let listed = environment == self.default_environment;
+        let environment = environment.to_owned();
+        let decode = move || -> Result<Environment, LoadError> {
+            let documents = decode(&cached.body).map_err(|e| LoadError::Other(e.into()))?;
+            if documents.environment != environment || documents.config_version != cached.config_version {
+                return Err(LoadError::Other(
+                    format!("the cached snapshot of `{environment}` is not what its key says").into(),
+                ));
+            }
+            parse_environment(Arc::new(documents), listed)
+        };
+        tokio::task::spawn_blocking(decode)
+            .await
+            .map_err(|e| LoadError::Other(Box::new(e)))?
+            .map(Some)
+    }
+
+    /// Brings an environment held at an older version up to date from the history: in place when
+    /// only flags changed, else read whole. Either way the versions read are kept for watchers.
+    async fn catch_up(&self, environment: &str, older: Environment) -> Result<Environment, LoadError> {
+        let history = self
             .store
-            .changes_since(environment.to_owned(), since)
+            .history(environment.to_owned(), older.version(), RECENT_VERSIONS as u32)
             .await
             .map_err(Self::failed)?;
-        if changes.iter().any(|c| c.kind != EntityKind::Flag) {
-            return Ok(None);
+        let Some(versions) = history.versions.filter(|_| history.current >= older.version()) else {
+            // Too far behind, or the environment was deleted and created again: read it whole.
+            return self.load_environment(environment).await;
+        };
+        if versions.is_empty() {
+            return Ok(older);
         }
-        let older = older.clone();
-        let environment = environment.to_owned();
-        let apply = move || apply_flag_changes(&environment, older, version, changes);
-        tokio::task::spawn_blocking(apply)
-            .await
-            .map_err(|e| LoadError::Other(Box::new(e)))
+        let versions: Vec<Arc<VersionChanges>> = versions.into_iter().map(Arc::new).collect();
+        let flags_only = versions
+            .iter()
+            .all(|v| v.changes.iter().all(|c| c.kind == EntityKind::Flag));
+        let mut caught_up = None;
+        if flags_only {
+            let (older, changes, current) = (older.clone(), collapse(&versions), history.current);
+            let environment = environment.to_owned();
+            let apply = move || apply_flag_changes(&environment, older, current, changes);
+            caught_up = tokio::task::spawn_blocking(apply)
+                .await
+                .map_err(|e| LoadError::Other(Box::new(e)))?;
+        }
+        let mut loaded = match caught_up {
+            Some(loaded) => loaded,
+            None => self.load_environment(environment).await?,
+        };
+        if loaded.version() != history.current {
+            // Written again meanwhile: the history read does not reach the version loaded.
+            return Ok(loaded);
+        }
+        loaded.recent = older.recent;
+        loaded.recent.extend(versions);
+        while loaded.recent.len() > RECENT_VERSIONS {
+            loaded.recent.pop_front();
+        }
+        Ok(loaded)
     }
 
     async fn load_environment(&self, environment: &str) -> Result<Environment, LoadError> {
-        self.whole_loads.fetch_add(1, Ordering::Relaxed);
+        self.counters.whole_loads.fetch_add(1, Ordering::Relaxed);
         let snapshot = self
             .store
             .snapshot(environment.to_owned())
             .await
             .map_err(Self::failed)?;
-        let documents = Arc::new(snapshot);
         let listed = environment == self.default_environment;
-        let shared = documents.clone();
-        let parse = move || {
-            shared
-                .flag_sets
-                .iter()
-                .map(|(set, document)| {
-                    let key = format!("{}/{set}", shared.environment);
-                    let parsed =
-                        parse::parse_value(document, Strictness::Flagd).map_err(|source| LoadError::Invalid {
-                            path: format!("{STORE_SOURCE}:{key}"),
-                            source,
-                        })?;
-                    Ok(Part { key, parsed, listed })
-                })
-                .collect::<Result<Vec<Part>, LoadError>>()
-        };
-        let parts = tokio::task::spawn_blocking(parse)
+        tokio::task::spawn_blocking(move || parse_environment(Arc::new(snapshot), listed))
             .await
-            .map_err(|e| LoadError::Other(Box::new(e)))??;
-        Ok(Environment { documents, parts })
+            .map_err(|e| LoadError::Other(Box::new(e)))?
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Parses an environment's documents, one part per flag set.
+fn parse_environment(documents: Arc<EnvironmentSnapshot>, listed: bool) -> Result<Environment, LoadError> {
+    let parts = documents
+        .flag_sets
+        .iter()
+        .map(|(set, document)| {
+            let key = format!("{}/{set}", documents.environment);
+            let parsed = parse::parse_value(document, Strictness::Flagd).map_err(|source| LoadError::Invalid {
+                path: format!("{STORE_SOURCE}:{key}"),
+                source,
+            })?;
+            Ok(Part { key, parsed, listed })
+        })
+        .collect::<Result<Vec<Part>, LoadError>>()?;
+    Ok(Environment {
+        documents,
+        parts,
+        recent: VecDeque::new(),
+        at: Instant::now(),
+    })
+}
+
+/// A snapshot as the cache holds it.
+#[derive(Serialize)]
+struct Encoded<'a> {
+    environment: &'a str,
+    config_version: i64,
+    flag_sets: Vec<(&'a str, &'a Value)>,
+}
+
+#[derive(Deserialize)]
+struct Decoded {
+    environment: String,
+    config_version: i64,
+    flag_sets: Vec<(String, Value)>,
+}
+
+fn encode(snapshot: &EnvironmentSnapshot) -> bytes::Bytes {
+    let encoded = Encoded {
+        environment: &snapshot.environment,
+        config_version: snapshot.config_version,
+        flag_sets: snapshot.flag_sets.iter().map(|(k, d)| (k.as_str(), &**d)).collect(),
+    };
+    serde_json::to_vec(&encoded).expect("JSON values serialize").into()
+}
+
+fn decode(body: &[u8]) -> Result<EnvironmentSnapshot, serde_json::Error> {
+    let decoded: Decoded = serde_json::from_slice(body)?;
+    Ok(EnvironmentSnapshot {
+        environment: decoded.environment,
+        config_version: decoded.config_version,
+        flag_sets: decoded.flag_sets.into_iter().map(|(k, d)| (k, Arc::new(d))).collect(),
+    })
+}
+
+/// The last change of each entity over `versions`, in key order.
+fn collapse(versions: &[Arc<VersionChanges>]) -> Vec<Change> {
+    let mut last = BTreeMap::new();
+    for change in versions.iter().flat_map(|v| &v.changes) {
+        last.insert(
+            (change.flag_set.clone(), change.kind, change.key.clone()),
+            change.clone(),
+        );
+    }
+    last.into_values().collect()
 }
 
 impl Source for StoreSource {
@@ -179,33 +379,151 @@ impl Source for StoreSource {
     }
 
     fn changes(&self) -> BoxStream<'static, ()> {
-        let store = self.store.clone();
-        let wake = self.wake.clone();
         let mut ticker = tokio::time::interval(self.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // `None`: not checked yet, so the first check reports (a change since the last load is
-        // not missed); an error reports too, so the failing load shows in readiness.
-        let state = (store, wake, ticker, None::<Vec<(String, i64)>>);
-        stream::unfold(state, |(store, wake, mut ticker, mut seen)| async move {
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    () = wake.notified() => {}
-                }
-                match store.config_versions().await {
-                    Ok(versions) if seen.as_ref() == Some(&versions) => continue,
-                    Ok(versions) => seen = Some(versions),
-                    Err(_) => seen = None,
-                }
-                return Some(((), (store, wake, ticker, seen)));
-            }
+        let check = Check {
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+            loaded: self.loaded.clone(),
+            wake: self.wake.clone(),
+            counters: self.counters.clone(),
+            settle: self.poll_interval,
+            events: self.cache.subscribe(),
+            ticker,
+            ticks: 0,
+        };
+        stream::unfold(check, |mut check| async move {
+            check.next().await;
+            Some(((), check))
         })
         .boxed()
     }
 }
 
-/// `older` with flag changes applied (see [`StoreSource::catch_up`]); `None` if a change is not in
-/// a flag set `older` has, or a changed flag does not parse on its own.
+/// The version check behind [`StoreSource::changes`].
+struct Check {
+    store: Arc<dyn Store>,
+    cache: Arc<dyn ConfigCache>,
+    loaded: Arc<Mutex<HashMap<String, Environment>>>,
+    wake: Arc<Notify>,
+    counters: Arc<Counters>,
+    /// How long a loaded version is held before this replica writes it to the cache.
+    settle: Duration,
+    events: broadcast::Receiver<Event>,
+    ticker: tokio::time::Interval,
+    ticks: u64,
+}
+
+impl Check {
+    /// Returns when the source should load again.
+    async fn next(&mut self) {
+        loop {
+            let database = tokio::select! {
+                _ = self.ticker.tick() => {
+                    self.ticks += 1;
+                    match self.check_cache().await {
+                        Some(true) => return,
+                        // The cache is up to date; the database now and then.
+                        Some(false) => (self.ticks - 1).is_multiple_of(DATABASE_CHECK_EVERY),
+                        // No cache, or it failed: the database.
+                        None => true,
+                    }
+                }
+                () = self.wake.notified() => true,
+                event = self.events.recv() => match event {
+                    Ok(Event::Announced(announcement)) => {
+                        if self.differs(&announcement) {
+                            return;
+                        }
+                        false
+                    }
+                    // A gap: messages may be lost.
+                    Ok(Event::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        self.events = broadcast::channel(1).1;
+                        false
+                    }
+                },
+            };
+            if !database {
+                continue;
+            }
+            match self.store.config_versions().await {
+                Ok(versions) if self.holds(&versions) => continue,
+                // A change, or an error (reported so the failing load shows in readiness).
+                _ => return,
+            }
+        }
+    }
+
+    /// Whether an announcement names a version this source does not hold.
+    fn differs(&self, announcement: &Announcement) -> bool {
+        lock(&self.loaded)
+            .get(&announcement.environment)
+            .is_none_or(|e| e.version() != announcement.config_version)
+    }
+
+    /// Whether the environments held are exactly these, at these versions.
+    fn holds(&self, versions: &[(String, i64)]) -> bool {
+        let loaded = lock(&self.loaded);
+        loaded.len() == versions.len()
+            && versions
+                .iter()
+                .all(|(env, version)| loaded.get(env).is_some_and(|e| e.version() == *version))
+    }
+
+    /// With a cache that holds snapshots: `Some(true)` if it has a version this source does not,
+    /// `Some(false)` if not; and writes the versions it is behind on. `None` without such a cache
+    /// or when it fails.
+    async fn check_cache(&mut self) -> Option<bool> {
+        if !self.cache.holds_snapshots() {
+            return None;
+        }
+        let cached = self.cache.versions().await.ok()?;
+        let (behind, to_write, gone) = {
+            let loaded = lock(&self.loaded);
+            let behind = cached
+                .iter()
+                .any(|(env, version)| loaded.get(env).is_some_and(|e| e.version() < *version));
+            let to_write: Vec<Arc<EnvironmentSnapshot>> = loaded
+                .iter()
+                .filter(|(env, e)| cached.get(*env).is_none_or(|v| *v < e.version()) && e.at.elapsed() >= self.settle)
+                .map(|(_, e)| e.documents.clone())
+                .collect();
+            // Environments the cache has and this source does not (deleted), once it holds some.
+            let gone: Vec<String> = if loaded.is_empty() {
+                Vec::new()
+            } else {
+                cached
+                    .keys()
+                    .filter(|env| !loaded.contains_key(*env))
+                    .cloned()
+                    .collect()
+            };
+            (behind, to_write, gone)
+        };
+        if behind {
+            return Some(true);
+        }
+        for documents in to_write {
+            let environment = documents.environment.clone();
+            let snapshot = CachedSnapshot {
+                config_version: documents.config_version,
+                body: tokio::task::spawn_blocking(move || encode(&documents)).await.ok()?,
+            };
+            if self.cache.put_snapshot(environment, snapshot).await.ok()? {
+                self.counters.cache_writes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for environment in gone {
+            self.cache.remove_snapshot(environment).await.ok()?;
+        }
+        Some(false)
+    }
+}
+
+/// `older` with flag changes applied (see [`StoreSource::catch_up`]) at `version`; `None` if a
+/// change is not in a flag set `older` has, or a changed flag does not parse on its own.
 fn apply_flag_changes(
     environment: &str,
     older: Environment,
@@ -258,5 +576,50 @@ fn apply_flag_changes(
     Some(Environment {
         documents: Arc::new(documents),
         parts,
+        recent: VecDeque::new(),
+        at: Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_survives_the_cache_encoding() {
+        let snapshot = EnvironmentSnapshot {
+            environment: "prod".into(),
+            config_version: 7,
+            flag_sets: vec![
+                ("a".into(), Arc::new(serde_json::json!({"flags": {}}))),
+                (
+                    "b".into(),
+                    Arc::new(serde_json::json!({"flags": {"x": {"state": "ENABLED"}}})),
+                ),
+            ],
+        };
+        assert_eq!(decode(&encode(&snapshot)).unwrap(), snapshot);
+    }
+
+    #[test]
+    fn collapse_keeps_each_entity_s_last_change() {
+        let change = |key: &str, after: Option<i64>| Change {
+            flag_set: "s".into(),
+            kind: EntityKind::Flag,
+            key: key.into(),
+            before: None,
+            after: after.map(Value::from),
+        };
+        let versions = [
+            Arc::new(VersionChanges {
+                version: 2,
+                changes: vec![change("a", Some(1)), change("b", Some(1))],
+            }),
+            Arc::new(VersionChanges {
+                version: 3,
+                changes: vec![change("a", None)],
+            }),
+        ];
+        assert_eq!(collapse(&versions), [change("a", None), change("b", Some(1))]);
+    }
 }

@@ -125,28 +125,50 @@ impl SqlStore {
             .collect())
     }
 
-    pub(super) async fn changed_since(&self, environment: &str, since: i64) -> Result<(i64, Vec<Change>)> {
+    pub(super) async fn version_history(&self, environment: &str, since: i64, limit: u32) -> Result<History> {
         let mut tx = self.read().await?;
         let (env_id, current) = self.environment_id(&mut tx, environment).await?;
-        if since >= current {
-            return Ok((current, Vec::new()));
+        let since = since.max(0);
+        if current - since > i64::from(limit) {
+            return Ok(History {
+                current,
+                versions: None,
+            });
         }
-        let entities = self.changed_between(&mut tx, env_id, since, current).await?;
-        let mut now = self.state_at(&mut tx, env_id, current, since, current).await?;
-        let changes = entities
-            .into_iter()
-            .map(|id| {
-                let after = now.remove(&id);
-                Change {
-                    flag_set: id.0,
-                    kind: id.1,
-                    key: id.2,
-                    before: None,
-                    after,
-                }
+        let rows = sqlx::query(self.q.version_changes)
+            .bind(env_id)
+            .bind(since)
+            .bind(current)
+            .fetch_all(&mut *tx)
+            .await?;
+        // Versions are numbered 1, 2, … without gaps: one entry for each, changes or not.
+        let mut versions: Vec<VersionChanges> = (since + 1..=current)
+            .map(|version| VersionChanges {
+                version,
+                changes: Vec::new(),
             })
             .collect();
-        Ok((current, changes))
+        for row in &rows {
+            let version: i64 = row.try_get(0)?;
+            let kind: String = row.try_get(2)?;
+            let kind = EntityKind::parse(&kind)
+                .ok_or_else(|| StoreError::Internal(format!("unknown entity kind `{kind}`")))?;
+            let slot = usize::try_from(version - since - 1)
+                .ok()
+                .and_then(|i| versions.get_mut(i))
+                .ok_or_else(|| StoreError::Internal(format!("change at version {version} out of range")))?;
+            slot.changes.push(Change {
+                flag_set: row.try_get(1)?,
+                kind,
+                key: row.try_get(3)?,
+                before: None,
+                after: opt_json(row, 4)?,
+            });
+        }
+        Ok(History {
+            current,
+            versions: Some(versions),
+        })
     }
 
     pub(super) async fn roll_back(&self, actor: &Actor, environment: &str, to: i64) -> Result<Written<Vec<Change>>> {

@@ -533,14 +533,16 @@ impl Store for SqlStore {
         Box::pin(async move { self.environment_snapshot(&environment).await })
     }
 
-    fn changes_since(&self, environment: String, since: i64) -> BoxFuture<'_, Result<(i64, Vec<Change>)>> {
-        Box::pin(async move { self.changed_since(&environment, since).await })
+    fn history(&self, environment: String, since: i64, limit: u32) -> BoxFuture<'_, Result<History>> {
+        Box::pin(async move { self.version_history(&environment, since, limit).await })
     }
 
-    fn pending_outbox(&self, limit: u32) -> BoxFuture<'_, Result<Vec<OutboxEntry>>> {
+    fn pending_outbox(&self, limit: u32, min_age: std::time::Duration) -> BoxFuture<'_, Result<Vec<OutboxEntry>>> {
         Box::pin(async move {
+            let age = i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
             let rows = sqlx::query(self.q.outbox_pending)
                 .bind(i64::from(limit))
+                .bind(now().saturating_sub(age))
                 .fetch_all(&self.pool)
                 .await?;
             rows.iter()

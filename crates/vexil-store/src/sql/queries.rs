@@ -43,7 +43,7 @@ queries! {
     flag_select, flag_list, flag_insert, flag_update, flag_delete,
     segment_select, segment_list, segment_insert, segment_update, segment_delete,
     snapshot_flag_sets, snapshot_flags, snapshot_segments,
-    version_insert, version_list, change_insert, changes_between, state_at,
+    version_insert, version_list, change_insert, changes_between, version_changes, state_at,
     audit_insert, audit_list,
     api_key_insert, api_key_by_prefix, api_key_by_id, api_key_list, api_key_revoke, api_key_count,
     outbox_insert, outbox_pending, outbox_mark, notify,
