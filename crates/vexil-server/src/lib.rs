@@ -348,7 +348,7 @@ async fn track_config(live: Live, managed: Option<Arc<vexil_api::Managed>>) {
         metrics::config(version, flags);
         metrics::sources(&live.readiness());
         if let Some(managed) = &managed {
-            metrics::replication(managed.source.cache().as_ref(), managed.relay.published());
+            metrics::replication(&managed.source, managed.relay.published());
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },

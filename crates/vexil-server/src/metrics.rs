@@ -22,6 +22,8 @@ const SOURCE_UP: &str = "vexil_source_up";
 const CACHE_UP: &str = "vexil_config_cache_up";
 const CACHE_RECEIVED: &str = "vexil_config_messages_received_total";
 const OUTBOX_PUBLISHED: &str = "vexil_outbox_published_total";
+const CACHE_WRITES: &str = "vexil_config_cache_writes_total";
+const STORE_LOADS: &str = "vexil_store_loads_total";
 
 /// How often queued histogram samples are drained into their buckets.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,6 +51,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(CACHE_RECEIVED, "Config change messages received from the bus");
     metrics::describe_counter!(OUTBOX_PUBLISHED, "Outbox rows this replica announced on the bus");
+    metrics::describe_counter!(
+        CACHE_WRITES,
+        "Environment snapshots this replica wrote to the config cache"
+    );
+    metrics::describe_counter!(
+        STORE_LOADS,
+        "Environments read whole, from the config cache or from the database (catching up from the history is not counted)"
+    );
     metrics::describe_counter!(
         CONNECTIONS_REJECTED,
         "Connections refused because --max-connections were open"
@@ -133,12 +143,16 @@ pub fn sources(readiness: &vexil_service::Readiness) {
 }
 
 /// A connection refused by `--max-connections` on the `server` port.
-/// The change bus's health and counters.
-pub fn replication(cache: &dyn vexil_cache::ConfigCache, published: u64) {
+/// The store source's loads and the change bus's health and counters.
+pub fn replication(source: &vexil_service::StoreSource, published: u64) {
+    let cache = source.cache();
     let health = cache.health();
     metrics::gauge!(CACHE_UP, "kind" => cache.kind()).set(if health.up { 1.0 } else { 0.0 });
     metrics::counter!(CACHE_RECEIVED, "kind" => cache.kind()).absolute(health.received);
     metrics::counter!(OUTBOX_PUBLISHED).absolute(published);
+    metrics::counter!(CACHE_WRITES).absolute(source.cache_writes() as u64);
+    metrics::counter!(STORE_LOADS, "from" => "cache").absolute(source.cache_loads() as u64);
+    metrics::counter!(STORE_LOADS, "from" => "database").absolute(source.whole_loads() as u64);
 }
 
 pub fn connection_rejected(server: &'static str) {

@@ -804,15 +804,16 @@ mod tests {
         let watch = operation("get", "/v1/environments/{environment}/config:watch");
         assert_eq!(
             watch["summary"],
-            "The current configuration, then every new version as it is published (JSON: Server-Sent Events)"
+            "The configuration as it changes (JSON: Server-Sent Events)"
         );
         let content = &watch["responses"]["200"]["content"];
         assert!(content["text/event-stream"].is_object());
         assert_eq!(
             content["application/x-ndjson"]["schema"]["$ref"],
-            "#/components/schemas/vexil.v1.ConfigSnapshot"
+            "#/components/schemas/vexil.v1.ConfigEvent"
         );
         assert_eq!(parameter(watch, "flagSet")["in"], "query");
+        assert_eq!(parameter(watch, "sinceVersion")["in"], "query");
         let tags: Vec<&Value> = document()["tags"]
             .as_array()
             .unwrap()

@@ -1907,10 +1907,15 @@ mod tests {
     }
 
     fn snapshot(version: i64) -> Vec<u8> {
-        api::ConfigSnapshot {
+        let snapshot = api::ConfigSnapshot {
             environment: "prod".into(),
             config_version: version,
             flag_sets: Vec::new(),
+        };
+        api::ConfigEvent {
+            environment: "prod".into(),
+            config_version: version,
+            event: Some(api::config_event::Event::Snapshot(snapshot)),
         }
         .encode_to_vec()
     }
@@ -1924,7 +1929,7 @@ mod tests {
             )
         };
         let (grpc, log) = dummy(failed);
-        let request = http::Request::get("/v1/environments/prod/config:watch?flagSet=checkout")
+        let request = http::Request::get("/v1/environments/prod/config:watch?flagSet=checkout&sinceVersion=7")
             .body(Body::empty())
             .unwrap();
         let (status, headers, body) = call(grpc.clone(), request).await;
@@ -1932,16 +1937,24 @@ mod tests {
         assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
         assert_eq!(headers[header::CACHE_CONTROL], "no-cache");
         let error = r#"{"code":14,"message":"the store is down","status":"UNAVAILABLE"}"#;
-        let first = r#"{"configVersion":"1","environment":"prod","flagSets":[]}"#;
-        let second = r#"{"configVersion":"2","environment":"prod","flagSets":[]}"#;
+        let event = |v: u32| {
+            format!(
+                r#"{{"configVersion":"{v}","environment":"prod","snapshot":{{"configVersion":"{v}","environment":"prod","flagSets":[]}}}}"#
+            )
+        };
+        let (first, second) = (event(1), event(2));
         assert_eq!(
             String::from_utf8_lossy(&body),
             format!("data: {first}\n\ndata: {second}\n\nevent: error\ndata: {error}\n\n")
         );
         let message = api::WatchRequest::decode(&log.lock().unwrap()[0].body[5..]).unwrap();
         assert_eq!(
-            (message.environment.as_str(), message.flag_set.as_str()),
-            ("prod", "checkout")
+            (
+                message.environment.as_str(),
+                message.flag_set.as_str(),
+                message.since_version
+            ),
+            ("prod", "checkout", 7)
         );
 
         let request = http::Request::get("/v1/environments/prod/config:watch")
@@ -1961,10 +1974,7 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         let (_, _, body) = call(grpc, request).await;
-        assert_eq!(
-            String::from_utf8_lossy(&body),
-            "data: {\"configVersion\":\"3\",\"environment\":\"prod\",\"flagSets\":[]}\n\n"
-        );
+        assert_eq!(String::from_utf8_lossy(&body), format!("data: {}\n\n", event(3)));
         let (grpc, _) = dummy(|| Status::permission_denied("not yours").into_http());
         let request = http::Request::get("/v1/environments/prod/config:watch")
             .body(Body::empty())
