@@ -179,3 +179,84 @@ async fn on_postgres() {
     let store = SqlStore::open(db.url()).await.unwrap();
     served_and_followed(Arc::new(store)).await;
 }
+
+/// Waits until `ok` holds, polling.
+async fn until(what: &str, ok: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "not within 30 s: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_start_from_the_redis_cache_and_follow_the_bus() {
+    use vexil_cache::{ConfigCache, RedisCache};
+    use vexil_service::Relay;
+
+    let db = vexil_testkit::postgres().database().await;
+    let redis = vexil_testkit::redis();
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open(db.url()).await.unwrap());
+    let actor = Actor::new("test");
+    store
+        .import(actor.clone(), "default".into(), "web".into(), doc("blue"))
+        .await
+        .unwrap();
+    let options = LiveOptions {
+        fractional: vexil_core::FractionalMode::V3,
+        stale_after: None,
+    };
+    let replica = |poll: Duration| {
+        let cache: Arc<dyn ConfigCache> = Arc::new(RedisCache::connect(redis.url(), "vexil:").unwrap());
+        Arc::new(StoreSource::new(store.clone(), "default", poll).with_cache(cache))
+    };
+
+    // a loads from the database and, once the version has settled, writes it to the cache.
+    let a = replica(Duration::from_millis(50));
+    let live_a = Live::compose(vec![a.clone() as Arc<dyn Source>], options).await;
+    let _watch_a = live_a.watch();
+    assert_eq!((a.whole_loads(), a.cache_loads()), (1, 0));
+    until("a writes its snapshot to the cache", || a.cache_writes() == 1).await;
+
+    // b starts from the cache, reads nothing whole from the database, and serves the same.
+    let b = replica(Duration::from_secs(600));
+    let live_b = Live::compose(vec![b.clone() as Arc<dyn Source>], options).await;
+    let _watch_b = live_b.watch();
+    assert_eq!((b.whole_loads(), b.cache_loads()), (0, 1));
+    assert_eq!(live_b.snapshot().revision(), live_a.snapshot().revision());
+    assert_eq!(b.environment("default"), a.environment("default"));
+
+    // A write announced by a's relay reaches b through the bus alone (b's version check does not
+    // run again for ten minutes), caught up from the history, not read whole.
+    let relay = Relay::new(store.clone(), a.cache().clone());
+    let before = b.environment("default").unwrap().config_version;
+    store
+        .put_flag(
+            actor,
+            "default".into(),
+            "web".into(),
+            "color".into(),
+            FlagInput::new(flag("red")),
+            Precondition::Any,
+        )
+        .await
+        .unwrap();
+    // The import's row and the write's (nobody relayed the import).
+    assert_eq!(relay.relay(Duration::ZERO).await.unwrap(), 2);
+    until("b serves the write", || {
+        value(&live_b, "color", &Selector::All) == Some(json!("red"))
+    })
+    .await;
+    assert_eq!((b.whole_loads(), b.cache_loads()), (0, 1));
+
+    // b kept that version's changes for resuming watchers, not the ones before it started.
+    let kept = b.changes_after("default", before).expect("b holds the versions since");
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].version, before + 1);
+    assert_eq!(kept[0].changes[0].key, "color");
+    assert_eq!(b.changes_after("default", before + 1), Some(Vec::new()));
+    assert_eq!(b.changes_after("default", before - 1), None);
+    assert_eq!(b.changes_after("nope", 0), None);
+    // Published once: the outbox is empty.
+    assert!(store.pending_outbox(10, Duration::ZERO).await.unwrap().is_empty());
+}
