@@ -204,6 +204,9 @@ WHERE published_at IS NULL AND created_at <= vx_ts($2) ORDER BY id LIMIT $1;
 -- name: outbox_mark
 UPDATE outbox SET published_at = vx_ts($2) WHERE id = $1;
 
+-- name: outbox_prune
+DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at <= vx_ts($1);
+
 -- name: notify
 -- Postgres only: wakes every server listening on `vexil_config` when the transaction commits.
 SELECT pg_notify('vexil_config', $1);

@@ -9,6 +9,7 @@
 //! The writer's own relay is woken right after its commit ([`Relay::wake`]) and publishes at once;
 //! every relay also sweeps, each interval, rows older than a grace period (those whose writer
 //! died before publishing). A row published twice is harmless: an announcement is idempotent.
+//! Published rows are deleted after [`OUTBOX_RETENTION`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,12 @@ pub const RELAY_GRACE: Duration = Duration::from_secs(2);
 
 /// Rows published per round trip.
 const BATCH: u32 = 100;
+
+/// Published rows are kept this long (for inspection), then deleted.
+pub const OUTBOX_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How often a relay deletes old published rows.
+const PRUNE_EVERY: Duration = Duration::from_secs(10 * 60);
 
 /// The relay of one replica.
 #[derive(Debug)]
@@ -60,6 +67,7 @@ impl Relay {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut pruned = tokio::time::Instant::now();
         loop {
             let min_age = tokio::select! {
                 _ = ticker.tick() => RELAY_GRACE,
@@ -76,6 +84,12 @@ impl Relay {
                     tracing::warn!(%error, "outbox relay cannot publish; pending changes stay in the outbox and are retried");
                 }
                 Err(_) => {}
+            }
+            if pruned.elapsed() >= PRUNE_EVERY {
+                pruned = tokio::time::Instant::now();
+                if let Err(error) = self.store.prune_outbox(OUTBOX_RETENTION).await {
+                    tracing::debug!(%error, "cannot prune the outbox");
+                }
             }
         }
     }

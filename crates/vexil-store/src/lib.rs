@@ -194,4 +194,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn pending_outbox(&self, limit: u32, min_age: std::time::Duration) -> BoxFuture<'_, Result<Vec<OutboxEntry>>>;
     /// Marks outbox rows published.
     fn mark_published(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<()>>;
+    /// Deletes outbox rows published at least `min_age` ago; how many.
+    fn prune_outbox(&self, min_age: std::time::Duration) -> BoxFuture<'_, Result<u64>>;
 }

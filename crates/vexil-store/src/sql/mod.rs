@@ -557,6 +557,17 @@ impl Store for SqlStore {
         })
     }
 
+    fn prune_outbox(&self, min_age: std::time::Duration) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let age = i64::try_from(min_age.as_millis()).unwrap_or(i64::MAX);
+            let done = sqlx::query(self.q.outbox_prune)
+                .bind(now().saturating_sub(age))
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
     fn mark_published(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let mut tx = self.write().await?;

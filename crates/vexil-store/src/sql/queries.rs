@@ -46,7 +46,7 @@ queries! {
     version_insert, version_list, change_insert, changes_between, version_changes, state_at,
     audit_insert, audit_list,
     api_key_insert, api_key_by_prefix, api_key_by_id, api_key_list, api_key_revoke, api_key_count,
-    outbox_insert, outbox_pending, outbox_mark, notify,
+    outbox_insert, outbox_pending, outbox_mark, outbox_prune, notify,
 }
 
 impl Queries {
