@@ -259,4 +259,21 @@ async fn replicas_start_from_the_redis_cache_and_follow_the_bus() {
     assert_eq!(b.changes_after("nope", 0), None);
     // Published once: the outbox is empty.
     assert!(store.pending_outbox(10, Duration::ZERO).await.unwrap().is_empty());
+
+    // A deleted environment's snapshot leaves the cache (the database confirms it is gone), so a
+    // new environment of the same name does not start from it.
+    store
+        .delete_environment(Actor::new("test"), "default".into(), Precondition::Any)
+        .await
+        .unwrap();
+    let cache = a.cache().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while cache.versions().await.unwrap().contains_key("default") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stale snapshot is still cached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.environment("default"), None);
 }

@@ -180,12 +180,24 @@ impl StoreSource {
         let (default, others): (Vec<_>, Vec<_>) = versions
             .into_iter()
             .partition(|(env, _)| *env == self.default_environment);
+        // What the cache has, asked once (and only if an environment is new here): a cache that is
+        // down costs one timeout, not one per environment.
+        let mut cached: Option<HashMap<String, i64>> = None;
         for (environment, version) in others.into_iter().chain(default) {
             let held = lock(&self.loaded).get(&environment).cloned();
             let loaded = match held {
                 Some(hit) if hit.version() == version => hit,
                 Some(older) => self.catch_up(&environment, older).await?,
-                None => self.first_load(&environment, version).await?,
+                None => {
+                    if cached.is_none() {
+                        cached = Some(self.cached_versions().await);
+                    }
+                    let usable = cached
+                        .as_ref()
+                        .and_then(|c| c.get(&environment))
+                        .is_some_and(|v| *v <= version);
+                    self.first_load(&environment, usable).await?
+                }
             };
             parts.extend(loaded.parts.iter().cloned());
             fresh.insert(environment, loaded);
@@ -194,11 +206,26 @@ impl StoreSource {
         Ok(Loaded { parts })
     }
 
-    /// An environment this source does not hold: from the cache and the history since, or whole
-    /// from the database.
-    async fn first_load(&self, environment: &str, version: i64) -> Result<Environment, LoadError> {
-        if self.cache.holds_snapshots() {
-            match self.from_cache(environment, version).await {
+    /// The cache's snapshot versions; none if it holds no snapshots or cannot be reached.
+    async fn cached_versions(&self) -> HashMap<String, i64> {
+        if !self.cache.holds_snapshots() {
+            return HashMap::new();
+        }
+        match self.cache.versions().await {
+            Ok(versions) => versions,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the config cache: reading environments from the database");
+                HashMap::new()
+            }
+        }
+    }
+
+    /// An environment this source does not hold: from the cache (when `cached`: it has a version
+    /// not newer than the database's; a newer one belongs to an environment since deleted and
+    /// created again) and the history since, or whole from the database.
+    async fn first_load(&self, environment: &str, cached: bool) -> Result<Environment, LoadError> {
+        if cached {
+            match self.from_cache(environment).await {
                 Ok(Some(cached)) => {
                     self.counters.cache_loads.fetch_add(1, Ordering::Relaxed);
                     return self.catch_up(environment, cached).await;
@@ -212,15 +239,14 @@ impl StoreSource {
         self.load_environment(environment).await
     }
 
-    /// The cache's snapshot of `environment`, if it has one not newer than `version` (a newer one
-    /// belongs to an environment since deleted and created again).
-    async fn from_cache(&self, environment: &str, version: i64) -> Result<Option<Environment>, LoadError> {
+    /// The cache's snapshot of `environment`, if it has one.
+    async fn from_cache(&self, environment: &str) -> Result<Option<Environment>, LoadError> {
         let cached = self
             .cache
             .get_snapshot(environment.to_owned())
             .await
             .map_err(|e| LoadError::Other(Box::new(e)))?;
-        let Some(cached) = cached.filter(|c| c.config_version <= version) else {
+        let Some(cached) = cached else {
             return Ok(None);
         };
         let listed = environment == self.default_environment;
@@ -418,13 +444,19 @@ impl Check {
     /// Returns when the source should load again.
     async fn next(&mut self) {
         loop {
+            // Cache entries that name versions this source does not hold: the database says which
+            // are news and which are stale (an environment deleted, or created again).
+            let mut suspects = HashMap::new();
             let database = tokio::select! {
                 _ = self.ticker.tick() => {
                     self.ticks += 1;
                     match self.check_cache().await {
-                        Some(true) => return,
-                        // The cache is up to date; the database now and then.
-                        Some(false) => (self.ticks - 1).is_multiple_of(DATABASE_CHECK_EVERY),
+                        Some(differing) if !differing.is_empty() => {
+                            suspects = differing;
+                            true
+                        }
+                        // The cache agrees; the database now and then.
+                        Some(_) => (self.ticks - 1).is_multiple_of(DATABASE_CHECK_EVERY),
                         // No cache, or it failed: the database.
                         None => true,
                     }
@@ -448,10 +480,19 @@ impl Check {
             if !database {
                 continue;
             }
-            match self.store.config_versions().await {
-                Ok(versions) if self.holds(&versions) => continue,
-                // A change, or an error (reported so the failing load shows in readiness).
-                _ => return,
+            let Ok(versions) = self.store.config_versions().await else {
+                // Reported so the failing load shows in readiness.
+                return;
+            };
+            for (environment, cached) in suspects {
+                let current = versions.iter().find(|(env, _)| *env == environment).map(|(_, v)| *v);
+                if current.is_none_or(|v| v < cached) {
+                    // Stale: no replica would ever replace it (snapshots only move forward).
+                    let _ = self.cache.remove_snapshot(environment).await;
+                }
+            }
+            if !self.holds(&versions) {
+                return;
             }
         }
     }
@@ -472,39 +513,29 @@ impl Check {
                 .all(|(env, version)| loaded.get(env).is_some_and(|e| e.version() == *version))
     }
 
-    /// With a cache that holds snapshots: `Some(true)` if it has a version this source does not,
-    /// `Some(false)` if not; and writes the versions it is behind on. `None` without such a cache
-    /// or when it fails.
-    async fn check_cache(&mut self) -> Option<bool> {
+    /// With a cache that holds snapshots: writes the versions this source holds (settled) and the
+    /// cache is behind on, and returns the cache's entries that are newer than what this source
+    /// holds or name an environment it does not hold (for the database to judge). `None` without
+    /// such a cache, or when it fails.
+    async fn check_cache(&mut self) -> Option<HashMap<String, i64>> {
         if !self.cache.holds_snapshots() {
             return None;
         }
         let cached = self.cache.versions().await.ok()?;
-        let (behind, to_write, gone) = {
+        let (differing, to_write) = {
             let loaded = lock(&self.loaded);
-            let behind = cached
+            let differing: HashMap<String, i64> = cached
                 .iter()
-                .any(|(env, version)| loaded.get(env).is_some_and(|e| e.version() < *version));
+                .filter(|(env, version)| loaded.get(*env).is_none_or(|e| e.version() < **version))
+                .map(|(env, version)| (env.clone(), *version))
+                .collect();
             let to_write: Vec<Arc<EnvironmentSnapshot>> = loaded
                 .iter()
                 .filter(|(env, e)| cached.get(*env).is_none_or(|v| *v < e.version()) && e.at.elapsed() >= self.settle)
                 .map(|(_, e)| e.documents.clone())
                 .collect();
-            // Environments the cache has and this source does not (deleted), once it holds some.
-            let gone: Vec<String> = if loaded.is_empty() {
-                Vec::new()
-            } else {
-                cached
-                    .keys()
-                    .filter(|env| !loaded.contains_key(*env))
-                    .cloned()
-                    .collect()
-            };
-            (behind, to_write, gone)
+            (differing, to_write)
         };
-        if behind {
-            return Some(true);
-        }
         for documents in to_write {
             let environment = documents.environment.clone();
             let snapshot = CachedSnapshot {
@@ -515,10 +546,7 @@ impl Check {
                 self.counters.cache_writes.fetch_add(1, Ordering::Relaxed);
             }
         }
-        for environment in gone {
-            self.cache.remove_snapshot(environment).await.ok()?;
-        }
-        Some(false)
+        Some(differing)
     }
 }
 
