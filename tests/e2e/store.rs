@@ -341,6 +341,16 @@ fn the_store_commands_report_problems_and_exit_non_zero() {
         &url,
     ]);
     assert!(!out.status.success());
+
+    // Redis is for replicas of a store; a malformed URL is refused at start.
+    let out = vexil(&["start", "-f", "examples/flags.json", "--redis-url", "redis://127.0.0.1:1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--redis-url needs the store"), "{err}");
+    let out = vexil(&["serve", "--database-url", &url, "--redis-url", "http://nowhere"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid --redis-url"), "{err}");
 }
 
 /// Waits until `ok` holds, polling.
