@@ -225,7 +225,7 @@ impl StoreSource {
     /// created again) and the history since, or whole from the database.
     async fn first_load(&self, environment: &str, cached: bool) -> Result<Environment, LoadError> {
         if cached {
-            match self.from_cache(environment).await {
+            match self.read_cached(environment).await {
                 Ok(Some(cached)) => {
                     self.counters.cache_loads.fetch_add(1, Ordering::Relaxed);
                     return self.catch_up(environment, cached).await;
@@ -240,7 +240,7 @@ impl StoreSource {
     }
 
     /// The cache's snapshot of `environment`, if it has one.
-    async fn from_cache(&self, environment: &str) -> Result<Option<Environment>, LoadError> {
+    async fn read_cached(&self, environment: &str) -> Result<Option<Environment>, LoadError> {
         let cached = self
             .cache
             .get_snapshot(environment.to_owned())
