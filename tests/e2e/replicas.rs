@@ -206,6 +206,24 @@ fn changed(event: &pb::ConfigEvent) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// A database, a Redis, and two replicas on them: `a` seeded `color` = blue, and `b` serves it.
+struct Cluster {
+    database: vexil_testkit::TestDatabase,
+    redis: vexil_testkit::RedisServer,
+    a: Server,
+    b: Server,
+}
+
+async fn cluster(poll_ms: &str) -> Cluster {
+    let database = vexil_testkit::postgres().database().await;
+    let redis = vexil_testkit::redis();
+    let a = replica(database.url(), redis.url(), poll_ms);
+    seed(&a, "blue").await;
+    let b = replica(database.url(), redis.url(), poll_ms);
+    serves(&b, "blue").await;
+    Cluster { database, redis, a, b }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_one_replica_reaches_every_subscriber_of_the_others() {
     let database = vexil_testkit::postgres().database().await;
@@ -274,12 +292,7 @@ async fn a_write_through_one_replica_reaches_every_subscriber_of_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_arrive_while_redis_is_down_and_pub_sub_resumes_after() {
-    let database = vexil_testkit::postgres().database().await;
-    let redis = vexil_testkit::redis();
-    let a = replica(database.url(), redis.url(), "200");
-    seed(&a, "blue").await;
-    let b = replica(database.url(), redis.url(), "200");
-    serves(&b, "blue").await;
+    let Cluster { database, redis, a, b } = cluster("200").await;
 
     redis.stop();
     // Writes still commit; b finds them by the database's version check.
@@ -393,12 +406,7 @@ async fn a_replica_killed_between_commit_and_publish_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_resumes_on_another_replica_with_exactly_what_it_missed() {
-    let database = vexil_testkit::postgres().database().await;
-    let redis = vexil_testkit::redis();
-    let a = replica(database.url(), redis.url(), "200");
-    seed(&a, "blue").await;
-    let b = replica(database.url(), redis.url(), "200");
-    serves(&b, "blue").await;
+    let Cluster { database, redis, a, b } = cluster("200").await;
 
     let mut first = watch(&a, 0).await;
     let seen = next(&mut first).await.config_version;
