@@ -6,6 +6,7 @@ pub mod driver;
 pub mod fanout;
 pub mod flags;
 pub mod process;
+pub mod replicas;
 pub mod report;
 pub mod soak;
 pub mod stalled;

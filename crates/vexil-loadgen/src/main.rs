@@ -13,7 +13,7 @@ use vexil_loadgen::flags::{catalog, document};
 use vexil_loadgen::process::{self, Server};
 use vexil_loadgen::report::{self, Row};
 use vexil_loadgen::workload::{Client, Req, Scenario, requests};
-use vexil_loadgen::{soak, stalled};
+use vexil_loadgen::{replicas, soak, stalled};
 
 /// Load generator for Vexil: throughput and latency beside a no-op baseline, change fan-out,
 /// memory and startup.
@@ -43,6 +43,12 @@ enum Command {
     IdleStreams(IdleArgs),
     /// The managed store: admin write → value served (p50/p99), and writes per second.
     Store(StoreArgs),
+    /// Replicas sharing PostgreSQL and Redis: admin write on one → served by another, and → every
+    /// ConfigService.Watch watcher on all of them.
+    Propagation(PropagationArgs),
+    /// Replicas sharing PostgreSQL and Redis: spawn → ready with N flags, from Redis's snapshot
+    /// and from the database.
+    ReplicaStartup(ReplicaStartupArgs),
     /// The no-op baseline server (started by `run`).
     #[command(hide = true)]
     BaselineServer {
@@ -188,6 +194,61 @@ struct StoreArgs {
     common: Common,
 }
 
+/// The shared PostgreSQL and Redis, and how replicas run on them.
+#[derive(Debug, clap::Args)]
+struct ReplicaArgs {
+    /// The shared database (`postgres://…`); default: a throwaway PostgreSQL server.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// The shared Redis (`redis://…`); default: a throwaway Redis server.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// The replicas' `--store-poll-interval-ms` (the backstop version check; high, so changes
+    /// arrive by the change bus).
+    #[arg(long, default_value_t = 1000)]
+    store_poll_interval_ms: u64,
+    /// Extra arguments for `vexil serve` (e.g. `--vexil-arg=--max-connections=50000`).
+    #[arg(long = "vexil-arg", allow_hyphen_values = true)]
+    vexil_args: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct PropagationArgs {
+    /// Replicas (at least 2: A takes the writes, B is asked for the value).
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// ConfigService.Watch streams, round-robin over the replicas.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
+    /// Measured writes (after 5 unmeasured ones), one at a time.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// Watch streams per HTTP/2 connection (the server allows 200).
+    #[arg(long, default_value_t = 100)]
+    streams_per_connection: usize,
+    /// Milliseconds a write may take to reach B and every watcher before it counts as missed.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(flatten)]
+    replica: ReplicaArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReplicaStartupArgs {
+    /// Flags in environment `bench` (imported with `vexil import`).
+    #[arg(long, default_value_t = 10_000)]
+    flags: usize,
+    /// Runs of each case (median, min and max are reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[command(flatten)]
+    replica: ReplicaArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
 #[derive(Debug, clap::Args)]
 struct SoakArgs {
     /// Seconds of the open-loop phase.
@@ -240,6 +301,8 @@ fn main() -> anyhow::Result<()> {
             Command::Stalled(args) => stalled_cmd(args).await,
             Command::IdleStreams(args) => idle_cmd(args).await,
             Command::Store(args) => store_cmd(args).await,
+            Command::Propagation(args) => propagation_cmd(args).await,
+            Command::ReplicaStartup(args) => replica_startup_cmd(args),
             Command::BaselineServer {
                 port,
                 management_port,
@@ -674,5 +737,88 @@ async fn store_cmd(args: StoreArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.common.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
+    Ok(())
+}
+
+/// The shared servers (throwaway ones unless given) and how replicas start on them.
+fn replica_setup(
+    args: &ReplicaArgs,
+    common: &Common,
+    max_streams: u64,
+) -> anyhow::Result<(replicas::Backing, replicas::ReplicaSpec)> {
+    let binary = vexil_binary(common)?;
+    let backing = replicas::Backing::start(args.database_url.clone(), args.redis_url.clone());
+    let spec = replicas::ReplicaSpec {
+        binary,
+        database_url: backing.database_url.clone(),
+        store_poll_interval_ms: args.store_poll_interval_ms,
+        max_streams,
+        extra: args.vexil_args.clone(),
+    };
+    Ok((backing, spec))
+}
+
+async fn propagation_cmd(args: PropagationArgs) -> anyhow::Result<()> {
+    // The server's default (20,000) unless more watchers share one replica.
+    let per_replica = args.watchers.div_ceil(args.replicas.max(1)) as u64;
+    let (backing, replica) = replica_setup(&args.replica, &args.common, per_replica.max(20_000))?;
+    let spec = replicas::PropagationSpec {
+        replica,
+        redis_url: backing.redis_url.clone(),
+        replicas: args.replicas,
+        watchers: args.watchers,
+        changes: args.changes,
+        streams_per_connection: args.streams_per_connection,
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    let r = replicas::propagation(&spec).await?;
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "propagation: {} replicas, {} watchers, {} changes: write → served on B p50 {:.1} ms, p99 {:.1} ms; write → each watcher p50 {:.1} ms, p99 {:.1} ms; write → all watchers p50 {:.1} ms, p99 {:.1} ms; misses {}, B timeouts {}",
+        r.replicas,
+        r.watchers,
+        r.changes,
+        ms(r.write_to_served_on_b.p50_us),
+        ms(r.write_to_served_on_b.p99_us),
+        ms(r.write_to_each_watcher.p50_us),
+        ms(r.write_to_each_watcher.p99_us),
+        ms(r.write_to_all_watchers.p50_us),
+        ms(r.write_to_all_watchers.p99_us),
+        r.misses,
+        r.served_timeouts,
+    );
+    emit(&args.common, &r)?;
+    drop(backing);
+    Ok(())
+}
+
+fn replica_startup_cmd(args: ReplicaStartupArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let (backing, replica) = replica_setup(&args.replica, &args.common, 20_000)?;
+    let spec = replicas::StartupSpec {
+        replica,
+        redis_url: backing.redis_url.clone(),
+        flags: args.flags,
+        runs: args.runs,
+        dir: dir.clone(),
+    };
+    let report = replicas::startup(&spec);
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = report?;
+    for c in &r.cases {
+        println!(
+            "replica startup, {} flags, {}: ready after {:.0} ms (median of {}; min {:.0}, max {:.0}; load path confirmed {}/{})",
+            r.flags,
+            c.case,
+            c.median_ms,
+            c.samples_ms.len(),
+            c.min_ms,
+            c.max_ms,
+            c.confirmed,
+            c.samples_ms.len()
+        );
+    }
+    emit(&args.common, &r)?;
+    drop(backing);
     Ok(())
 }

@@ -21,8 +21,8 @@ use vexil_proto::vexil::v1::evaluation_service_client::EvaluationServiceClient;
 
 use crate::process::{Ports, Server};
 
-const ENVIRONMENT: &str = "bench";
-const FLAG_SET: &str = "web";
+pub(crate) const ENVIRONMENT: &str = "bench";
+pub(crate) const FLAG_SET: &str = "web";
 
 /// Latency percentiles of one measurement, in microseconds.
 #[derive(Debug, Clone, Serialize)]
@@ -35,7 +35,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Percentiles {
+    pub(crate) fn of(h: &Histogram<u64>) -> Percentiles {
         Percentiles {
             count: h.len(),
             p50_us: h.value_at_quantile(0.50),
@@ -66,7 +66,7 @@ fn definition(variant: &str) -> Option<JsonStruct> {
     }
 }
 
-fn put(key: &str, variant: &str) -> pb::PutFlagRequest {
+pub(crate) fn put(key: &str, variant: &str) -> pb::PutFlagRequest {
     pb::PutFlagRequest {
         environment: ENVIRONMENT.into(),
         flag_set: FLAG_SET.into(),
@@ -94,18 +94,8 @@ pub fn server(binary: &Path, database_url: &str) -> anyhow::Result<Server> {
     Ok(server)
 }
 
-/// Runs both measurements against `server`.
-pub async fn measure(
-    server: &Server,
-    backend: &str,
-    changes: usize,
-    writers: usize,
-    duration: Duration,
-) -> anyhow::Result<StoreReport> {
-    let url = format!("http://127.0.0.1:{}", server.ports.evaluation);
-    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
-    let mut admin = AdminServiceClient::new(channel.clone());
-    let mut evaluation = EvaluationServiceClient::new(channel.clone());
+/// Creates environment `bench` (unless it exists) and its flag set `web`.
+pub(crate) async fn create_flag_set(admin: &mut AdminServiceClient<tonic::transport::Channel>) -> anyhow::Result<()> {
     match admin
         .create_environment(pb::CreateEnvironmentRequest {
             key: ENVIRONMENT.into(),
@@ -124,6 +114,22 @@ pub async fn measure(
             ..Default::default()
         })
         .await?;
+    Ok(())
+}
+
+/// Runs both measurements against `server`.
+pub async fn measure(
+    server: &Server,
+    backend: &str,
+    changes: usize,
+    writers: usize,
+    duration: Duration,
+) -> anyhow::Result<StoreReport> {
+    let url = format!("http://127.0.0.1:{}", server.ports.evaluation);
+    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+    let mut admin = AdminServiceClient::new(channel.clone());
+    let mut evaluation = EvaluationServiceClient::new(channel.clone());
+    create_flag_set(&mut admin).await?;
 
     let mut propagation = Histogram::<u64>::new(3)?;
     for i in 0..changes + 5 {
