@@ -343,7 +343,13 @@ fn the_store_commands_report_problems_and_exit_non_zero() {
     assert!(!out.status.success());
 
     // Redis is for replicas of a store; a malformed URL is refused at start.
-    let out = vexil(&["start", "-f", "examples/flags.json", "--redis-url", "redis://127.0.0.1:1"]);
+    let out = vexil(&[
+        "start",
+        "-f",
+        "examples/flags.json",
+        "--redis-url",
+        "redis://127.0.0.1:1",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--redis-url needs the store"), "{err}");
