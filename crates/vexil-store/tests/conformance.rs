@@ -1013,6 +1013,9 @@ async fn lists_page_with_tokens(store: &SqlStore) {
     assert_eq!(rest.items.iter().map(|v| v.version).collect::<Vec<_>>(), [2, 1]);
 }
 
+/// Changed keys, with each one's definition after the change (`None`: deleted).
+type KeysAndDefinitions<'a> = Vec<(&'a str, Option<&'a Value>)>;
+
 async fn history_gives_each_version_s_changes_in_order(store: &SqlStore) {
     with_set(store, "prod", "web").await; // 1
     put(store, "a", boolean_flag("on"), Precondition::Any).await.unwrap(); // 2
@@ -1024,7 +1027,7 @@ async fn history_gives_each_version_s_changes_in_order(store: &SqlStore) {
         .unwrap(); // 5
     let history = store.history("prod".into(), 2, 100).await.unwrap();
     assert_eq!(history.current, 5);
-    let seen: Vec<(i64, Vec<(&str, Option<&Value>)>)> = history
+    let seen: Vec<(i64, KeysAndDefinitions<'_>)> = history
         .versions
         .as_ref()
         .unwrap()
