@@ -8,15 +8,19 @@
 //!   flag and the JSON pointer;
 //! - [`snapshot::Snapshot::build`] compiles every source's flags once;
 //! - [`snapshot::Snapshot::evaluate`] resolves a flag for a [`eval::Context`].
+//! - [`experiment`] assigns units to an experiment's variants (sticky, murmur3, layers);
+//! - [`stats`] turns experiment aggregates into lifts, intervals, p-values and chances to win.
 
 #![forbid(unsafe_code)]
 
 pub mod context;
 pub mod eval;
+pub mod experiment;
 pub mod model;
 pub mod parse;
 pub mod schema;
 pub mod snapshot;
+pub mod stats;
 pub mod targeting;
 
 pub use context::Attributes;
