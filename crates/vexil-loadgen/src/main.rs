@@ -787,6 +787,12 @@ async fn propagation_cmd(args: PropagationArgs) -> anyhow::Result<()> {
         r.misses,
         r.served_timeouts,
     );
+    let mib = |v: &[f64]| v.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" / ");
+    println!(
+        "replica RSS (MiB) after warm-up {}; after the last write {}",
+        mib(&r.rss_after_warmup_mib),
+        mib(&r.rss_end_mib)
+    );
     emit(&args.common, &r)?;
     drop(backing);
     Ok(())

@@ -163,6 +163,10 @@ pub struct PropagationReport {
     /// Watch streams that ended (with the first error, if any).
     pub watcher_disconnects: u64,
     pub first_disconnect: Option<String>,
+    /// Each replica's resident memory after the warm-up writes and after the last write, in MiB:
+    /// what a replica keeps per change (its kept history is bounded) shows as growth.
+    pub rss_after_warmup_mib: Vec<f64>,
+    pub rss_end_mib: Vec<f64>,
 }
 
 /// What a watcher task tells the collector.
@@ -472,7 +476,17 @@ pub async fn propagation(spec: &PropagationSpec) -> anyhow::Result<PropagationRe
     let (mut write, mut on_b, mut each, mut all) = (histogram()?, histogram()?, histogram()?, histogram()?);
     let mut by_replica: Vec<Histogram<u64>> = (0..spec.replicas).map(|_| histogram()).collect::<Result<_, _>>()?;
     let (mut misses, mut incomplete, mut served_timeouts) = (0u64, 0u64, 0u64);
+    let rss = |servers: &[Server]| -> Vec<f64> {
+        servers
+            .iter()
+            .map(|s| s.rss_bytes().map_or(0.0, |b| b as f64 / (1024.0 * 1024.0)))
+            .collect()
+    };
+    let mut rss_after_warmup = Vec::new();
     for i in 0..spec.changes + WARMUP {
+        if i == WARMUP {
+            rss_after_warmup = rss(&servers);
+        }
         let value = if i.is_multiple_of(2) { "b" } else { "a" };
         let record = i >= WARMUP;
         let t0 = Instant::now();
@@ -533,6 +547,8 @@ pub async fn propagation(spec: &PropagationSpec) -> anyhow::Result<PropagationRe
         resnapshots: w.resnapshots,
         watcher_disconnects: w.disconnects,
         first_disconnect: w.first_disconnect,
+        rss_after_warmup_mib: rss_after_warmup,
+        rss_end_mib: rss(&servers),
     })
 }
 
