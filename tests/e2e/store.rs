@@ -357,6 +357,18 @@ fn the_store_commands_report_problems_and_exit_non_zero() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid --redis-url"), "{err}");
+    let out = vexil(&[
+        "serve",
+        "--database-url",
+        &url,
+        "--redis-url",
+        "rediss://127.0.0.1:1",
+        "--redis-ca-cert",
+        "/nonexistent/ca.pem",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read --redis-ca-cert /nonexistent/ca.pem"), "{err}");
 }
 
 /// Waits until `ok` holds, polling.

@@ -89,19 +89,40 @@ impl Drop for Tasks {
 }
 
 impl RedisCache {
-    /// A cache on the Redis server at `url` (`redis://[user:password@]host:port[/db]`), its keys and
-    /// channel under `prefix`. Does not wait for the server: a Redis that is down at start makes
-    /// the cache report down, and it connects (and subscribes) once the server is there. Fails
-    /// only on a malformed URL. Must be called within a Tokio runtime.
+    /// A cache on the Redis server at `url` (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://…` for TLS, verified against the system's roots), its keys and channel under
+    /// `prefix`. Does not wait for the server: a Redis that is down at start makes the cache report
+    /// down, and it connects (and subscribes) once the server is there. Fails only on a malformed
+    /// URL. Must be called within a Tokio runtime.
     pub fn connect(url: &str, prefix: &str) -> Result<RedisCache, CacheError> {
+        RedisCache::connect_with_roots(url, prefix, None)
+    }
+
+    /// As [`RedisCache::connect`], a `rediss://` server's certificate verified against
+    /// `root_cert` (PEM: a private CA, or the server's own self-signed certificate) instead of the
+    /// system's roots.
+    pub fn connect_with_roots(url: &str, prefix: &str, root_cert: Option<&[u8]>) -> Result<RedisCache, CacheError> {
         let info = url.into_connection_info()?;
         let redis_settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(redis_settings))?;
+        let info = info.set_redis_settings(redis_settings);
+        let client = match root_cert {
+            Some(pem) => {
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                };
+                redis::Client::build_with_tls(info, certificates)?
+            }
+            None => redis::Client::open(info)?,
+        };
         let (push_tx, push_rx) = mpsc::unbounded_channel::<PushInfo>();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_max_delay(Duration::from_secs(2))
+            // A call to a Redis that is down fails fast (the version check falls back to the
+            // database); the next call, at the next tick, tries to connect again.
+            .set_number_of_retries(2)
             .set_push_sender(push_tx)
             .set_automatic_resubscription();
         let connection = ConnectionManager::new_lazy_with_config(client, config)?;
@@ -404,5 +425,83 @@ mod tests {
         assert!(!health.up);
         assert!(health.error.is_some());
         assert!(RedisCache::connect("http://nope", "vexil:").is_err());
+    }
+
+    /// A redis-server speaking only TLS on a free port, with a self-signed certificate for
+    /// 127.0.0.1; killed and removed on drop.
+    struct TlsRedis {
+        child: std::process::Child,
+        dir: std::path::PathBuf,
+        port: u16,
+        cert_pem: String,
+    }
+
+    impl TlsRedis {
+        fn start() -> TlsRedis {
+            let dir = std::env::temp_dir().join(format!("vexil-cache-tls-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+            let cert_pem = certified.cert.pem();
+            std::fs::write(dir.join("cert.pem"), &cert_pem).unwrap();
+            std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .current_dir(&dir)
+                .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"])
+                .args(["--tls-ca-cert-file", "cert.pem", "--tls-auth-clients", "no"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server runs (install the redis-server package)");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(std::time::Instant::now() < deadline, "redis-server (TLS) did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            TlsRedis {
+                child,
+                dir,
+                port,
+                cert_pem,
+            }
+        }
+    }
+
+    impl Drop for TlsRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_redis_is_reached_with_its_root_and_refused_without() {
+        let server = TlsRedis::start();
+        let url = format!("rediss://127.0.0.1:{}", server.port);
+        let cache = RedisCache::connect_with_roots(&url, "vexil:", Some(server.cert_pem.as_bytes())).unwrap();
+        let mut events = cache.subscribe();
+        until_up(&cache).await;
+        cache.publish(announcement("prod", 4)).await.unwrap();
+        assert_eq!(next_announcement(&mut events).await, announcement("prod", 4));
+        let snapshot = CachedSnapshot {
+            config_version: 4,
+            body: "four".into(),
+        };
+        assert!(cache.put_snapshot("prod".into(), snapshot.clone()).await.unwrap());
+        assert_eq!(cache.get_snapshot("prod".into()).await.unwrap(), Some(snapshot));
+
+        // Not trusted (the system's roots do not know this certificate): refused, reported down.
+        let untrusted = RedisCache::connect(&url, "vexil:").unwrap();
+        assert!(untrusted.versions().await.is_err());
+        assert!(!untrusted.health().up);
+        // Plain text to a TLS port fails too.
+        let plain = RedisCache::connect(&format!("redis://127.0.0.1:{}", server.port), "vexil:").unwrap();
+        assert!(plain.versions().await.is_err());
     }
 }

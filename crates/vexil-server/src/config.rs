@@ -234,6 +234,10 @@ pub struct ServeArgs {
     /// find changes by the version check). Needs the store.
     #[arg(long, env = "VEXIL_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// For a `rediss://` (TLS) --redis-url: a PEM file of the certificate authority (or the
+    /// self-signed certificate) to verify the server with, instead of the system's roots.
+    #[arg(long, env = "VEXIL_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<std::path::PathBuf>,
     /// Prefix of Vexil's Redis keys and channel (deployments sharing a Redis use different ones).
     #[arg(long, env = "VEXIL_REDIS_KEY_PREFIX", default_value = "vexil:")]
     pub redis_key_prefix: String,

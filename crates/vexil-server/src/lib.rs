@@ -172,7 +172,13 @@ async fn managed(url: &str, args: &ServeArgs) -> anyhow::Result<vexil_api::Manag
     let store: Arc<dyn vexil_store::Store> = Arc::new(store);
     let cache: Arc<dyn ConfigCache> = match &args.redis_url {
         Some(url) => {
-            let cache = RedisCache::connect(url, &args.redis_key_prefix)
+            let roots = match &args.redis_ca_cert {
+                Some(path) => Some(
+                    std::fs::read(path).with_context(|| format!("cannot read --redis-ca-cert {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let cache = RedisCache::connect_with_roots(url, &args.redis_key_prefix, roots.as_deref())
                 .with_context(|| format!("invalid --redis-url {}", vexil_store::redact(url)))?;
             tracing::info!(redis = %vexil_store::redact(url), prefix = %args.redis_key_prefix, "config cache and change bus on Redis");
             Arc::new(cache)
