@@ -765,6 +765,29 @@ async fn the_json_api_is_transcoded_from_the_annotations() {
         second["changes"]["changes"][0]["after"]["definition"]["defaultVariant"],
         "on"
     );
+
+    // An EventSource that reconnects sends the last id it saw: it gets exactly what came after.
+    let resumed = http
+        .get(v1("/environments/prod/config:watch?flagSet=web"))
+        .header("last-event-id", "3")
+        .send()
+        .await
+        .unwrap();
+    let mut body = resumed.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(DEADLINE, body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let event = &text[..text.find("\n\n").unwrap()];
+    let mut lines = event.lines();
+    assert_eq!(lines.next(), Some("id: 4"), "{event}");
+    let data: Value = serde_json::from_str(lines.next().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(data["changes"]["changes"][0]["key"], "second", "{data}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,10 @@ impl RedisCache {
         let info = url.into_connection_info()?;
         let redis_settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let info = info.set_redis_settings(redis_settings);
+        // redis's TLS asks rustls for the process's crypto provider; with more than one compiled
+        // in (the workspace has ring and aws-lc-rs), none is chosen by itself: choose ring, as
+        // Vexil's own listeners do (a provider installed before stays).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = match root_cert {
             Some(pem) => {
                 let certificates = redis::TlsCertificates {

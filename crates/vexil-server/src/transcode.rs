@@ -58,7 +58,11 @@
 //! silence to keep proxies from closing the stream, and, if the stream fails, a last
 //! `event: error` whose data is the error below. With `Accept: application/x-ndjson` the messages are
 //! newline-delimited JSON instead, a failure being a last line `{"error": …}`. A call refused before
-//! its stream starts (unknown environment, no access) is an ordinary error response.
+//! its stream starts (unknown environment, no access) is an ordinary error response. Streams resume:
+//! an event whose message has a `configVersion` carries it as its `id:`, and a request with
+//! `Last-Event-ID` (what a browser's `EventSource` sends when it reconnects) sets the request's
+//! `since_version` to it unless the query did, so a reconnecting watcher, on any replica, misses
+//! no version and sees none twice.
 //!
 //! An error answers the HTTP status the error table gives the gRPC code
 //! ([`error::connect`]: `INVALID_ARGUMENT` 400, `UNAUTHENTICATED` 401, `PERMISSION_DENIED` 403,
@@ -742,7 +746,10 @@ async fn transcode(transcoder: &Transcoder, request: Request) -> Result<Response
             ))
         });
     }
-    let message = request_message(route, &captures, parts.uri.query(), &body)?;
+    let mut message = request_message(route, &captures, parts.uri.query(), &body)?;
+    if route.rpc.is_server_streaming() {
+        resume_after_last_event(&mut message, &parts.headers)?;
+    }
     let grpc = grpc_request(route, &parts, &message.encode_to_vec());
     let response = match transcoder.grpc.clone().oneshot(grpc).await {
         Ok(response) => response,
@@ -1084,17 +1091,65 @@ fn json_options() -> SerializeOptions {
 }
 
 /// A response message (protobuf) as JSON: the message, or its `response_body` field.
+/// The request field a stream resumes from, set from `Last-Event-ID`.
+const RESUME_FIELD: &str = "since_version";
+
+/// The response field (proto3 JSON name) an event's `id:` is taken from.
+const EVENT_ID_FIELD: &str = "configVersion";
+
+/// `Last-Event-ID`, when the request has a [`RESUME_FIELD`] the query left unset: resume after it.
+fn resume_after_last_event(message: &mut DynamicMessage, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(last) = headers.get("last-event-id") else {
+        return Ok(());
+    };
+    let Some(field) = message.descriptor().get_field_by_name(RESUME_FIELD) else {
+        return Ok(());
+    };
+    if message.has_field(&field) {
+        return Ok(());
+    }
+    let version = last
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|v| *v >= 0)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "Last-Event-ID must be the config version of the last event seen, not `{}`",
+                String::from_utf8_lossy(last.as_bytes())
+            ))
+        })?;
+    message.set_field(&field, prost_reflect::Value::I64(version));
+    Ok(())
+}
+
 fn response_json(route: &Route, message: Bytes) -> Result<Vec<u8>, ApiError> {
+    let json = response_value(route, message)?;
+    serde_json::to_vec(&json).map_err(|e| ApiError::internal(format!("encoding the response: {e}")))
+}
+
+/// One streamed message: its JSON and, if it has an [`EVENT_ID_FIELD`], the event's id.
+fn response_event(route: &Route, message: Bytes) -> Result<(Vec<u8>, Option<String>), ApiError> {
+    let json = response_value(route, message)?;
+    let id = match json.get(EVENT_ID_FIELD) {
+        Some(serde_json::Value::String(id)) => Some(id.clone()),
+        Some(serde_json::Value::Number(id)) => Some(id.to_string()),
+        _ => None,
+    };
+    let bytes = serde_json::to_vec(&json).map_err(|e| ApiError::internal(format!("encoding the response: {e}")))?;
+    Ok((bytes, id))
+}
+
+fn response_value(route: &Route, message: Bytes) -> Result<serde_json::Value, ApiError> {
     let internal = |e: String| ApiError::internal(format!("encoding the response: {e}"));
     let decoded = DynamicMessage::decode(route.rpc.output(), message).map_err(|e| internal(e.to_string()))?;
     let json = decoded
         .serialize_with_options(serde_json::value::Serializer, &json_options())
         .map_err(|e| internal(e.to_string()))?;
-    let json = match &route.response_body {
+    Ok(match &route.response_body {
         Some(field) => json.get(field.json_name()).cloned().unwrap_or_default(),
         None => json,
-    };
-    serde_json::to_vec(&json).map_err(|e| internal(e.to_string()))
+    })
 }
 
 /// Response headers that are gRPC's or the HTTP exchange's, not the call's metadata.
@@ -1188,12 +1243,14 @@ impl StreamFormat {
         }
     }
 
-    fn message(self, json: &[u8]) -> Bytes {
-        let (before, after): (&[u8], &[u8]) = match self {
-            StreamFormat::Sse => (b"data: ", b"\n\n"),
-            StreamFormat::NdJson => (b"", b"\n"),
-        };
-        [before, json, after].concat().into()
+    fn message(self, json: &[u8], id: Option<&str>) -> Bytes {
+        match self {
+            StreamFormat::Sse => {
+                let id = id.map(|id| format!("id: {id}\n")).unwrap_or_default();
+                [id.as_bytes(), b"data: ", json, b"\n\n"].concat().into()
+            }
+            StreamFormat::NdJson => [json, b"\n"].concat().into(),
+        }
     }
 
     fn error(self, error: &ApiError) -> Bytes {
@@ -1249,7 +1306,9 @@ fn stream_reply(route: &Route, format: StreamFormat, response: Response) -> Resp
                         let events: Result<Vec<Bytes>, ApiError> = take_messages(&mut s.buffer).and_then(|messages| {
                             messages
                                 .into_iter()
-                                .map(|m| response_json(&route, m).map(|json| format.message(&json)))
+                                .map(|m| {
+                                    response_event(&route, m).map(|(json, id)| format.message(&json, id.as_deref()))
+                                })
                                 .collect()
                         });
                         match events {
@@ -1943,9 +2002,10 @@ mod tests {
             )
         };
         let (first, second) = (event(1), event(2));
+        // Each event's id is its config version (what Last-Event-ID gives back on a reconnect).
         assert_eq!(
             String::from_utf8_lossy(&body),
-            format!("data: {first}\n\ndata: {second}\n\nevent: error\ndata: {error}\n\n")
+            format!("id: 1\ndata: {first}\n\nid: 2\ndata: {second}\n\nevent: error\ndata: {error}\n\n")
         );
         let message = api::WatchRequest::decode(&log.lock().unwrap()[0].body[5..]).unwrap();
         assert_eq!(
@@ -1956,6 +2016,32 @@ mod tests {
             ),
             ("prod", "checkout", 7)
         );
+        // A reconnecting EventSource resumes after its Last-Event-ID; the query wins over it; a
+        // Last-Event-ID that is not a version is refused.
+        for (query, last, since) in [("", "2", 2), ("?sinceVersion=5", "2", 5)] {
+            let request = http::Request::get(format!("/v1/environments/prod/config:watch{query}"))
+                .header("last-event-id", last)
+                .body(Body::empty())
+                .unwrap();
+            assert_eq!(call(grpc.clone(), request).await.0, StatusCode::OK);
+            let sent = log.lock().unwrap().last().unwrap().body.clone();
+            assert_eq!(
+                api::WatchRequest::decode(&sent[5..]).unwrap().since_version,
+                since,
+                "{query}"
+            );
+        }
+        let calls = log.lock().unwrap().len();
+        for bad in ["yesterday", "-1"] {
+            let request = http::Request::get("/v1/environments/prod/config:watch")
+                .header("last-event-id", bad)
+                .body(Body::empty())
+                .unwrap();
+            let (status, _, body) = call(grpc.clone(), request).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(json(&body)["message"].as_str().unwrap().contains("Last-Event-ID"));
+        }
+        assert_eq!(log.lock().unwrap().len(), calls, "refused before the call");
 
         let request = http::Request::get("/v1/environments/prod/config:watch")
             .header("accept", "application/json, application/x-ndjson;q=0.9")
@@ -1974,7 +2060,7 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         let (_, _, body) = call(grpc, request).await;
-        assert_eq!(String::from_utf8_lossy(&body), format!("data: {}\n\n", event(3)));
+        assert_eq!(String::from_utf8_lossy(&body), format!("id: 3\ndata: {}\n\n", event(3)));
         let (grpc, _) = dummy(|| Status::permission_denied("not yours").into_http());
         let request = http::Request::get("/v1/environments/prod/config:watch")
             .body(Body::empty())
@@ -2006,7 +2092,7 @@ mod tests {
             .unbounded_send(Ok(Frame::data(grpc_frame(&snapshot(1)))))
             .unwrap();
         let event = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert!(event.starts_with(b"data: {\"configVersion\":\"1\""), "{event:?}");
+        assert!(event.starts_with(b"id: 1\ndata: {\"configVersion\":\"1\""), "{event:?}");
         // Silence: a keep-alive comment after HEARTBEAT (paused time advances by itself).
         let started = tokio::time::Instant::now();
         let event = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -2016,7 +2102,7 @@ mod tests {
             .unbounded_send(Ok(Frame::data(grpc_frame(&snapshot(2)))))
             .unwrap();
         let event = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert!(event.starts_with(b"data: {\"configVersion\":\"2\""), "{event:?}");
+        assert!(event.starts_with(b"id: 2\ndata: {\"configVersion\":\"2\""), "{event:?}");
         sender.unbounded_send(Ok(Frame::trailers(ok_trailers()))).unwrap();
         drop(sender);
         assert!(body.frame().await.is_none());
