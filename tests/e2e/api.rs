@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -615,8 +616,6 @@ async fn flagd_keys_put_flagd_protocols_behind_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_json_api_is_transcoded_from_the_annotations() {
-    use futures::StreamExt as _;
-
     let dir = Scratch::new("json");
     let s = server(&dir, &[]);
     let http = reqwest::Client::new();
@@ -732,24 +731,8 @@ async fn the_json_api_is_transcoded_from_the_annotations() {
         .await
         .unwrap();
     assert_eq!(watch.headers()["content-type"], "text/event-stream");
-    let mut body = watch.bytes_stream();
-    let mut text = String::new();
-    let mut next_event = async || loop {
-        if let Some(end) = text.find("\n\n") {
-            let event: String = text.drain(..end + 2).collect();
-            if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
-                return serde_json::from_str::<Value>(data).unwrap();
-            }
-            continue;
-        }
-        let chunk = tokio::time::timeout(DEADLINE, body.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        text.push_str(std::str::from_utf8(&chunk).unwrap());
-    };
-    let first = next_event().await;
+    let mut events = SseEvents::of(watch);
+    let first = events.next().await.1;
     assert_eq!(first["configVersion"], "3");
     assert_eq!(first["snapshot"]["flagSets"][0]["key"], "web");
     send(
@@ -758,7 +741,8 @@ async fn the_json_api_is_transcoded_from_the_annotations() {
         Some(json!({"definition": flag("on")})),
     )
     .await;
-    let second = next_event().await;
+    let (id, second) = events.next().await;
+    assert_eq!(id.as_deref(), Some("4"));
     assert_eq!(second["configVersion"], "4");
     assert_eq!(second["changes"]["changes"][0]["key"], "second");
     assert_eq!(
@@ -773,21 +757,44 @@ async fn the_json_api_is_transcoded_from_the_annotations() {
         .send()
         .await
         .unwrap();
-    let mut body = resumed.bytes_stream();
-    let mut text = String::new();
-    while !text.contains("\n\n") {
-        let chunk = tokio::time::timeout(DEADLINE, body.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        text.push_str(std::str::from_utf8(&chunk).unwrap());
-    }
-    let event = &text[..text.find("\n\n").unwrap()];
-    let mut lines = event.lines();
-    assert_eq!(lines.next(), Some("id: 4"), "{event}");
-    let data: Value = serde_json::from_str(lines.next().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    let (id, data) = SseEvents::of(resumed).next().await;
+    assert_eq!(id.as_deref(), Some("4"));
     assert_eq!(data["changes"]["changes"][0]["key"], "second", "{data}");
+}
+
+/// The data events of a Server-Sent Events response, with their ids.
+struct SseEvents {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    text: String,
+}
+
+impl SseEvents {
+    fn of(response: reqwest::Response) -> SseEvents {
+        SseEvents {
+            body: Box::pin(response.bytes_stream()),
+            text: String::new(),
+        }
+    }
+
+    /// The next event with data (comments skipped): its id, if any, and its data as JSON.
+    async fn next(&mut self) -> (Option<String>, Value) {
+        loop {
+            if let Some(end) = self.text.find("\n\n") {
+                let event: String = self.text.drain(..end + 2).collect();
+                let field = |name: &str| event.lines().find_map(|l| l.strip_prefix(name).map(str::to_owned));
+                if let Some(data) = field("data: ") {
+                    return (field("id: "), serde_json::from_str(&data).unwrap());
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(DEADLINE, self.body.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            self.text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

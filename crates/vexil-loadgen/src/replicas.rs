@@ -44,7 +44,7 @@ use vexil_proto::vexil::v1::admin_service_client::AdminServiceClient;
 use vexil_proto::vexil::v1::config_service_client::ConfigServiceClient;
 use vexil_proto::vexil::v1::evaluation_service_client::EvaluationServiceClient;
 
-use crate::process::{Ports, Server};
+use crate::process::{Ports, Server, http_get};
 use crate::store::{ENVIRONMENT, FLAG_SET, Percentiles, create_flag_set, put};
 
 /// The flag the propagation measurement writes.
@@ -552,22 +552,6 @@ pub async fn propagation(spec: &PropagationSpec) -> anyhow::Result<PropagationRe
     })
 }
 
-/// `GET http://127.0.0.1:<port><path>`: the body, if it answers 200.
-pub fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    (head.split_whitespace().nth(1)? == "200").then(|| body.to_owned())
-}
-
 /// The value of a sample (`name` with its labels, exactly as exposed) in Prometheus text.
 pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -579,7 +563,10 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
 fn metrics_until(port: u16, timeout: Duration, check: impl Fn(&str) -> bool) -> (bool, String) {
     let deadline = Instant::now() + timeout;
     loop {
-        let text = http_get(port, "/metrics").unwrap_or_default();
+        let text = match http_get(port, "/metrics") {
+            Some((200, body)) => body,
+            _ => String::new(),
+        };
         if check(&text) {
             return (true, text);
         }
