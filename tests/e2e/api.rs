@@ -96,6 +96,32 @@ async fn administration_over_grpc_reaches_evaluation_and_flagd_streams() {
     let dir = Scratch::new("api");
     let s = server(&dir, &[]);
     let (mut admin, mut evaluation) = clients(&s).await;
+    // grpc.health.v1 knows Vexil's services (a Kubernetes gRPC probe can name one).
+    let channel = tonic::transport::Endpoint::from_shared(s.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in [
+        "vexil.v1.AdminService",
+        "vexil.v1.EvaluationService",
+        "vexil.v1.ConfigService",
+    ] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
 
     let env = admin
         .create_environment(pb::CreateEnvironmentRequest {

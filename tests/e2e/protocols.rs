@@ -575,6 +575,14 @@ async fn health_and_reflection() {
         r.into_inner().status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // Without a store, Vexil's own services are not there.
+    let missing = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "vexil.v1.EvaluationService".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
 
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,

@@ -101,7 +101,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     let grpc = grpc_routes(&app, managed.as_ref(), args.max_request_body)?.into_axum_router();
     let evaluation = evaluation_router(grpc.clone(), args.max_request_body);
     let sync = sync_router(&app, args.max_request_body);
-    let management = management::router(live.clone(), prometheus, cache).merge(health_router());
+    let management = management::router(live.clone(), prometheus, cache).merge(health_router(managed.is_some()));
     let mut ofrep = ofrep::router(app.clone());
     if managed.is_some() {
         ofrep = ofrep.merge(transcode::router(grpc, args.max_request_body));
@@ -231,7 +231,7 @@ pub(crate) fn grpc_routes(
         schema_v1::service_server::ServiceServer::new(flagd::evaluation::SchemaV1 { app: app.clone() })
             .max_decoding_message_size(max_body),
     )
-    .add_service(health_service())
+    .add_service(health_service(managed.is_some()))
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
     let Some(managed) = managed else {
@@ -294,15 +294,25 @@ fn sync_router(app: &App, max_body: usize) -> Router {
         .fallback_service(tonic)
 }
 
-fn health_service() -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+/// grpc.health.v1: the server, flagd's services and, with a store, Vexil's own, all serving.
+fn health_service(
+    managed: bool,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
     let (reporter, service) = tonic_health::server::health_reporter();
+    let flagd = [
+        "",
+        "flagd.evaluation.v1.Service",
+        "flagd.evaluation.v2.Service",
+        "schema.v1.Service",
+    ];
+    let vexil = [
+        "vexil.v1.AdminService",
+        "vexil.v1.EvaluationService",
+        "vexil.v1.ConfigService",
+    ];
+    let names: Vec<&'static str> = flagd.into_iter().chain(vexil.into_iter().filter(|_| managed)).collect();
     tokio::spawn(async move {
-        for name in [
-            "",
-            "flagd.evaluation.v1.Service",
-            "flagd.evaluation.v2.Service",
-            "schema.v1.Service",
-        ] {
+        for name in names {
             reporter
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
@@ -312,8 +322,8 @@ fn health_service() -> tonic_health::pb::health_server::HealthServer<impl tonic_
 }
 
 /// grpc.health.v1 on the management port too (flagd serves it there).
-fn health_router() -> Router {
-    tonic::service::Routes::new(health_service()).into_axum_router()
+fn health_router(managed: bool) -> Router {
+    tonic::service::Routes::new(health_service(managed)).into_axum_router()
 }
 
 /// CORS for the flagd protocols (8013, 8016). Like flagd, no `-C` allows every origin (browser
