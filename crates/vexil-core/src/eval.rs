@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::context::Attributes;
 
+use crate::experiment::{Assignment, FlagExperiment, Phase};
 use crate::model::{Flag, FlagState, Metadata, ValueType};
 use crate::targeting::{self, Engine, Outcome, Prepared, Rule};
 
@@ -121,6 +122,8 @@ pub struct Resolution<'s> {
     pub metadata: Option<&'s Metadata>,
     /// Set when `reason` is `Error`.
     pub error: Option<EvalError>,
+    /// The experiment that allocated the variant, when `reason` is `Split` (an exposure).
+    pub experiment: Option<&'s FlagExperiment>,
 }
 
 impl fmt::Debug for Context<'_> {
@@ -144,6 +147,7 @@ impl<'s> Resolution<'s> {
                 code: ErrorCode::FlagNotFound,
                 message: format!("flag `{key}` not found"),
             }),
+            experiment: None,
         }
     }
 
@@ -166,10 +170,81 @@ pub struct CompiledFlag {
     flag: Arc<Flag>,
     default_index: Option<usize>,
     targeting: Targeting,
+    /// The attached experiment, ready to allocate.
+    experiment: Option<CompiledExperiment>,
+    /// The top-level context keys an evaluation can read (`None`: any).
+    reads: Option<Box<[Box<str>]>>,
     /// [`crate::snapshot`]'s hash of the definition (part of the snapshot revision).
     hash: u64,
     /// See [`CompiledFlag::memo`].
     memo: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+/// A flag's experiment with its audience compiled and the metadata its answers carry.
+#[derive(Debug)]
+struct CompiledExperiment {
+    definition: Arc<FlagExperiment>,
+    /// The audience rule; `Err`: it does not compile, and no unit is eligible.
+    audience: Option<Result<Rule, String>>,
+    /// Per flag variant (by index): the flag's metadata with the experiment's id, key and the
+    /// variant, for `SPLIT` answers. Empty for variants the experiment does not allocate.
+    split_metadata: Vec<Option<Metadata>>,
+    /// The winner's index and the metadata served with it (paused or stopped experiments).
+    winner: Option<(usize, Metadata)>,
+}
+
+impl CompiledExperiment {
+    fn compile(flag: &Flag, definition: &Arc<FlagExperiment>, engine: &Engine) -> (CompiledExperiment, Option<String>) {
+        let with = |extra: &[(&str, &str)]| {
+            let mut metadata = flag.metadata.clone();
+            metadata.insert("experimentId".into(), Value::from(definition.id.as_str()));
+            metadata.insert("experimentKey".into(), Value::from(definition.key.as_str()));
+            for (k, v) in extra {
+                metadata.insert((*k).into(), Value::from(*v));
+            }
+            metadata
+        };
+        let split_metadata = flag
+            .variants
+            .iter()
+            .map(|(name, _)| {
+                definition
+                    .allocation
+                    .variants()
+                    .any(|v| v == name)
+                    .then(|| with(&[("experimentVariant", name)]))
+            })
+            .collect();
+        let winner = definition.winner.as_deref().and_then(|w| {
+            let index = flag.variants.iter().position(|(n, _)| n == w)?;
+            Some((index, with(&[("experimentWinner", w)])))
+        });
+        let audience = definition
+            .audience
+            .as_ref()
+            .map(|rule| engine.compile(&rule.to_value()));
+        let problem = match &audience {
+            Some(Err(e)) => Some(format!(
+                "experiment `{}`: the audience does not compile: {e}",
+                definition.key
+            )),
+            _ => None,
+        };
+        (
+            CompiledExperiment {
+                definition: definition.clone(),
+                audience,
+                split_metadata,
+                winner,
+            },
+            problem,
+        )
+    }
+
+    /// Whether evaluation needs the context for it (a running experiment reads the unit).
+    fn reads_context(&self) -> bool {
+        self.definition.phase == Phase::Running
+    }
 }
 
 #[derive(Debug)]
@@ -189,19 +264,27 @@ impl CompiledFlag {
             .default_variant
             .as_deref()
             .and_then(|d| flag.variants.iter().position(|(n, _)| n == d));
-        let (targeting, problem) = match &flag.targeting {
+        let (targeting, mut problem) = match &flag.targeting {
             None => (Targeting::None, None),
             Some(rule) => match engine.compile(&rule.to_value()) {
                 Ok(rule) => (Targeting::Rule(rule), None),
                 Err(e) => (Targeting::Invalid(e.clone()), Some(e)),
             },
         };
+        let experiment = flag.experiment.as_ref().map(|definition| {
+            let (compiled, trouble) = CompiledExperiment::compile(&flag, definition, engine);
+            problem = problem.take().or(trouble);
+            compiled
+        });
+        let reads = context_reads(&targeting, experiment.as_ref());
         let hash = crate::snapshot::flag_hash(&flag);
         (
             CompiledFlag {
                 flag,
                 default_index,
                 targeting,
+                experiment,
+                reads,
                 hash,
                 memo: OnceLock::new(),
             },
@@ -252,14 +335,10 @@ impl CompiledFlag {
     /// Evaluates the flag for `context`, asking for a value of type `ty`.
     pub fn evaluate<'s>(&'s self, engine: &Engine, context: Context<'_>, ty: ValueType) -> Resolution<'s> {
         // Static and disabled flags never look at the context: do not convert it.
-        if self.flag.state == FlagState::Disabled || !matches!(self.targeting, Targeting::Rule(_)) {
+        if !self.reads_context() {
             return self.evaluate_prepared(engine, None, ty);
         }
-        let reads = match &self.targeting {
-            Targeting::Rule(rule) => rule.reads(),
-            _ => None,
-        };
-        targeting::with_context_reading(context.attributes, reads, context.now, |prepared| {
+        targeting::with_context_reading(context.attributes, self.reads.as_deref(), context.now, |prepared| {
             self.evaluate_prepared(engine, Some(prepared), ty)
         })
     }
@@ -268,6 +347,45 @@ impl CompiledFlag {
     /// [`targeting::with_context`]); `None` only for flags that do not run a rule.
     pub fn evaluate_in<'s>(&'s self, engine: &Engine, prepared: &Prepared<'_>, ty: ValueType) -> Resolution<'s> {
         self.evaluate_prepared(engine, Some(prepared), ty)
+    }
+
+    /// Whether an evaluation looks at the context at all.
+    fn reads_context(&self) -> bool {
+        self.flag.state != FlagState::Disabled
+            && (matches!(self.targeting, Targeting::Rule(_))
+                || self.experiment.as_ref().is_some_and(CompiledExperiment::reads_context))
+    }
+
+    /// The experiment's answer, when it has one for this context: `SPLIT` for an assigned unit
+    /// of a running experiment, the winner once it is paused or stopped with one.
+    fn experiment_answer<'s>(
+        &'s self,
+        engine: &Engine,
+        prepared: Option<&Prepared<'_>>,
+    ) -> Option<(usize, Reason, &'s Metadata, Option<&'s FlagExperiment>)> {
+        let experiment = self.experiment.as_ref()?;
+        let definition = &*experiment.definition;
+        if definition.phase != Phase::Running {
+            let (index, metadata) = experiment.winner.as_ref()?;
+            return Some((*index, Reason::Static, metadata, None));
+        }
+        let prepared = prepared?;
+        let unit = prepared.string("targetingKey")?;
+        match &experiment.audience {
+            None => {}
+            Some(Ok(rule)) => {
+                if !targeting::matches(engine, rule, &self.flag.key, prepared).unwrap_or(false) {
+                    return None;
+                }
+            }
+            Some(Err(_)) => return None,
+        }
+        let Assignment::Variant(variant) = definition.allocation.assign(unit) else {
+            return None;
+        };
+        let index = self.flag.variants.iter().position(|(n, _)| n == variant)?;
+        let metadata = experiment.split_metadata[index].as_ref()?;
+        Some((index, Reason::Split, metadata, Some(definition)))
     }
 
     fn evaluate_prepared<'s>(
@@ -284,6 +402,24 @@ impl CompiledFlag {
                 value: None,
                 metadata,
                 error: None,
+                experiment: None,
+            };
+        }
+        if let Some((index, reason, metadata, experiment)) = self.experiment_answer(engine, prepared) {
+            let (variant, value) = &self.flag.variants[index];
+            if !ty.accepts(value) {
+                return self.failed(
+                    ErrorCode::TypeMismatch,
+                    format!("variant `{variant}` is not a {} value", ty.name()),
+                );
+            }
+            return Resolution {
+                reason,
+                variant: Some(variant),
+                value: Some(value),
+                metadata: Some(metadata),
+                error: None,
+                experiment,
             };
         }
         let (index, reason) = match &self.targeting {
@@ -321,6 +457,7 @@ impl CompiledFlag {
                 value: None,
                 metadata,
                 error: None,
+                experiment: None,
             };
         };
         let (variant, value) = &self.flag.variants[index];
@@ -336,6 +473,7 @@ impl CompiledFlag {
             value: Some(value),
             metadata,
             error: None,
+            experiment: None,
         }
     }
 
@@ -349,6 +487,25 @@ impl CompiledFlag {
                 code,
                 message: format!("flag `{}`: {detail}", self.flag.key),
             }),
+            experiment: None,
         }
     }
+}
+
+/// The top-level context keys evaluating a flag can read: its rule's, and with a running
+/// experiment the `targetingKey` and the audience's (`None`: any key, or not known).
+fn context_reads(targeting: &Targeting, experiment: Option<&CompiledExperiment>) -> Option<Box<[Box<str>]>> {
+    let mut keys: Vec<Box<str>> = match targeting {
+        Targeting::Rule(rule) => rule.reads()?.to_vec(),
+        _ => Vec::new(),
+    };
+    if let Some(experiment) = experiment.filter(|e| e.reads_context()) {
+        keys.push("targetingKey".into());
+        if let Some(Ok(rule)) = &experiment.audience {
+            keys.extend(rule.reads()?.iter().cloned());
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    Some(keys.into_boxed_slice())
 }

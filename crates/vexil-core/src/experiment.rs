@@ -180,6 +180,76 @@ impl fmt::Display for Assignment<'_> {
     }
 }
 
+impl Allocation {
+    /// The variants it allocates, in order.
+    pub fn variants(&self) -> impl Iterator<Item = &str> {
+        self.variants.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// The salt its traffic and variant buckets are hashed with.
+    pub fn salt(&self) -> &str {
+        &self.salt
+    }
+
+    /// The layer slice, if the experiment is in a layer.
+    pub fn layer(&self) -> Option<&LayerSlice> {
+        self.layer.as_ref()
+    }
+}
+
+/// Where an experiment is in its lifecycle, as far as evaluation cares: drafts and archived
+/// experiments do not reach a flag set's document at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Allocating units: assigned evaluations answer `SPLIT`.
+    Running,
+    /// Not allocating: the flag evaluates as it would without the experiment (or serves the
+    /// winner, when one is chosen).
+    Paused,
+    /// Over: the flag evaluates as without the experiment, or serves the chosen winner.
+    Stopped,
+}
+
+impl Phase {
+    /// `running`, `paused` or `stopped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Paused => "paused",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    /// The phase a status names, if it is one evaluation sees.
+    pub fn parse(s: &str) -> Option<Phase> {
+        match s {
+            "running" => Some(Phase::Running),
+            "paused" => Some(Phase::Paused),
+            "stopped" => Some(Phase::Stopped),
+            _ => None,
+        }
+    }
+}
+
+/// An experiment attached to a flag, as evaluation uses it: from a flag set document's
+/// `$experiments` (Vexil's extension of flagd's format; flagd's own sync payloads leave it out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagExperiment {
+    /// The experiment's id (stable for its life; reported in evaluation metadata).
+    pub id: String,
+    /// The experiment's key in its environment.
+    pub key: String,
+    /// Running, paused or stopped.
+    pub phase: Phase,
+    /// Who is in and which variant each gets.
+    pub allocation: Allocation,
+    /// Who may enter (JsonLogic on the evaluation context, truthy: eligible); `None`: everyone
+    /// with a `targetingKey`.
+    pub audience: Option<crate::model::RuleText>,
+    /// The variant served to everyone once the experiment is paused or stopped with a winner.
+    pub winner: Option<String>,
+}
+
 /// The bucket (`0..BUCKETS`) of `unit` for one purpose of one salt: MurmurHash3 x86_32 (seed 0)
 /// of `salt NUL purpose NUL unit`, scaled to [`BUCKETS`].
 pub fn bucket(salt: &str, purpose: &str, unit: &str) -> u32 {

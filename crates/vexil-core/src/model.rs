@@ -49,6 +49,9 @@ pub struct Flag {
     pub targeting: Option<RuleText>,
     /// Flag metadata merged over the flag set metadata.
     pub metadata: Metadata,
+    /// The experiment attached to the flag (running, paused or stopped), from the document's
+    /// `$experiments`.
+    pub experiment: Option<Arc<crate::experiment::FlagExperiment>>,
 }
 
 impl Flag {

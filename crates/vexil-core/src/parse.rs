@@ -340,11 +340,166 @@ fn build_config(document: &Value, out: &mut Diagnostics) -> FlagConfig {
         }
     }
 
+    if let Some(experiments) = root.get("$experiments") {
+        attach_experiments(experiments, &mut flags, out);
+    }
+
     FlagConfig {
         flags,
         metadata,
         evaluators,
     }
+}
+
+/// Reads Vexil's `$experiments` (experiment key → what evaluation needs of it) and attaches each
+/// to its flag. An experiment must name a flag of the document and only its variants; a flag
+/// takes at most one experiment.
+///
+/// ```json
+/// "$experiments": {
+///   "checkout-copy": {
+///     "id": "x4f9c2a1b", "flag": "checkout-button", "status": "running",
+///     "salt": "x4f9c2a1b", "traffic": 500000,
+///     "weights": [{"variant": "control", "weight": 1}, {"variant": "bold", "weight": 1}],
+///     "audience": {"==": [{"var": "country"}, "NL"]},
+///     "layer": {"key": "checkout", "start": 0, "end": 500000},
+///     "winner": null
+///   }
+/// }
+/// ```
+fn attach_experiments(experiments: &Value, flags: &mut [Arc<Flag>], out: &mut Diagnostics) {
+    let Some(experiments) = experiments.as_object() else {
+        if !experiments.is_null() {
+            out.error(
+                None,
+                "/$experiments".into(),
+                format!("`$experiments` must be an object, found {}", kind(experiments)),
+            );
+        }
+        return;
+    };
+    for (key, raw) in experiments {
+        let pointer = format!("/$experiments/{}", escape_pointer(key));
+        match build_experiment(key, raw, flags) {
+            Ok((index, experiment)) => {
+                let flag = Arc::make_mut(&mut flags[index]);
+                if let Some(other) = &flag.experiment {
+                    out.error(
+                        Some(&flag.key.clone()),
+                        pointer,
+                        format!(
+                            "flag `{}` already has experiment `{}`: a flag takes one experiment at a time",
+                            flag.key, other.key
+                        ),
+                    );
+                    continue;
+                }
+                flag.experiment = Some(Arc::new(experiment));
+            }
+            Err((field, message)) => out.error(None, format!("{pointer}{field}"), message),
+        }
+    }
+}
+
+/// One `$experiments` entry and the index of its flag; on error the field (a pointer suffix) and why.
+fn build_experiment(
+    key: &str,
+    raw: &Value,
+    flags: &[Arc<Flag>],
+) -> Result<(usize, crate::experiment::FlagExperiment), (String, String)> {
+    use crate::experiment::{Allocation, FlagExperiment, LayerSlice, Phase};
+    let fail = |field: &str, message: String| (field.to_owned(), message);
+    let text = |field: &str| -> Result<&str, (String, String)> {
+        raw.get(field)
+            .and_then(Value::as_str)
+            .ok_or_else(|| fail(&format!("/{field}"), format!("`{field}` must be a string")))
+    };
+    let millionths = |value: Option<&Value>, field: &str| -> Result<u32, (String, String)> {
+        value
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| fail(field, "must be a whole number of millionths".into()))
+    };
+    if !raw.is_object() {
+        return Err(fail(
+            "",
+            format!("an experiment must be an object, found {}", kind(raw)),
+        ));
+    }
+    let flag_key = text("flag")?;
+    let index = flags
+        .iter()
+        .position(|f| f.key == flag_key)
+        .ok_or_else(|| fail("/flag", format!("flag `{flag_key}` is not in this flag set")))?;
+    let flag = &flags[index];
+    let status = text("status")?;
+    let phase =
+        Phase::parse(status).ok_or_else(|| fail("/status", format!("`{status}` is not running, paused or stopped")))?;
+    let traffic = millionths(raw.get("traffic"), "/traffic")?;
+    let mut weights: Vec<(&str, u32)> = Vec::new();
+    for (i, w) in raw
+        .get("weights")
+        .and_then(Value::as_array)
+        .ok_or_else(|| fail("/weights", "`weights` must be an array".into()))?
+        .iter()
+        .enumerate()
+    {
+        let variant = w
+            .get("variant")
+            .and_then(Value::as_str)
+            .ok_or_else(|| fail(&format!("/weights/{i}/variant"), "must be a string".into()))?;
+        if flag.variant(variant).is_none() {
+            return Err(fail(
+                &format!("/weights/{i}/variant"),
+                format!("`{variant}` is not a variant of flag `{flag_key}`"),
+            ));
+        }
+        let weight = w
+            .get("weight")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| fail(&format!("/weights/{i}/weight"), "must be a whole number".into()))?;
+        weights.push((variant, weight));
+    }
+    let layer = match raw.get("layer") {
+        None | Some(Value::Null) => None,
+        Some(layer) => Some(LayerSlice {
+            layer: layer
+                .get("key")
+                .and_then(Value::as_str)
+                .ok_or_else(|| fail("/layer/key", "must be a string".into()))?
+                .to_owned(),
+            start: millionths(layer.get("start"), "/layer/start")?,
+            end: millionths(layer.get("end"), "/layer/end")?,
+        }),
+    };
+    let allocation = Allocation::new(text("salt")?, traffic, &weights, layer).map_err(|e| fail("", e.to_string()))?;
+    let audience = match raw.get("audience") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) if m.is_empty() => None,
+        Some(rule) => Some(RuleText::new(rule)),
+    };
+    let winner = match raw.get("winner") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(w)) if flag.variant(w).is_some() => Some(w.clone()),
+        Some(other) => {
+            return Err(fail(
+                "/winner",
+                format!("the winner {other} is not a variant of flag `{flag_key}`"),
+            ));
+        }
+    };
+    Ok((
+        index,
+        FlagExperiment {
+            id: text("id")?.to_owned(),
+            key: key.to_owned(),
+            phase,
+            allocation,
+            audience,
+            winner,
+        },
+    ))
 }
 
 fn build_flag(
@@ -468,6 +623,7 @@ fn build_flag(
         default_variant,
         targeting,
         metadata,
+        experiment: None,
     })
 }
 

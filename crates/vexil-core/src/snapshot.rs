@@ -301,6 +301,10 @@ pub(crate) fn flag_hash(flag: &Flag) -> u64 {
     }
     hash_text(&mut h, flag.targeting.as_ref().map_or("", RuleText::as_str));
     hash_text(&mut h, &Value::Object(flag.metadata.clone()).to_string());
+    if let Some(experiment) = &flag.experiment {
+        // Debug output names every field: a change to any of them changes the revision.
+        hash_text(&mut h, &format!("{experiment:?}"));
+    }
     h.finish()
 }
 

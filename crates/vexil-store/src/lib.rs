@@ -14,6 +14,7 @@
 //! ([`Store::snapshot`]), with `flagSetId` `<environment>/<flag set>` in their metadata.
 
 mod error;
+mod events;
 mod keys;
 mod model;
 mod sql;
@@ -23,6 +24,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 pub use error::{Problem, StoreError};
+pub use events::*;
 pub use model::*;
 pub use sql::{Backend, SqlStore, redact};
 

@@ -118,6 +118,17 @@ impl std::fmt::Debug for Prepared<'_> {
     }
 }
 
+impl Prepared<'_> {
+    /// The context's top-level `key` when it is a non-empty string (e.g. the `targetingKey`).
+    pub fn string(&self, key: &str) -> Option<&str> {
+        let i = self.entries.binary_search_by(|e| e.0.cmp(key)).ok()?;
+        match self.entries[i].1 {
+            DataValue::String(s) if !s.is_empty() => Some(s),
+            _ => None,
+        }
+    }
+}
+
 /// Writes `attributes` into this thread's evaluation arena and runs `f` with the result.
 /// Re-entrant: a call inside `f` finds the thread's arena in use and gets an arena of its own.
 pub fn with_context<R>(attributes: &dyn Attributes, now: i64, f: impl FnOnce(&Prepared<'_>) -> R) -> R {
@@ -171,6 +182,21 @@ pub(crate) fn evaluate(
     variants: &[(String, Value)],
     prepared: &Prepared<'_>,
 ) -> Outcome {
+    run(engine, rule, flag_key, prepared, |result| {
+        select_variant(result, variants)
+    })
+    .unwrap_or_else(Outcome::Failed)
+}
+
+/// Runs `rule` for flag `flag_key` against a prepared context, with `$flagd` appended, and reads
+/// the result with `read`.
+fn run<R>(
+    engine: &Engine,
+    rule: &Rule,
+    flag_key: &str,
+    prepared: &Prepared<'_>,
+    read: impl FnOnce(&DataValue<'_>) -> R,
+) -> Result<R, String> {
     let arena = prepared.arena;
     let flagd = arena.alloc_slice_copy(&[
         ("flagKey", DataValue::String(flag_key)),
@@ -181,9 +207,15 @@ pub(crate) fn evaluate(
     entries.push(("$flagd", DataValue::Object(flagd)));
     let root: &DataValue<'_> = arena.alloc(DataValue::Object(entries.into_bump_slice()));
     match engine.inner.evaluate(&rule.logic, root, arena) {
-        Ok(result) => select_variant(result, variants),
-        Err(e) => Outcome::Failed(e.to_string()),
+        Ok(result) => Ok(read(result)),
+        Err(e) => Err(e.to_string()),
     }
+}
+
+/// Runs `rule` (as for flag `flag_key`) against a prepared context: whether its result is truthy
+/// (JsonLogic's truthiness); an engine failure is the error.
+pub(crate) fn matches(engine: &Engine, rule: &Rule, flag_key: &str, prepared: &Prepared<'_>) -> Result<bool, String> {
+    run(engine, rule, flag_key, prepared, |result| engine.inner.truthy(result))
 }
 
 /// The top-level context keys `rule` can read, or `None` when that is not known.
