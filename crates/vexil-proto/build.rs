@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "vexil/v1/admin.proto",
     "vexil/v1/evaluation.proto",
     "vexil/v1/config.proto",
+    "vexil/v1/tracking.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -210,3 +210,34 @@ DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at <= vx_ts($1);
 -- name: notify
 -- Postgres only: wakes every server listening on `vexil_config` when the transaction commits.
 SELECT pg_notify('vexil_config', $1);
+
+-- name: experiment_select
+SELECT s.key, e.key, vx_text(e.definition), e.version, e.created_by, vx_ms(e.created_at), e.updated_by, vx_ms(e.updated_at)
+FROM experiments e JOIN flag_sets s ON s.id = e.flag_set_id
+WHERE e.environment_id = $1 AND e.key = $2;
+
+-- name: experiment_list
+SELECT s.key, e.key, vx_text(e.definition), e.version, e.created_by, vx_ms(e.created_at), e.updated_by, vx_ms(e.updated_at)
+FROM experiments e JOIN flag_sets s ON s.id = e.flag_set_id
+WHERE e.environment_id = $1 AND e.key > $2 ORDER BY e.key LIMIT $3;
+
+-- name: experiment_insert
+INSERT INTO experiments (environment_id, flag_set_id, key, definition, created_by, created_at, updated_by, updated_at)
+VALUES ($1, $2, $3, vx_json($4), $5, vx_ts($6), $5, vx_ts($6));
+
+-- name: experiment_update
+UPDATE experiments SET definition = vx_json($3), version = version + 1, updated_by = $4, updated_at = vx_ts($5)
+WHERE environment_id = $1 AND key = $2;
+
+-- name: experiment_delete
+DELETE FROM experiments WHERE environment_id = $1 AND key = $2;
+
+-- name: experiments_of_set
+SELECT s.key, e.key, vx_text(e.definition), e.version, e.created_by, vx_ms(e.created_at), e.updated_by, vx_ms(e.updated_at)
+FROM experiments e JOIN flag_sets s ON s.id = e.flag_set_id
+WHERE e.flag_set_id = $1 ORDER BY e.key;
+
+-- name: snapshot_experiments
+SELECT s.key, e.key, vx_text(e.definition)
+FROM experiments e JOIN flag_sets s ON s.id = e.flag_set_id
+WHERE e.environment_id = $1 ORDER BY s.key, e.key;

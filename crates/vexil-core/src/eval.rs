@@ -122,8 +122,19 @@ pub struct Resolution<'s> {
     pub metadata: Option<&'s Metadata>,
     /// Set when `reason` is `Error`.
     pub error: Option<EvalError>,
-    /// The experiment that allocated the variant, when `reason` is `Split` (an exposure).
-    pub experiment: Option<&'s FlagExperiment>,
+    /// The experiment that allocated the variant and the unit it allocated, when `reason` is
+    /// `Split` (an exposure).
+    pub split: Option<Split<'s>>,
+}
+
+/// A unit's exposure to an experiment: which experiment, and the unit (the context's
+/// `targetingKey`, copied out of the request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split<'s> {
+    /// The experiment.
+    pub experiment: &'s FlagExperiment,
+    /// The unit assigned.
+    pub unit: Box<str>,
 }
 
 impl fmt::Debug for Context<'_> {
@@ -147,7 +158,7 @@ impl<'s> Resolution<'s> {
                 code: ErrorCode::FlagNotFound,
                 message: format!("flag `{key}` not found"),
             }),
-            experiment: None,
+            split: None,
         }
     }
 
@@ -362,7 +373,7 @@ impl CompiledFlag {
         &'s self,
         engine: &Engine,
         prepared: Option<&Prepared<'_>>,
-    ) -> Option<(usize, Reason, &'s Metadata, Option<&'s FlagExperiment>)> {
+    ) -> Option<(usize, Reason, &'s Metadata, Option<Split<'s>>)> {
         let experiment = self.experiment.as_ref()?;
         let definition = &*experiment.definition;
         if definition.phase != Phase::Running {
@@ -371,21 +382,25 @@ impl CompiledFlag {
         }
         let prepared = prepared?;
         let unit = prepared.string("targetingKey")?;
-        match &experiment.audience {
-            None => {}
-            Some(Ok(rule)) => {
-                if !targeting::matches(engine, rule, &self.flag.key, prepared).unwrap_or(false) {
-                    return None;
-                }
-            }
-            Some(Err(_)) => return None,
+        let eligible = match &experiment.audience {
+            None => true,
+            // A rule that fails to run admits nobody (the flag's own evaluation answers).
+            Some(Ok(rule)) => targeting::matches(engine, rule, &self.flag.key, prepared).unwrap_or(false),
+            Some(Err(_)) => false,
+        };
+        if !eligible {
+            return None;
         }
         let Assignment::Variant(variant) = definition.allocation.assign(unit) else {
             return None;
         };
         let index = self.flag.variants.iter().position(|(n, _)| n == variant)?;
         let metadata = experiment.split_metadata[index].as_ref()?;
-        Some((index, Reason::Split, metadata, Some(definition)))
+        let split = Split {
+            experiment: definition,
+            unit: unit.into(),
+        };
+        Some((index, Reason::Split, metadata, Some(split)))
     }
 
     fn evaluate_prepared<'s>(
@@ -402,10 +417,10 @@ impl CompiledFlag {
                 value: None,
                 metadata,
                 error: None,
-                experiment: None,
+                split: None,
             };
         }
-        if let Some((index, reason, metadata, experiment)) = self.experiment_answer(engine, prepared) {
+        if let Some((index, reason, metadata, split)) = self.experiment_answer(engine, prepared) {
             let (variant, value) = &self.flag.variants[index];
             if !ty.accepts(value) {
                 return self.failed(
@@ -419,7 +434,7 @@ impl CompiledFlag {
                 value: Some(value),
                 metadata: Some(metadata),
                 error: None,
-                experiment,
+                split,
             };
         }
         let (index, reason) = match &self.targeting {
@@ -457,7 +472,7 @@ impl CompiledFlag {
                 value: None,
                 metadata,
                 error: None,
-                experiment: None,
+                split: None,
             };
         };
         let (variant, value) = &self.flag.variants[index];
@@ -473,7 +488,7 @@ impl CompiledFlag {
             value: Some(value),
             metadata,
             error: None,
-            experiment: None,
+            split: None,
         }
     }
 
@@ -487,7 +502,7 @@ impl CompiledFlag {
                 code,
                 message: format!("flag `{}`: {detail}", self.flag.key),
             }),
-            experiment: None,
+            split: None,
         }
     }
 }

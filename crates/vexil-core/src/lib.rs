@@ -24,7 +24,7 @@ pub mod stats;
 pub mod targeting;
 
 pub use context::Attributes;
-pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, Reason, Resolution};
+pub use eval::{CompiledFlag, Context, ErrorCode, EvalError, Reason, Resolution, Split};
 pub use model::{Flag, FlagConfig, FlagState, Metadata, RuleText, ValueType};
 pub use parse::{Diagnostic, Format, ParseError, Parsed, Severity, Strictness};
 pub use snapshot::{Revision, Selector, SelectorError, Snapshot, SourceConfig};

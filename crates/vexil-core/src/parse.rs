@@ -775,6 +775,16 @@ pub fn check_value(document: &Value, engine: &crate::targeting::Engine) -> Resul
             message: format!("targeting does not compile: {problem}"),
         })
     }));
+    rejected.extend(parsed.config.flags.iter().filter_map(|flag| {
+        let experiment = flag.experiment.as_ref()?;
+        let problem = engine.compile(&experiment.audience.as_ref()?.to_value()).err()?;
+        Some(Diagnostic {
+            severity: Severity::Error,
+            flag: Some(flag.key.clone()),
+            pointer: format!("/$experiments/{}/audience", escape_pointer(&experiment.key)),
+            message: format!("the audience does not compile: {problem}"),
+        })
+    }));
     if rejected.is_empty() {
         Ok(parsed)
     } else {

@@ -85,7 +85,11 @@ fn a_running_experiment_splits_assigned_units_with_its_metadata() {
         assert_eq!(metadata["experimentId"], "x1");
         assert_eq!(metadata["experimentVariant"], expected);
         assert_eq!(metadata["owner"], "web", "the flag's own metadata stays");
-        assert_eq!(r.experiment.map(|e| e.key.as_str()), Some("checkout-copy"));
+        let split = r.split.as_ref().unwrap();
+        assert_eq!(
+            (split.experiment.key.as_str(), &*split.unit),
+            ("checkout-copy", unit.as_str())
+        );
         *seen.entry(expected).or_insert(0) += 1;
         // Sticky: the same unit, the same answer.
         assert_eq!(evaluate(&snapshot, &attributes).variant, r.variant);
@@ -107,7 +111,7 @@ fn units_the_experiment_does_not_take_get_the_flag_s_own_evaluation() {
     let anonymous = context(None, "pro");
     let r = evaluate(&snapshot, &anonymous);
     assert_eq!((r.reason, r.variant), (Reason::TargetingMatch, Some("other")));
-    assert!(r.experiment.is_none() && !r.metadata.unwrap().contains_key("experimentKey"));
+    assert!(r.split.is_none() && !r.metadata.unwrap().contains_key("experimentKey"));
     // Outside the audience.
     let mut outside = context(Some("user-1"), "free");
     outside.insert("country".into(), json!("DE"));
@@ -145,7 +149,7 @@ fn paused_and_stopped_experiments_serve_the_flag_or_their_winner() {
         let attributes = context(Some("user-7"), "free");
         let r = evaluate(&snapshot, &attributes);
         assert_eq!((r.reason, r.variant), (Reason::Default, Some("control")), "{status}");
-        assert!(r.experiment.is_none());
+        assert!(r.split.is_none());
 
         experiment["winner"] = json!("bold");
         let snapshot = self::snapshot(&document(experiment));
@@ -156,7 +160,7 @@ fn paused_and_stopped_experiments_serve_the_flag_or_their_winner() {
         );
         let metadata = r.metadata.unwrap();
         assert_eq!(metadata["experimentWinner"], "bold");
-        assert!(r.experiment.is_none(), "serving a winner is no exposure");
+        assert!(r.split.is_none(), "serving a winner is no exposure");
         // Without a context at all, too.
         let r = evaluate(&snapshot, &Map::new());
         assert_eq!(r.variant, Some("bold"));

@@ -37,6 +37,8 @@ pub struct AppConfig {
     /// The most EventStream and SyncFlags streams open at once (`--max-streams`).
     pub max_streams: usize,
     pub shutdown: watch::Receiver<bool>,
+    /// Where exposures to experiments go (the tracker, with a managed store).
+    pub exposures: Arc<dyn vexil_service::Exposures>,
 }
 
 impl App {
@@ -47,6 +49,7 @@ impl App {
                     live: c.live,
                     statics: c.statics,
                     observer: Arc::new(metrics::Evaluations),
+                    exposures: c.exposures,
                 }),
                 streams: StreamLimit::new(c.max_streams),
                 stream_deadline: c.stream_deadline,

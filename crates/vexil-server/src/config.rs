@@ -228,6 +228,20 @@ pub struct ServeArgs {
     /// down).
     #[arg(long, env = "VEXIL_STORE_POLL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
     pub store_poll_interval_ms: u64,
+    /// Tracking: events per second each API key (or, without keys, each environment) may send;
+    /// 0: unlimited. Over it, TrackingService answers RESOURCE_EXHAUSTED (HTTP 429, Retry-After).
+    #[arg(long, env = "VEXIL_TRACK_RATE_LIMIT", default_value_t = 5000)]
+    pub track_rate_limit: u32,
+    /// Tracking: the burst above the rate (the most events one call may carry under the limit).
+    #[arg(long, env = "VEXIL_TRACK_BURST", default_value_t = 10000)]
+    pub track_burst: u32,
+    /// Tracking: the event property keys an environment keeps, `<environment>=<key>,<key>,…`
+    /// (repeatable); other keys are dropped. Default: any key (secrets are always scrubbed).
+    #[arg(long = "track-properties", env = "VEXIL_TRACK_PROPERTIES", value_delimiter = ';')]
+    pub track_properties: Vec<String>,
+    /// Tracking: replace email addresses in event properties with `[email]`.
+    #[arg(long, env = "VEXIL_TRACK_SCRUB_EMAILS")]
+    pub track_scrub_emails: bool,
     /// Redis, for replicas sharing one database: `redis://[user:password@]host:port[/db]`. Changes
     /// are announced on its pub/sub and each environment's snapshot is cached there for replicas
     /// that start. Without it, changes are announced inside the process (one replica; others

@@ -21,6 +21,9 @@ pub enum ErrorKind {
     AlreadyExists,
     /// A write's expected version is not the stored one (optimistic concurrency).
     Aborted,
+    /// The entity's state does not allow the request (an experiment's lifecycle or locked
+    /// allocation).
+    FailedPrecondition,
     Unauthenticated,
     PermissionDenied,
     /// A limit was reached (streams, connections, rate).
@@ -61,6 +64,7 @@ pub fn mapping(kind: ErrorKind) -> ErrorMapping {
         K::NotFound => row(Code::NotFound, StatusCode::NOT_FOUND, Some("GENERAL")),
         K::AlreadyExists => row(Code::AlreadyExists, StatusCode::CONFLICT, Some("GENERAL")),
         K::Aborted => row(Code::Aborted, StatusCode::CONFLICT, Some("GENERAL")),
+        K::FailedPrecondition => row(Code::FailedPrecondition, StatusCode::BAD_REQUEST, Some("GENERAL")),
         K::Unauthenticated => row(Code::Unauthenticated, StatusCode::UNAUTHORIZED, None),
         K::PermissionDenied => row(Code::PermissionDenied, StatusCode::FORBIDDEN, None),
         K::ResourceExhausted => row(Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS, None),
@@ -83,6 +87,7 @@ pub fn store_kind(e: &StoreError) -> ErrorKind {
         StoreError::NotFound(_) => ErrorKind::NotFound,
         StoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
         StoreError::Conflict { .. } => ErrorKind::Aborted,
+        StoreError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
         StoreError::Invalid(_) => ErrorKind::InvalidArgument,
         StoreError::Unavailable(_) => ErrorKind::Unavailable,
         StoreError::Internal(_) => ErrorKind::Internal,

@@ -411,6 +411,7 @@ fn start_server() -> Server {
         max_body: MAX_BODY,
         max_streams: 64,
         shutdown,
+        exposures: std::sync::Arc::new(vexil_service::NoExposures),
     });
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,

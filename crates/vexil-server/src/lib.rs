@@ -92,6 +92,10 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         max_body: args.max_request_body,
         max_streams: usize::try_from(args.max_streams).unwrap_or(usize::MAX),
         shutdown: shutdown.clone(),
+        exposures: match &managed {
+            Some(managed) => managed.tracker.clone(),
+            None => Arc::new(vexil_service::NoExposures),
+        },
     });
 
     if args.flagd_keys && managed.is_none() {
@@ -158,6 +162,10 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     if let Some(relay) = relay {
         relay.abort();
     }
+    if let Some(managed) = &managed {
+        // Exposures queued and events of calls still being written are committed before exit.
+        managed.tracker.close().await;
+    }
     upkeep.abort();
     tracing::info!("stopped");
     Ok(())
@@ -196,13 +204,42 @@ async fn managed(url: &str, args: &ServeArgs) -> anyhow::Result<vexil_api::Manag
             "no API key exists and VEXIL_ADMIN_TOKEN is not set: the admin API answers clients on this machine (loopback) without a key; create one with `vexil keys create --role admin`"
         );
     }
+    let tracker = Arc::new(vexil_service::Tracker::new(store.clone(), tracker_config(args)?));
     Ok(vexil_api::Managed {
         store,
         source,
         relay,
         access,
+        tracker,
         fail_point: vexil_api::FailPoint::from_env(),
     })
+}
+
+/// The tracker's rate limit and property policies from the command line.
+fn tracker_config(args: &ServeArgs) -> anyhow::Result<vexil_service::TrackerConfig> {
+    let mut config = vexil_service::TrackerConfig {
+        rate_limit: (args.track_rate_limit > 0).then_some(vexil_service::RateLimit {
+            per_second: args.track_rate_limit,
+            burst: args.track_burst.max(1),
+        }),
+        ..vexil_service::TrackerConfig::default()
+    };
+    config.default_policy.scrub_emails = args.track_scrub_emails;
+    for spec in &args.track_properties {
+        let Some((environment, keys)) = spec.split_once('=') else {
+            anyhow::bail!("--track-properties `{spec}`: expected <environment>=<key>,<key>,…");
+        };
+        let mut policy = config.default_policy.clone();
+        policy.allowed_properties = Some(
+            keys.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        );
+        config.policies.insert(environment.trim().to_owned(), policy);
+    }
+    Ok(config)
 }
 
 /// Every gRPC service of port 8013: flagd's, Vexil's own (with a store), health and reflection.
@@ -238,8 +275,10 @@ pub(crate) fn grpc_routes(
         return Ok(routes);
     };
     use vexil_proto::vexil::v1::admin_service_server::AdminServiceServer;
+    use vexil_proto::vexil::v1::bootstrap_service_server::BootstrapServiceServer;
     use vexil_proto::vexil::v1::config_service_server::ConfigServiceServer;
     use vexil_proto::vexil::v1::evaluation_service_server::EvaluationServiceServer;
+    use vexil_proto::vexil::v1::tracking_service_server::TrackingServiceServer;
     let admin = vexil_api::Admin {
         managed: managed.clone(),
     };
@@ -247,6 +286,7 @@ pub(crate) fn grpc_routes(
         app: app.clone(),
         managed: managed.clone(),
     };
+    let bootstrap = evaluation.clone();
     let config = vexil_api::ConfigApi {
         app: app.clone(),
         managed: managed.clone(),
@@ -254,7 +294,14 @@ pub(crate) fn grpc_routes(
     Ok(routes
         .add_service(AdminServiceServer::new(admin).max_decoding_message_size(max_body))
         .add_service(EvaluationServiceServer::new(evaluation).max_decoding_message_size(max_body))
-        .add_service(ConfigServiceServer::new(config).max_decoding_message_size(max_body)))
+        .add_service(ConfigServiceServer::new(config).max_decoding_message_size(max_body))
+        .add_service(BootstrapServiceServer::new(bootstrap).max_decoding_message_size(max_body))
+        .add_service(
+            TrackingServiceServer::new(vexil_api::TrackingApi {
+                managed: managed.clone(),
+            })
+            .max_decoding_message_size(max_body),
+        ))
 }
 
 /// 8013: the gRPC services over gRPC, gRPC-web and Connect.
@@ -365,6 +412,7 @@ async fn track_config(live: Live, managed: Option<Arc<vexil_api::Managed>>) {
         metrics::sources(&live.readiness());
         if let Some(managed) = &managed {
             metrics::replication(&managed.source, managed.relay.published());
+            metrics::tracking(&managed.tracker.stats());
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },

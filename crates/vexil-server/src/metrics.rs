@@ -24,6 +24,9 @@ const CACHE_RECEIVED: &str = "vexil_config_messages_received_total";
 const OUTBOX_PUBLISHED: &str = "vexil_outbox_published_total";
 const CACHE_WRITES: &str = "vexil_config_cache_writes_total";
 const STORE_LOADS: &str = "vexil_store_loads_total";
+const TRACKED: &str = "vexil_tracked_events_total";
+const EXPOSURES: &str = "vexil_exposures_total";
+const TRACK_WRITES: &str = "vexil_tracking_transactions_total";
 
 /// How often queued histogram samples are drained into their buckets.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -59,6 +62,15 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         STORE_LOADS,
         "Environments read whole, from the config cache or from the database (catching up from the history is not counted)"
     );
+    metrics::describe_counter!(
+        TRACKED,
+        "Tracked events by outcome: accepted, duplicate (a retry), rejected (invalid), rate_limited, overloaded"
+    );
+    metrics::describe_counter!(
+        EXPOSURES,
+        "Server-side exposures by outcome: recorded, deduplicated, dropped (queue full), written, failed"
+    );
+    metrics::describe_counter!(TRACK_WRITES, "Tracking transactions by outcome: committed, failed");
     metrics::describe_counter!(
         CONNECTIONS_REJECTED,
         "Connections refused because --max-connections were open"
@@ -153,6 +165,30 @@ pub fn replication(source: &vexil_service::StoreSource, published: u64) {
     metrics::counter!(CACHE_WRITES).absolute(source.cache_writes() as u64);
     metrics::counter!(STORE_LOADS, "from" => "cache").absolute(source.cache_loads() as u64);
     metrics::counter!(STORE_LOADS, "from" => "database").absolute(source.whole_loads() as u64);
+}
+
+/// The tracker's counters.
+pub fn tracking(stats: &vexil_service::TrackerStats) {
+    for (outcome, n) in [
+        ("accepted", stats.events_accepted),
+        ("duplicate", stats.events_duplicate),
+        ("rejected", stats.events_rejected),
+        ("rate_limited", stats.calls_rate_limited),
+        ("overloaded", stats.calls_overloaded),
+    ] {
+        metrics::counter!(TRACKED, "outcome" => outcome).absolute(n);
+    }
+    for (outcome, n) in [
+        ("recorded", stats.exposures_recorded),
+        ("deduplicated", stats.exposures_deduplicated),
+        ("dropped", stats.exposures_dropped),
+        ("written", stats.exposures_written),
+        ("failed", stats.exposures_failed),
+    ] {
+        metrics::counter!(EXPOSURES, "outcome" => outcome).absolute(n);
+    }
+    metrics::counter!(TRACK_WRITES, "outcome" => "committed").absolute(stats.batches_written);
+    metrics::counter!(TRACK_WRITES, "outcome" => "failed").absolute(stats.write_errors);
 }
 
 pub fn connection_rejected(server: &'static str) {

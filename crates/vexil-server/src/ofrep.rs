@@ -229,7 +229,9 @@ fn write_flag_object(
         }
     };
     out.extend_from_slice(b",\"metadata\":");
-    match (fragments, selector.is_empty()) {
+    // The cached fragment is the flag's own metadata; an experiment's answer carries its own.
+    let own_metadata = flag.is_some_and(|f| r.metadata.is_some_and(|m| std::ptr::eq(m, &f.flag().metadata)));
+    match (fragments, selector.is_empty() && own_metadata) {
         (Some(f), true) => out.extend_from_slice(f.metadata.as_bytes()),
         _ => write_json(
             out,

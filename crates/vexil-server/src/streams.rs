@@ -247,6 +247,7 @@ mod tests {
                 max_body: 1024,
                 max_streams: 8,
                 shutdown,
+                exposures: std::sync::Arc::new(vexil_service::NoExposures),
             });
             Fixture {
                 app,

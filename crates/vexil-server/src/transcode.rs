@@ -604,6 +604,8 @@ pub(crate) struct ApiError {
     message: String,
     problems: Option<serde_json::Value>,
     allow: Option<String>,
+    /// `Retry-After` (seconds), from the status's `retry-after` metadata (rate limits).
+    retry_after: Option<String>,
 }
 
 impl ApiError {
@@ -616,6 +618,7 @@ impl ApiError {
             message: message.into(),
             problems: None,
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -639,6 +642,11 @@ impl ApiError {
             message: status.message().to_owned(),
             problems,
             allow: None,
+            retry_after: status
+                .metadata()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
         }
     }
 
@@ -666,6 +674,9 @@ impl IntoResponse for ApiError {
             .into_response();
         if let Some(allow) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
             response.headers_mut().insert(header::ALLOW, allow);
+        }
+        if let Some(after) = self.retry_after.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            response.headers_mut().insert(header::RETRY_AFTER, after);
         }
         response
     }
@@ -727,6 +738,7 @@ async fn transcode(transcoder: &Transcoder, request: Request) -> Result<Response
                 ),
                 problems: None,
                 allow: Some(allow),
+                retry_after: None,
             });
         }
     };

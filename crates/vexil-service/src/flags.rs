@@ -36,6 +36,40 @@ impl Observer for Unobserved {
     fn bulk_evaluation(&self, _: &'static str, _: &ReasonTally, _: Duration) {}
 }
 
+/// Where the exposures of evaluations go: a unit got an experiment's variant (reason `SPLIT`).
+/// Called on the request path: implementations must not block or wait (queue, then write).
+pub trait Exposures: Send + Sync + fmt::Debug {
+    /// `unit` was allocated `variant` of `experiment` on `flag`, in `environment`.
+    fn exposed(&self, environment: &str, experiment: &str, flag: &str, variant: &str, unit: &str);
+}
+
+/// [`Exposures`] that records nothing (no managed store: no experiments).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoExposures;
+
+impl Exposures for NoExposures {
+    fn exposed(&self, _: &str, _: &str, _: &str, _: &str, _: &str) {}
+}
+
+/// The tracker records server-side exposures (deduplicated, written in the background).
+impl Exposures for crate::tracking::Tracker {
+    fn exposed(&self, environment: &str, experiment: &str, flag: &str, variant: &str, unit: &str) {
+        self.record_exposure(environment, experiment, flag, variant, unit);
+    }
+}
+
+/// Hands a `SPLIT` result's exposure to `exposures`. The environment is the first part of the
+/// flag's `flagSetId` (`<environment>/<flag set>`): experiments live in the managed store only.
+fn expose(exposures: &dyn Exposures, flag: &CompiledFlag, resolution: &Resolution<'_>) {
+    let (Some(split), Some(variant)) = (&resolution.split, resolution.variant) else {
+        return;
+    };
+    let Some((environment, _)) = flag.flag().flag_set_id().and_then(|id| id.split_once('/')) else {
+        return;
+    };
+    exposures.exposed(environment, &split.experiment.key, flag.key(), variant, &split.unit);
+}
+
 /// The reasons a bulk request's evaluations resolved with, counted.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReasonTally([u64; Self::REASONS.len()]);
@@ -86,6 +120,8 @@ pub struct FlagsConfig {
     pub statics: StaticContext,
     /// Told about every evaluation.
     pub observer: Arc<dyn Observer>,
+    /// Told about every exposure to an experiment.
+    pub exposures: Arc<dyn Exposures>,
 }
 
 /// The flag service: evaluation and change fan-out over the live configuration (cheap to clone).
@@ -99,6 +135,7 @@ struct Inner {
     live: Live,
     statics: StaticContext,
     observer: Arc<dyn Observer>,
+    exposures: Arc<dyn Exposures>,
     /// Work every stream subscriber of a selector would repeat on a change, done once.
     fanout: Mutex<Fanout>,
 }
@@ -111,6 +148,7 @@ impl Flags {
                 live: config.live,
                 statics: config.statics,
                 observer: config.observer,
+                exposures: config.exposures,
                 fanout: Mutex::new(Fanout::default()),
             }),
         }
@@ -151,7 +189,11 @@ impl Flags {
         let snapshot = self.inner.live.snapshot();
         let flag = snapshot.get(key, selector);
         let resolution = match flag {
-            Some(flag) => flag.evaluate(snapshot.engine(), request_context(context), ty),
+            Some(flag) => {
+                let resolution = flag.evaluate(snapshot.engine(), request_context(context), ty);
+                expose(&*self.inner.exposures, flag, &resolution);
+                resolution
+            }
             None => Resolution::not_found(key),
         };
         self.inner
@@ -175,6 +217,7 @@ impl Flags {
         let mut tally = ReasonTally::default();
         snapshot.evaluate_all(selector, request_context(context), |flag, resolution| {
             tally.add(resolution.reason);
+            expose(&*self.inner.exposures, flag, &resolution);
             encode(flag, &resolution);
         });
         self.inner.observer.bulk_evaluation(protocol, &tally, started.elapsed());
@@ -388,6 +431,7 @@ mod tests {
             live,
             statics: StaticContext::default(),
             observer: observer.clone(),
+            exposures: Arc::new(NoExposures),
         });
         Fixture {
             dir,

@@ -9,13 +9,21 @@ mod evaluate;
 mod flags;
 mod live;
 mod relay;
+pub mod results;
 mod sources;
+pub mod tracking;
 
 pub use evaluate::{RequestContext, StaticContext};
-pub use flags::{Changes, Flags, FlagsConfig, Observer, ReasonTally, Unobserved, flag_configuration};
+pub use flags::{
+    Changes, Exposures, Flags, FlagsConfig, NoExposures, Observer, ReasonTally, Unobserved, flag_configuration,
+};
 pub use live::{Live, LiveConfig, LiveOptions, Published, Readiness, SourceReadiness, SourceState};
 pub use relay::{RELAY_GRACE, Relay};
 pub use sources::{
     DATABASE_CHECK_EVERY, FileSource, LoadError, Loaded, Part, RECENT_VERSIONS, STORE_SOURCE, Source, SourceSpec,
     StoreSource,
+};
+pub use tracking::{
+    EventOutcome, RateLimit, ScrubReport, TrackError, TrackEvent, TrackOutcome, Tracker, TrackerConfig, TrackerStats,
+    TrackingPolicy,
 };

@@ -25,6 +25,10 @@ pub enum StoreError {
         /// The version stored (0: absent).
         actual: i64,
     },
+    /// The write is not allowed in the entity's current state (an experiment's locked allocation,
+    /// a lifecycle step it cannot take).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The input is not valid: every problem, with the JSON pointer it is at.
     #[error("invalid: {}", Problems(.0))]
     Invalid(Vec<Problem>),

@@ -94,17 +94,19 @@ pub struct MetricQuery {
     pub experiment: String,
     /// The metric (conversion and custom events with this `metric`).
     pub metric: String,
-    /// Events from this time on (ms; `None`: from the beginning).
+    /// Exposures and events received (server time) from this time on (ms; `None`: from the
+    /// beginning). A unit's first exposure is its first in the range.
     pub from_ms: Option<i64>,
-    /// Events before this time (ms; `None`: until now).
+    /// Exposures and events received before this time (ms; `None`: until now).
     pub until_ms: Option<i64>,
     /// When set, also the pre-exposure covariate for CUPED: the unit's sum of the metric over
-    /// this long before its first exposure.
+    /// this long before its first exposure (`[first - window, first)`, even before `from_ms`).
     pub covariate_window: Option<Duration>,
 }
 
 /// One variant's totals for one metric, over the units exposed to that variant (and only to it).
-/// A unit's value is the sum of its metric events at or after its first exposure.
+/// A unit's value is the sum of its metric events' values (1 for an event without one) at or
+/// after its first exposure; a unit without such events counts 0.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct VariantTotals {
     /// The variant.
@@ -142,7 +144,8 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     fn insert_events(&self, events: Vec<NewEvent>) -> BoxFuture<'_, Result<Vec<Inserted>>>;
 
     /// Distinct exposed units per variant of `experiment` (units exposed to more than one
-    /// variant are left out: their variant is ambiguous), between `from_ms` and `until_ms`.
+    /// variant are left out: their variant is ambiguous), over the exposures received (server
+    /// time) from `from_ms` and before `until_ms`.
     fn exposure_counts(
         &self,
         environment: String,

@@ -33,7 +33,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The managed store. Implementations are shared (`Arc<dyn Store>`) by every request handler and
 /// the task that follows changes; every method may run concurrently with any other.
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait Store: EventStore + Send + Sync + std::fmt::Debug {
     /// Which database this is.
     fn backend(&self) -> Backend;
 
@@ -160,6 +160,42 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'_, Result<Written<ImportSummary>>>;
     /// A flag set as a flagd document (what [`Store::import`] takes back unchanged).
     fn export(&self, environment: String, flag_set: String) -> BoxFuture<'_, Result<Value>>;
+
+    /// An environment's experiments, by key.
+    fn list_experiments(&self, environment: String, page: PageRequest)
+    -> BoxFuture<'_, Result<Page<ExperimentRecord>>>;
+    /// One experiment (keys are unique in an environment).
+    fn get_experiment(&self, environment: String, key: String) -> BoxFuture<'_, Result<ExperimentRecord>>;
+    /// Creates an experiment on a flag of `flag_set` (a draft), or edits one: once it has run,
+    /// only its traffic share, texts and metrics may change ([`StoreError::FailedPrecondition`]).
+    fn put_experiment(
+        &self,
+        actor: Actor,
+        environment: String,
+        flag_set: String,
+        key: String,
+        input: ExperimentInput,
+        expect: Precondition,
+    ) -> BoxFuture<'_, Result<Written<ExperimentRecord>>>;
+    /// Moves an experiment through `draft → running ⇄ paused → stopped → archived` (a draft may
+    /// be archived), with the winner served once paused or stopped when given.
+    fn transition_experiment(
+        &self,
+        actor: Actor,
+        environment: String,
+        key: String,
+        to: ExperimentStatus,
+        winner: Option<String>,
+        expect: Precondition,
+    ) -> BoxFuture<'_, Result<Written<ExperimentRecord>>>;
+    /// Deletes a draft or archived experiment.
+    fn delete_experiment(
+        &self,
+        actor: Actor,
+        environment: String,
+        key: String,
+        expect: Precondition,
+    ) -> BoxFuture<'_, Result<Written<()>>>;
 
     /// An environment's config versions, newest first.
     fn list_versions(&self, environment: String, page: PageRequest) -> BoxFuture<'_, Result<Page<ConfigVersion>>>;

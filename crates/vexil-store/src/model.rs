@@ -1,6 +1,6 @@
 //! What the store holds and what its writes take.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Milliseconds since the Unix epoch, UTC.
@@ -250,6 +250,8 @@ pub enum EntityKind {
     Flag,
     /// A segment.
     Segment,
+    /// An experiment.
+    Experiment,
 }
 
 impl EntityKind {
@@ -259,6 +261,7 @@ impl EntityKind {
             EntityKind::FlagSet => "flag_set",
             EntityKind::Flag => "flag",
             EntityKind::Segment => "segment",
+            EntityKind::Experiment => "experiment",
         }
     }
 
@@ -267,6 +270,7 @@ impl EntityKind {
             "flag_set" => Some(EntityKind::FlagSet),
             "flag" => Some(EntityKind::Flag),
             "segment" => Some(EntityKind::Segment),
+            "experiment" => Some(EntityKind::Experiment),
             _ => None,
         }
     }
@@ -453,4 +457,211 @@ pub struct ImportSummary {
     pub segments: usize,
     /// Entities created, changed or deleted.
     pub changed: usize,
+}
+
+/// Where an experiment is in its lifecycle: `draft → running ⇄ paused → stopped → archived`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExperimentStatus {
+    /// Being prepared: everything may change; evaluation ignores it.
+    Draft,
+    /// Allocating units. Its flag, weights, salt, layer and audience are locked.
+    Running,
+    /// Not allocating (the flag evaluates as without it, or serves the winner); may run again.
+    Paused,
+    /// Over: the flag evaluates as without it, or serves the chosen winner, until it is archived.
+    Stopped,
+    /// Kept for its results; evaluation ignores it.
+    Archived,
+}
+
+impl ExperimentStatus {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExperimentStatus::Draft => "draft",
+            ExperimentStatus::Running => "running",
+            ExperimentStatus::Paused => "paused",
+            ExperimentStatus::Stopped => "stopped",
+            ExperimentStatus::Archived => "archived",
+        }
+    }
+
+    /// The status a lowercase name names.
+    pub fn parse(s: &str) -> Option<ExperimentStatus> {
+        [
+            ExperimentStatus::Draft,
+            ExperimentStatus::Running,
+            ExperimentStatus::Paused,
+            ExperimentStatus::Stopped,
+            ExperimentStatus::Archived,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == s)
+    }
+
+    /// Whether an experiment may go from this status to `to`.
+    pub fn may_become(self, to: ExperimentStatus) -> bool {
+        use ExperimentStatus::*;
+        matches!(
+            (self, to),
+            (Draft, Running)
+                | (Draft, Archived)
+                | (Running, Paused)
+                | (Running, Stopped)
+                | (Paused, Running)
+                | (Paused, Stopped)
+                | (Stopped, Archived)
+        )
+    }
+
+    /// Whether the experiment's allocation (flag, weights, salt, layer, audience) is locked: once
+    /// it has run, changing who gets what would mix two experiments in one set of results.
+    pub fn allocation_locked(self) -> bool {
+        self != ExperimentStatus::Draft
+    }
+}
+
+/// How a metric's per-unit values are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricKind {
+    /// Whether the unit converted at least once (a rate).
+    #[default]
+    Binomial,
+    /// The unit's sum of the event values (a mean per unit: revenue, items, seconds).
+    Mean,
+}
+
+/// What a metric is for in an experiment's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricRole {
+    /// The metric the experiment is decided on.
+    #[default]
+    Primary,
+    /// Watched, not decided on.
+    Secondary,
+    /// Must not get worse.
+    Guardrail,
+}
+
+/// A metric an experiment reads: conversion or custom events with this `metric` key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricSpec {
+    /// The events' `metric`.
+    pub key: String,
+    /// Rate or mean.
+    #[serde(default)]
+    pub kind: MetricKind,
+    /// Primary, secondary or guardrail.
+    #[serde(default)]
+    pub role: MetricRole,
+    /// Whether a decrease is the improvement (load time, errors).
+    #[serde(default, rename = "lowerIsBetter")]
+    pub lower_is_better: bool,
+}
+
+/// One variant's weight in an experiment's allocation (relative: 1 and 1 is an even split).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantWeight {
+    /// A variant of the flag.
+    pub variant: String,
+    /// Its relative weight.
+    pub weight: u32,
+}
+
+/// An experiment's slice of a layer: experiments of one layer with disjoint slices never share a
+/// unit. Percent of the layer's units, `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerSpec {
+    /// The layer's key.
+    pub key: String,
+    /// Start of the slice, percent.
+    #[serde(rename = "startPercent")]
+    pub start_percent: f64,
+    /// End of the slice (exclusive), percent.
+    #[serde(rename = "endPercent")]
+    pub end_percent: f64,
+}
+
+/// What creating or editing an experiment sets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentInput {
+    /// The flag (in the experiment's flag set) whose variants it allocates.
+    pub flag: String,
+    /// A name for people.
+    #[serde(default)]
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// What the experiment is expected to show.
+    #[serde(default)]
+    pub hypothesis: String,
+    /// Who may enter: JsonLogic on the evaluation context (`None`: everyone with a targetingKey).
+    #[serde(default)]
+    pub audience: Option<Value>,
+    /// The share of eligible units in the experiment, percent (resolution 0.0001).
+    pub traffic_percent: f64,
+    /// The variants allocated and their weights.
+    pub weights: Vec<VariantWeight>,
+    /// The metrics read.
+    #[serde(default)]
+    pub metrics: Vec<MetricSpec>,
+    /// The hash salt (default: the experiment's id; fixed once created).
+    #[serde(default)]
+    pub salt: Option<String>,
+    /// A slice of a layer, for experiments that must not share units.
+    #[serde(default)]
+    pub layer: Option<LayerSpec>,
+}
+
+/// An experiment's whole definition, as stored, versioned and rolled back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentDefinition {
+    /// Stable for the experiment's life (reported as `experimentId` in evaluations).
+    pub id: String,
+    /// The lifecycle status.
+    pub status: ExperimentStatus,
+    /// The variant served to everyone once paused or stopped, if one was chosen.
+    #[serde(default)]
+    pub winner: Option<String>,
+    /// When it first started running (ms).
+    #[serde(default)]
+    pub started_at: Option<Millis>,
+    /// When it stopped (ms).
+    #[serde(default)]
+    pub stopped_at: Option<Millis>,
+    /// The rest, as given (the salt filled in at creation).
+    #[serde(flatten)]
+    pub input: ExperimentInput,
+}
+
+/// An experiment as the store holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExperimentRecord {
+    /// The environment.
+    pub environment: String,
+    /// The flag set of its flag.
+    pub flag_set: String,
+    /// Its key, unique in the environment (events name experiments by it).
+    pub key: String,
+    /// What it is.
+    pub definition: ExperimentDefinition,
+    /// The row's ETag.
+    pub version: i64,
+    /// Created by and at.
+    pub created: Stamp,
+    /// Last updated by and at.
+    pub updated: Stamp,
+}
+
+impl ExperimentDefinition {
+    /// The salt units are hashed with.
+    pub fn salt(&self) -> &str {
+        self.input.salt.as_deref().unwrap_or(&self.id)
+    }
 }

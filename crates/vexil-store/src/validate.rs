@@ -69,6 +69,8 @@ pub(crate) struct SetDocument {
     pub metadata: Map<String, Value>,
     pub flags: Map<String, Value>,
     pub segments: Map<String, Value>,
+    /// Experiments evaluation sees, in the core's `$experiments` form.
+    pub experiments: Map<String, Value>,
 }
 
 impl SetDocument {
@@ -85,6 +87,9 @@ impl SetDocument {
         }
         if !metadata.is_empty() {
             doc.insert("metadata".into(), Value::Object(metadata));
+        }
+        if !self.experiments.is_empty() {
+            doc.insert("$experiments".into(), Value::Object(self.experiments.clone()));
         }
         Value::Object(doc)
     }
@@ -169,6 +174,7 @@ impl SetDocument {
             metadata,
             flags,
             segments,
+            experiments: Map::new(),
         };
         set.metadata.remove("flagSetId");
         for flag in set.flags.values_mut() {

@@ -68,6 +68,9 @@ conformance! {
     lists_page_with_tokens,
     history_gives_each_version_s_changes_in_order,
     the_outbox_waits_for_its_grace_period,
+    experiments_move_through_their_lifecycle_and_reach_the_snapshot_while_they_matter,
+    experiments_are_checked_against_their_flag_and_guard_it,
+    experiments_are_versioned_rolled_back_and_go_with_their_flag_set,
 }
 
 fn actor() -> Actor {
@@ -399,7 +402,7 @@ async fn segments_are_served_as_evaluators_and_guarded_by_the_flags_that_use_the
             "web".into(),
             "staff".into(),
             SegmentInput {
-                rule: json!({"no_such_operator": [1]}),
+                rule: json!({"invalid": [1]}),
                 description: String::new(),
             },
             Precondition::Any,
@@ -1084,4 +1087,342 @@ async fn the_outbox_waits_for_its_grace_period(store: &SqlStore) {
             .is_empty()
     );
     assert_eq!(store.pending_outbox(100, Duration::ZERO).await.unwrap().len(), 1);
+}
+
+fn experiment_input(traffic: f64) -> ExperimentInput {
+    ExperimentInput {
+        flag: "banner".into(),
+        name: "Banner copy".into(),
+        description: String::new(),
+        hypothesis: "on converts better".into(),
+        audience: Some(json!({"==": [{"var": "plan"}, "pro"]})),
+        traffic_percent: traffic,
+        weights: vec![
+            VariantWeight {
+                variant: "off".into(),
+                weight: 1,
+            },
+            VariantWeight {
+                variant: "on".into(),
+                weight: 1,
+            },
+        ],
+        metrics: vec![MetricSpec {
+            key: "purchase".into(),
+            kind: MetricKind::Binomial,
+            role: MetricRole::Primary,
+            lower_is_better: false,
+        }],
+        salt: None,
+        layer: None,
+    }
+}
+
+async fn put_experiment(store: &SqlStore, key: &str, input: ExperimentInput) -> Result<Written<ExperimentRecord>> {
+    store
+        .put_experiment(
+            actor(),
+            "prod".into(),
+            "web".into(),
+            key.into(),
+            input,
+            Precondition::Any,
+        )
+        .await
+}
+
+async fn move_to(
+    store: &SqlStore,
+    key: &str,
+    to: ExperimentStatus,
+    winner: Option<&str>,
+) -> Result<Written<ExperimentRecord>> {
+    store
+        .transition_experiment(
+            actor(),
+            "prod".into(),
+            key.into(),
+            to,
+            winner.map(str::to_owned),
+            Precondition::Any,
+        )
+        .await
+}
+
+/// The `$experiments` of the `web` set's served document.
+async fn served_experiments(store: &SqlStore) -> Option<Value> {
+    let snapshot = store.snapshot("prod".into()).await.unwrap();
+    let (_, document) = snapshot.flag_sets.iter().find(|(set, _)| set == "web").unwrap();
+    document.get("$experiments").cloned()
+}
+
+async fn experiments_move_through_their_lifecycle_and_reach_the_snapshot_while_they_matter(store: &SqlStore) {
+    with_set(store, "prod", "web").await;
+    put(store, "banner", boolean_flag("off"), Precondition::Any)
+        .await
+        .unwrap();
+    let created = put_experiment(store, "banner-copy", experiment_input(50.0))
+        .await
+        .unwrap();
+    let def = &created.value.definition;
+    assert_eq!(def.status, ExperimentStatus::Draft);
+    assert!(def.id.starts_with('x') && def.id.len() == 17, "{}", def.id);
+    assert_eq!(def.salt(), def.id, "the salt defaults to the id");
+    assert!(
+        created.config_version.is_some(),
+        "an experiment write is a config change"
+    );
+    assert_eq!(served_experiments(store).await, None, "a draft is not served");
+
+    let started = move_to(store, "banner-copy", ExperimentStatus::Running, None)
+        .await
+        .unwrap();
+    assert!(started.value.definition.started_at.is_some());
+    let served = served_experiments(store).await.expect("a running experiment is served");
+    assert_eq!(
+        served["banner-copy"],
+        json!({
+            "id": def.id, "flag": "banner", "status": "running", "salt": def.id, "traffic": 500_000,
+            "weights": [{"variant": "off", "weight": 1}, {"variant": "on", "weight": 1}],
+            "audience": {"==": [{"var": "plan"}, "pro"]}
+        })
+    );
+
+    // Running: the allocation is locked, the traffic share may ramp.
+    let mut reweighted = experiment_input(50.0);
+    reweighted.weights[1].weight = 3;
+    let locked = put_experiment(store, "banner-copy", reweighted).await;
+    assert!(matches!(locked, Err(StoreError::FailedPrecondition(_))), "{locked:?}");
+    let ramped = put_experiment(store, "banner-copy", experiment_input(80.0))
+        .await
+        .unwrap();
+    assert_eq!(ramped.value.definition.input.traffic_percent, 80.0);
+    assert_eq!(ramped.value.definition.id, def.id);
+    assert_eq!(
+        served_experiments(store).await.unwrap()["banner-copy"]["traffic"],
+        800_000
+    );
+
+    // Lifecycle steps that do not exist are refused.
+    let skip = move_to(store, "banner-copy", ExperimentStatus::Archived, None).await;
+    assert!(matches!(skip, Err(StoreError::FailedPrecondition(_))), "{skip:?}");
+    let undeletable = store
+        .delete_experiment(actor(), "prod".into(), "banner-copy".into(), Precondition::Any)
+        .await;
+    assert!(
+        matches!(undeletable, Err(StoreError::FailedPrecondition(_))),
+        "{undeletable:?}"
+    );
+    let early_winner = move_to(store, "banner-copy", ExperimentStatus::Running, Some("on")).await;
+    assert!(matches!(early_winner, Err(StoreError::Invalid(_))), "{early_winner:?}");
+
+    move_to(store, "banner-copy", ExperimentStatus::Paused, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        served_experiments(store).await.unwrap()["banner-copy"]["status"],
+        "paused"
+    );
+    move_to(store, "banner-copy", ExperimentStatus::Running, None)
+        .await
+        .unwrap();
+    let bad_winner = move_to(store, "banner-copy", ExperimentStatus::Stopped, Some("purple")).await;
+    assert!(matches!(bad_winner, Err(StoreError::Invalid(_))), "{bad_winner:?}");
+    let stopped = move_to(store, "banner-copy", ExperimentStatus::Stopped, Some("on"))
+        .await
+        .unwrap();
+    assert!(stopped.value.definition.stopped_at.is_some());
+    let served = served_experiments(store).await.unwrap();
+    assert_eq!(
+        (&served["banner-copy"]["status"], &served["banner-copy"]["winner"]),
+        (&json!("stopped"), &json!("on"))
+    );
+    // Stopped, the allocation stays locked.
+    let locked = put_experiment(store, "banner-copy", experiment_input(10.0).with_flag("other")).await;
+    assert!(matches!(locked, Err(StoreError::FailedPrecondition(_))), "{locked:?}");
+
+    move_to(store, "banner-copy", ExperimentStatus::Archived, None)
+        .await
+        .unwrap();
+    assert_eq!(served_experiments(store).await, None, "archived: no longer served");
+
+    let audit = store
+        .audit(
+            AuditFilter {
+                entity_kind: Some("experiment".into()),
+                ..AuditFilter::default()
+            },
+            PageRequest::default(),
+        )
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit.items.iter().rev().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["create", "start", "update", "pause", "resume", "stop", "archive"]
+    );
+    store
+        .delete_experiment(actor(), "prod".into(), "banner-copy".into(), Precondition::Any)
+        .await
+        .unwrap();
+    let gone = store.get_experiment("prod".into(), "banner-copy".into()).await;
+    assert!(matches!(gone, Err(StoreError::NotFound(_))), "{gone:?}");
+}
+
+trait WithFlag {
+    fn with_flag(self, flag: &str) -> Self;
+}
+
+impl WithFlag for ExperimentInput {
+    fn with_flag(mut self, flag: &str) -> Self {
+        self.flag = flag.into();
+        self
+    }
+}
+
+fn pointers(result: Result<Written<ExperimentRecord>>) -> Vec<String> {
+    match result {
+        Err(StoreError::Invalid(problems)) => problems.into_iter().map(|p| p.pointer).collect(),
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+async fn experiments_are_checked_against_their_flag_and_guard_it(store: &SqlStore) {
+    with_set(store, "prod", "web").await;
+    put(store, "banner", boolean_flag("off"), Precondition::Any)
+        .await
+        .unwrap();
+    put(store, "other", boolean_flag("off"), Precondition::Any)
+        .await
+        .unwrap();
+
+    let missing = put_experiment(store, "x", experiment_input(50.0).with_flag("nope")).await;
+    assert_eq!(pointers(missing), ["/flag"]);
+    let mut purple = experiment_input(50.0);
+    purple.weights[1].variant = "purple".into();
+    assert_eq!(
+        pointers(put_experiment(store, "x", purple).await),
+        ["/weights/1/variant"]
+    );
+    let mut bad = experiment_input(150.0);
+    bad.weights.push(bad.weights[0].clone());
+    bad.audience = Some(json!({"invalid": [1]}));
+    let found = pointers(put_experiment(store, "x", bad).await);
+    assert_eq!(found, ["/trafficPercent", "/weights/2/variant"]);
+    let mut bad_audience = experiment_input(50.0);
+    bad_audience.audience = Some(json!(["not", "a", "rule"]));
+    assert_eq!(pointers(put_experiment(store, "x", bad_audience).await), ["/audience"]);
+    assert_eq!(
+        store
+            .list_experiments("prod".into(), PageRequest::default())
+            .await
+            .unwrap()
+            .items,
+        [],
+        "nothing invalid is stored"
+    );
+
+    put_experiment(store, "banner-copy", experiment_input(50.0))
+        .await
+        .unwrap();
+    move_to(store, "banner-copy", ExperimentStatus::Running, None)
+        .await
+        .unwrap();
+    // A flag a running experiment allocates keeps the variants it allocates, and stays.
+    let narrowed = put(
+        store,
+        "banner",
+        json!({"state": "ENABLED", "variants": {"off": false}, "defaultVariant": "off"}),
+        Precondition::Any,
+    )
+    .await;
+    assert!(matches!(narrowed, Err(StoreError::Invalid(_))), "{narrowed:?}");
+    let deleted = store
+        .delete_flag(actor(), "prod".into(), "web".into(), "banner".into(), Precondition::Any)
+        .await;
+    assert!(matches!(deleted, Err(StoreError::Invalid(_))), "{deleted:?}");
+    // A second experiment on the same flag cannot run at the same time.
+    put_experiment(store, "second", experiment_input(50.0)).await.unwrap();
+    let both = move_to(store, "second", ExperimentStatus::Running, None).await;
+    assert!(matches!(both, Err(StoreError::Invalid(_))), "{both:?}");
+
+    // Layers: slices of one layer running at once must not overlap.
+    let layered = |start: f64, end: f64| {
+        let mut input = experiment_input(100.0).with_flag("other");
+        input.layer = Some(LayerSpec {
+            key: "homepage".into(),
+            start_percent: start,
+            end_percent: end,
+        });
+        input
+    };
+    put_experiment(store, "layer-a", layered(0.0, 50.0)).await.unwrap();
+    move_to(store, "layer-a", ExperimentStatus::Running, None)
+        .await
+        .unwrap();
+    put(store, "third", boolean_flag("on"), Precondition::Any)
+        .await
+        .unwrap();
+    put_experiment(store, "layer-b", layered(40.0, 100.0).with_flag("third"))
+        .await
+        .unwrap();
+    let overlapping = move_to(store, "layer-b", ExperimentStatus::Running, None).await;
+    assert!(
+        matches!(overlapping, Err(StoreError::FailedPrecondition(_))),
+        "{overlapping:?}"
+    );
+    put_experiment(store, "layer-b", layered(50.0, 100.0).with_flag("third"))
+        .await
+        .unwrap();
+    move_to(store, "layer-b", ExperimentStatus::Running, None)
+        .await
+        .unwrap();
+    let served = served_experiments(store).await.unwrap();
+    assert_eq!(
+        served["layer-b"]["layer"],
+        json!({"key": "homepage", "start": 500_000, "end": 1_000_000})
+    );
+}
+
+async fn experiments_are_versioned_rolled_back_and_go_with_their_flag_set(store: &SqlStore) {
+    with_set(store, "prod", "web").await;
+    put(store, "banner", boolean_flag("off"), Precondition::Any)
+        .await
+        .unwrap();
+    let created = put_experiment(store, "banner-copy", experiment_input(50.0))
+        .await
+        .unwrap();
+    let draft_version = created.config_version.unwrap();
+    let started = move_to(store, "banner-copy", ExperimentStatus::Running, None)
+        .await
+        .unwrap();
+    let history = store.history("prod".into(), draft_version, 10).await.unwrap();
+    let versions = history.versions.unwrap();
+    assert_eq!(versions.len(), 1);
+    let change = &versions[0].changes[0];
+    assert_eq!(
+        (change.kind, change.key.as_str()),
+        (EntityKind::Experiment, "banner-copy")
+    );
+    assert_eq!(change.after.as_ref().unwrap()["status"], "running");
+
+    // Rolling back to the draft's version takes the experiment back to its draft.
+    store.rollback(actor(), "prod".into(), draft_version).await.unwrap();
+    let back = store.get_experiment("prod".into(), "banner-copy".into()).await.unwrap();
+    assert_eq!(back.definition.status, ExperimentStatus::Draft);
+    assert_eq!(back.definition.id, started.value.definition.id);
+    assert_eq!(served_experiments(store).await, None);
+
+    // Deleting the flag set deletes its experiments, recorded so a rollback restores them.
+    let before_delete = store
+        .delete_flag_set(actor(), "prod".into(), "web".into(), Precondition::Any)
+        .await
+        .unwrap()
+        .config_version
+        .unwrap();
+    let gone = store.get_experiment("prod".into(), "banner-copy".into()).await;
+    assert!(matches!(gone, Err(StoreError::NotFound(_))), "{gone:?}");
+    store.rollback(actor(), "prod".into(), before_delete - 1).await.unwrap();
+    let restored = store.get_experiment("prod".into(), "banner-copy".into()).await.unwrap();
+    assert_eq!(restored.definition, back.definition);
 }

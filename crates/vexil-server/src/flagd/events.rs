@@ -81,6 +81,7 @@ mod tests {
             max_body: 1024,
             max_streams: 10,
             shutdown,
+            exposures: std::sync::Arc::new(vexil_service::NoExposures),
         });
         let mut events = stream(&app, Selector::All, |kind, data| (kind, data.is_some())).unwrap();
         assert_eq!(events.next().await.unwrap().unwrap(), ("provider_ready", true));

@@ -7,8 +7,11 @@ use tonic::{Request, Response, Status};
 use vexil_proto::vexil::v1 as pb;
 use vexil_proto::vexil::v1::admin_service_server::AdminService;
 use vexil_store::{
-    ApiKeyInput, AuditFilter, EnvironmentInput, FlagInput, FlagSetInput, Role, SegmentInput, StoreError,
+    ApiKeyInput, AuditFilter, EnvironmentInput, ExperimentStatus, FlagInput, FlagSetInput, Role, SegmentInput,
+    StoreError,
 };
+
+use vexil_service::results::{ResultsError, ResultsOptions};
 
 use super::Managed;
 use super::auth::{Need, Principal};
@@ -25,6 +28,34 @@ type Reply<T> = Result<Response<T>, Status>;
 impl Admin {
     async fn allow<T>(&self, request: &Request<T>, environment: Option<&str>) -> Result<Principal, Status> {
         self.managed.check(request, Need::Admin(environment)).await
+    }
+
+    /// An experiment's lifecycle step.
+    async fn transition(
+        &self,
+        request: Request<pb::TransitionExperimentRequest>,
+        to: ExperimentStatus,
+    ) -> Reply<pb::PutExperimentResponse> {
+        let environment = required("environment", &request.get_ref().environment)?.to_owned();
+        let who = self.allow(&request, Some(&environment)).await?;
+        let r = request.into_inner();
+        let written = self
+            .managed
+            .store
+            .transition_experiment(
+                who.actor(),
+                environment,
+                r.key,
+                to,
+                (!r.winner.is_empty()).then_some(r.winner),
+                precondition(r.version, false),
+            )
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::PutExperimentResponse {
+            config_version: self.wrote(written.config_version),
+            experiment: Some(convert::experiment(written.value)),
+        }))
     }
 
     fn wrote(&self, config_version: Option<i64>) -> i64 {
@@ -424,6 +455,133 @@ impl AdminService for Admin {
         }))
     }
 
+    async fn list_experiments(
+        &self,
+        request: Request<pb::ListExperimentsRequest>,
+    ) -> Reply<pb::ListExperimentsResponse> {
+        let environment = required("environment", &request.get_ref().environment)?.to_owned();
+        self.allow(&request, Some(&environment)).await?;
+        let r = request.into_inner();
+        let listed = self
+            .managed
+            .store
+            .list_experiments(environment, page(r.page_size, r.page_token)?)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListExperimentsResponse {
+            experiments: listed.items.into_iter().map(convert::experiment).collect(),
+            next_page_token: next_token(listed.next),
+        }))
+    }
+
+    async fn get_experiment(&self, request: Request<pb::GetExperimentRequest>) -> Reply<pb::Experiment> {
+        let environment = required("environment", &request.get_ref().environment)?.to_owned();
+        self.allow(&request, Some(&environment)).await?;
+        let found = self
+            .managed
+            .store
+            .get_experiment(environment, request.into_inner().key)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(convert::experiment(found)))
+    }
+
+    async fn put_experiment(&self, request: Request<pb::PutExperimentRequest>) -> Reply<pb::PutExperimentResponse> {
+        let environment = required("environment", &request.get_ref().environment)?.to_owned();
+        required("flag_set", &request.get_ref().flag_set)?;
+        let who = self.allow(&request, Some(&environment)).await?;
+        let mut r = request.into_inner();
+        let input = convert::experiment_input(&mut r).map_err(store_status)?;
+        let written = self
+            .managed
+            .store
+            .put_experiment(
+                who.actor(),
+                environment,
+                r.flag_set,
+                r.key,
+                input,
+                precondition(r.version, r.create_only),
+            )
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::PutExperimentResponse {
+            config_version: self.wrote(written.config_version),
+            experiment: Some(convert::experiment(written.value)),
+        }))
+    }
+
+    async fn start_experiment(
+        &self,
+        request: Request<pb::TransitionExperimentRequest>,
+    ) -> Reply<pb::PutExperimentResponse> {
+        self.transition(request, ExperimentStatus::Running).await
+    }
+
+    async fn pause_experiment(
+        &self,
+        request: Request<pb::TransitionExperimentRequest>,
+    ) -> Reply<pb::PutExperimentResponse> {
+        self.transition(request, ExperimentStatus::Paused).await
+    }
+
+    async fn stop_experiment(
+        &self,
+        request: Request<pb::TransitionExperimentRequest>,
+    ) -> Reply<pb::PutExperimentResponse> {
+        self.transition(request, ExperimentStatus::Stopped).await
+    }
+
+    async fn archive_experiment(
+        &self,
+        request: Request<pb::TransitionExperimentRequest>,
+    ) -> Reply<pb::PutExperimentResponse> {
+        self.transition(request, ExperimentStatus::Archived).await
+    }
+
+    async fn delete_experiment(&self, request: Request<pb::DeleteExperimentRequest>) -> Reply<pb::DeleteResponse> {
+        let environment = required("environment", &request.get_ref().environment)?.to_owned();
+        let who = self.allow(&request, Some(&environment)).await?;
+        let r = request.into_inner();
+        let written = self
+            .managed
+            .store
+            .delete_experiment(who.actor(), environment, r.key, precondition(r.version, false))
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::DeleteResponse {
+            config_version: self.wrote(written.config_version),
+        }))
+    }
+
+    async fn get_experiment_results(
+        &self,
+        request: Request<pb::GetExperimentResultsRequest>,
+    ) -> Reply<pb::ExperimentResults> {
+        let environment = required("environment", &request.get_ref().environment)?.to_owned();
+        self.allow(&request, Some(&environment)).await?;
+        let r = request.into_inner();
+        let invalid = |e: String| grpc_status(ErrorKind::InvalidArgument, e);
+        let options = ResultsOptions {
+            method: choice("method", &r.method).map_err(invalid)?,
+            alpha: (r.alpha != 0.0).then_some(r.alpha),
+            correction: choice("correction", &r.correction).map_err(invalid)?,
+            control: (!r.control.is_empty()).then_some(r.control),
+            cuped_days: u32::try_from(r.cuped_days).map_err(|_| invalid("cuped_days must not be negative".into()))?,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let results =
+            vexil_service::results::experiment_results(&*self.managed.store, &environment, &r.key, &options, now)
+                .await
+                .map_err(|e| match e {
+                    ResultsError::Store(e) => store_status(e),
+                    ResultsError::Invalid(message) => invalid(message),
+                })?;
+        Ok(Response::new(convert::results(results, now)))
+    }
+
     async fn list_versions(&self, request: Request<pb::ListVersionsRequest>) -> Reply<pb::ListVersionsResponse> {
         let environment = required("environment", &request.get_ref().environment)?.to_owned();
         self.allow(&request, Some(&environment)).await?;
@@ -568,4 +726,12 @@ impl AdminService for Admin {
         self.managed.keys_changed();
         Ok(Response::new(convert::api_key(revoked)))
     }
+}
+
+/// A results option from its snake_case name (`""`: the default).
+fn choice<T: serde::de::DeserializeOwned + Default>(field: &str, name: &str) -> Result<T, String> {
+    if name.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).map_err(|_| format!("`{name}` is not a {field}"))
 }

@@ -65,6 +65,8 @@ pub enum Need<'a> {
     Admin(Option<&'a str>),
     /// Evaluation in one environment.
     Evaluate(&'a str),
+    /// Tracking events in one environment.
+    Track(&'a str),
 }
 
 #[derive(Debug)]
@@ -237,7 +239,7 @@ impl Access {
             let loopback = peer.is_some_and(|p| p.0.ip().is_loopback()) && metadata.get("origin").is_none();
             let allowed = match need {
                 Need::Admin(_) => loopback && self.open().await?,
-                Need::Evaluate(_) => self.open().await?,
+                Need::Evaluate(_) | Need::Track(_) => self.open().await?,
             };
             return if allowed {
                 Ok(Principal::Anonymous)
@@ -267,6 +269,10 @@ impl Access {
             }
             Need::Evaluate(environment) => {
                 matches!(key.role, Role::Admin | Role::Evaluate)
+                    && key.environment.as_deref().is_none_or(|scope| scope == environment)
+            }
+            Need::Track(environment) => {
+                matches!(key.role, Role::Admin | Role::Track)
                     && key.environment.as_deref().is_none_or(|scope| scope == environment)
             }
         };

@@ -102,6 +102,194 @@ pub fn segment(s: store::SegmentRecord) -> pb::Segment {
     }
 }
 
+pub fn experiment(e: store::ExperimentRecord) -> pb::Experiment {
+    let d = e.definition;
+    let salt = d.salt().to_owned();
+    let input = d.input;
+    pb::Experiment {
+        environment: e.environment,
+        flag_set: e.flag_set,
+        key: e.key,
+        id: d.id,
+        status: d.status.as_str().to_owned(),
+        flag: input.flag,
+        name: input.name,
+        description: input.description,
+        hypothesis: input.hypothesis,
+        audience: input.audience.and_then(value),
+        traffic_percent: input.traffic_percent,
+        weights: input
+            .weights
+            .into_iter()
+            .map(|w| pb::VariantWeight {
+                variant: w.variant,
+                weight: w.weight,
+            })
+            .collect(),
+        metrics: input
+            .metrics
+            .into_iter()
+            .map(|m| pb::ExperimentMetric {
+                key: m.key,
+                kind: enum_name(&m.kind),
+                role: enum_name(&m.role),
+                lower_is_better: m.lower_is_better,
+            })
+            .collect(),
+        salt,
+        layer: input.layer.map(|l| pb::ExperimentLayer {
+            key: l.key,
+            start_percent: l.start_percent,
+            end_percent: l.end_percent,
+        }),
+        winner: d.winner.unwrap_or_default(),
+        started_at: d.started_at.map(timestamp),
+        stopped_at: d.stopped_at.map(timestamp),
+        version: e.version,
+        created: stamp(e.created),
+        updated: stamp(e.updated),
+    }
+}
+
+/// The serialized (snake_case) name of a unit enum.
+fn enum_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A unit enum from its serialized name (`""`: its default); the error names the field.
+fn enum_of<T: serde::de::DeserializeOwned + Default>(field: &str, name: &str) -> Result<T, store::Problem> {
+    if name.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(Value::String(name.to_owned())).map_err(|_| store::Problem {
+        pointer: field.to_owned(),
+        message: format!("`{name}` is not one of the allowed values"),
+    })
+}
+
+/// An experiment's input from a put request; every problem at once.
+pub fn experiment_input(r: &mut pb::PutExperimentRequest) -> Result<store::ExperimentInput, store::StoreError> {
+    let mut problems = Vec::new();
+    let mut metrics = Vec::new();
+    for (i, m) in std::mem::take(&mut r.metrics).into_iter().enumerate() {
+        let kind = enum_of(&format!("/metrics/{i}/kind"), &m.kind);
+        let role = enum_of(&format!("/metrics/{i}/role"), &m.role);
+        match (kind, role) {
+            (Ok(kind), Ok(role)) => metrics.push(store::MetricSpec {
+                key: m.key,
+                kind,
+                role,
+                lower_is_better: m.lower_is_better,
+            }),
+            (kind, role) => problems.extend(kind.err().into_iter().chain(role.err())),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(store::StoreError::Invalid(problems));
+    }
+    Ok(store::ExperimentInput {
+        flag: std::mem::take(&mut r.flag),
+        name: std::mem::take(&mut r.name),
+        description: std::mem::take(&mut r.description),
+        hypothesis: std::mem::take(&mut r.hypothesis),
+        audience: r.audience.take().map(|a| json(Some(a))).filter(|a| !a.is_null()),
+        traffic_percent: r.traffic_percent,
+        weights: std::mem::take(&mut r.weights)
+            .into_iter()
+            .map(|w| store::VariantWeight {
+                variant: w.variant,
+                weight: w.weight,
+            })
+            .collect(),
+        metrics,
+        salt: (!r.salt.is_empty()).then(|| std::mem::take(&mut r.salt)),
+        layer: r.layer.take().map(|l| store::LayerSpec {
+            key: l.key,
+            start_percent: l.start_percent,
+            end_percent: l.end_percent,
+        }),
+    })
+}
+
+/// An experiment's results on the wire.
+pub fn results(r: vexil_service::results::ExperimentResults, computed_at: store::Millis) -> pb::ExperimentResults {
+    let method = match serde_json::to_value(r.method) {
+        Ok(Value::Object(m)) => Some(JsonStruct::from(m)),
+        _ => None,
+    };
+    pb::ExperimentResults {
+        environment: r.environment,
+        experiment: r.experiment,
+        status: r.status.as_str().to_owned(),
+        control: r.control,
+        method,
+        correction: enum_name(&r.correction),
+        exposures: r
+            .exposures
+            .into_iter()
+            .map(|e| pb::VariantExposure {
+                variant: e.variant,
+                units: e.units,
+                expected_share: e.expected_share,
+                observed_share: e.observed_share,
+            })
+            .collect(),
+        sample_ratio: r.srm.map(|s| pb::SampleRatioCheck {
+            chi_square: s.chi_square,
+            p_value: s.p_value,
+            threshold: s.threshold,
+            mismatch: s.mismatch,
+        }),
+        metrics: r
+            .metrics
+            .into_iter()
+            .map(|m| pb::MetricResult {
+                metric: m.key,
+                kind: enum_name(&m.kind),
+                role: enum_name(&m.role),
+                lower_is_better: m.lower_is_better,
+                variants: m.variants.into_iter().map(variant_result).collect(),
+            })
+            .collect(),
+        computed_at: Some(timestamp(computed_at)),
+        from: r.window.from_ms.map(timestamp),
+        until: Some(timestamp(r.window.until_ms)),
+        cuped_days: i32::try_from(r.cuped_days).unwrap_or(i32::MAX),
+    }
+}
+
+fn variant_result(v: vexil_service::results::VariantMetric) -> pb::VariantResult {
+    let effect = |e: vexil_service::results::Effect| pb::Effect {
+        estimate: e.estimate,
+        lower: e.lower,
+        upper: e.upper,
+    };
+    let mut out = pb::VariantResult {
+        variant: v.variant,
+        units: v.units,
+        conversions: v.conversions,
+        sum: v.sum,
+        sum_squares: v.sum_squares,
+        mean: v.mean,
+        ..Default::default()
+    };
+    if let Some(c) = v.comparison {
+        out.absolute = c.absolute.map(effect);
+        out.relative = c.relative.map(effect);
+        out.p_value = c.p_value;
+        out.adjusted_p_value = c.adjusted_p_value;
+        out.chance_to_win = c.chance_to_win;
+        out.risk = c.risk;
+        out.significant = c.significant;
+        out.note = c.note.unwrap_or_default();
+        out.verdict = enum_name(&c.verdict);
+    }
+    out
+}
+
 pub fn config_version(v: store::ConfigVersion) -> pb::ConfigVersion {
     pb::ConfigVersion {
         environment: v.environment,

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use vexil_core::{Attributes, Resolution, Selector, ValueType};
 use vexil_proto::JsonStruct;
 use vexil_proto::vexil::v1 as pb;
+use vexil_proto::vexil::v1::bootstrap_service_server::BootstrapService;
 use vexil_proto::vexil::v1::evaluation_service_server::EvaluationService;
 
 use super::Managed;
@@ -42,6 +43,26 @@ impl EvaluationApi {
         };
         self.managed.check(request, Need::Evaluate(&environment)).await?;
         Ok(environment)
+    }
+
+    /// Evaluates `keys` (none: every flag `selector` sees) and hands each key and result to `each`.
+    fn evaluate_many(
+        &self,
+        selector: &Selector,
+        keys: &[String],
+        context: &dyn Attributes,
+        mut each: impl FnMut(&str, &Resolution<'_>),
+    ) {
+        let flags = self.app.flags();
+        if keys.is_empty() {
+            flags.evaluate_all(PROTOCOL, selector, context, |flag, res| each(flag.key(), res));
+        } else {
+            for key in keys {
+                flags.evaluate(PROTOCOL, key, selector, context, ValueType::Any, |_, res| {
+                    each(key, res)
+                });
+            }
+        }
     }
 
     fn config_version(&self, environment: &str) -> i64 {
@@ -155,26 +176,91 @@ impl EvaluationService for EvaluationApi {
             .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()));
         let version = self.config_version(&environment);
         let mut results = Vec::new();
-        if r.flag_keys.is_empty() {
-            self.app
-                .flags()
-                .evaluate_all(PROTOCOL, &selector, &context, |flag, res| {
-                    results.push(response(flag.key(), res, version));
-                });
-        } else {
-            for key in &r.flag_keys {
-                let answer = self
-                    .app
-                    .flags()
-                    .evaluate(PROTOCOL, key, &selector, &context, ValueType::Any, |_, res| {
-                        response(key, res, version)
-                    });
-                results.push(answer);
-            }
-        }
+        self.evaluate_many(&selector, &r.flag_keys, &context, |key, res| {
+            results.push(response(key, res, version));
+        });
         Ok(Response::new(pb::EvaluateBatchResponse {
             results,
             config_version: version,
         }))
     }
+}
+
+#[tonic::async_trait]
+impl BootstrapService for EvaluationApi {
+    async fn bootstrap(
+        &self,
+        request: Request<pb::BootstrapRequest>,
+    ) -> Result<Response<pb::BootstrapResponse>, Status> {
+        let asked = request.get_ref().environment.clone();
+        let environment = self.scope(&request, &asked).await?;
+        let (metadata, _, r) = request.into_parts();
+        if r.flag_keys.len() > MAX_BATCH {
+            return Err(grpc_status(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "at most {MAX_BATCH} flag keys per bootstrap (got {})",
+                    r.flag_keys.len()
+                ),
+            ));
+        }
+        let selector = selector(&environment, &r.flag_set);
+        let own: &dyn Attributes = match &r.context {
+            Some(c) => c,
+            None => &(),
+        };
+        let context = self
+            .app
+            .flags()
+            .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()));
+        let config_version = self.config_version(&environment);
+        let mut flags = std::collections::BTreeMap::new();
+        self.evaluate_many(&selector, &r.flag_keys, &context, |key, res| {
+            flags.insert(key.to_owned(), bootstrapped(res));
+        });
+        let etag = etag(config_version, &flags);
+        Ok(Response::new(pb::BootstrapResponse {
+            environment,
+            config_version,
+            etag,
+            flags: flags.into_iter().collect(),
+        }))
+    }
+}
+
+/// One flag of a bootstrap payload.
+fn bootstrapped(r: &Resolution<'_>) -> pb::BootstrappedFlag {
+    pb::BootstrappedFlag {
+        value: r.value.and_then(|v| convert::value(v.clone())),
+        variant: r.variant.unwrap_or_default().to_owned(),
+        reason: r.reason.as_str().to_owned(),
+        error_code: r.error.as_ref().map(|e| e.code.as_str().to_owned()).unwrap_or_default(),
+        metadata: r.metadata.map(|m| JsonStruct::from(m.clone())),
+        experiment: r.split.as_ref().map(|split| pb::ExperimentAssignment {
+            id: split.experiment.id.clone(),
+            key: split.experiment.key.clone(),
+            variant: r.variant.unwrap_or_default().to_owned(),
+        }),
+    }
+}
+
+/// A strong ETag of a payload: SHA-256 of its config version and its flags in key order (the
+/// same content gives the same tag on every replica).
+fn etag(config_version: i64, flags: &std::collections::BTreeMap<String, pb::BootstrappedFlag>) -> String {
+    use prost::Message as _;
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(config_version.to_be_bytes());
+    for (key, flag) in flags {
+        hash.update((key.len() as u64).to_be_bytes());
+        hash.update(key.as_bytes());
+        let encoded = flag.encode_to_vec();
+        hash.update((encoded.len() as u64).to_be_bytes());
+        hash.update(&encoded);
+    }
+    let digest = hash.finalize();
+    format!(
+        "\"{}\"",
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
 }

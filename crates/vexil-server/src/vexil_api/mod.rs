@@ -8,6 +8,7 @@ mod config;
 mod convert;
 mod evaluation;
 mod guard;
+mod tracking;
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ pub use auth::Access;
 pub use config::ConfigApi;
 pub use evaluation::EvaluationApi;
 pub use guard::require_key;
+pub use tracking::TrackingApi;
 
 use crate::serve::Peer;
 use auth::{Need, Principal};
@@ -33,6 +35,8 @@ pub struct Managed {
     pub source: Arc<StoreSource>,
     pub relay: Arc<Relay>,
     pub access: Access,
+    /// Tracked events and server-side exposures.
+    pub tracker: Arc<vexil_service::Tracker>,
     pub fail_point: FailPoint,
 }
 

@@ -153,13 +153,13 @@ struct Touched {
 /// the version, the audit log and the outbox ([`EnvWrite::finish`]). Dropped without `finish`,
 /// the transaction rolls back and nothing is stored.
 pub(super) struct EnvWrite<'s> {
-    store: &'s SqlStore,
-    tx: Transaction<'static, Any>,
-    env_id: i64,
-    environment: String,
-    version: i64,
-    actor: String,
-    now: Millis,
+    pub(super) store: &'s SqlStore,
+    pub(super) tx: Transaction<'static, Any>,
+    pub(super) env_id: i64,
+    pub(super) environment: String,
+    pub(super) version: i64,
+    pub(super) actor: String,
+    pub(super) now: Millis,
     changes: Vec<Change>,
     touched: BTreeMap<String, Touched>,
     /// Sets validated as a whole already (an import's document).
@@ -735,6 +735,7 @@ impl SqlStore {
             metadata: set.set.metadata,
             flags: flags.into_iter().map(|f| (f.key, f.definition)).collect(),
             segments: segments.into_iter().map(|s| (s.key, s.rule)).collect(),
+            experiments: Map::new(),
         };
         Ok(doc.to_document(None))
     }
@@ -778,6 +779,20 @@ impl SqlStore {
             let set: String = row.try_get(0)?;
             if let Some(doc) = sets.get_mut(&set) {
                 doc.segments.insert(row.try_get(1)?, json(&row, 2)?);
+            }
+        }
+        for row in sqlx::query(self.q.snapshot_experiments)
+            .bind(env_id)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let set: String = row.try_get(0)?;
+            let key: String = row.try_get(1)?;
+            let definition = super::experiments::definition_of(&json(&row, 2)?)?;
+            if let Some(doc) = sets.get_mut(&set)
+                && let Some(form) = super::experiments::core_form(&definition, false)
+            {
+                doc.experiments.insert(key, form);
             }
         }
         tx.commit().await?;
@@ -861,7 +876,7 @@ impl EnvWrite<'_> {
             EntityKind::Flag => {
                 touched.flags.insert(key.to_owned());
             }
-            EntityKind::Segment | EntityKind::FlagSet => touched.whole = true,
+            EntityKind::Segment | EntityKind::FlagSet | EntityKind::Experiment => touched.whole = true,
         }
         self.changes.push(Change {
             flag_set: flag_set.to_owned(),
@@ -891,6 +906,14 @@ impl EnvWrite<'_> {
                 for segment in segments {
                     let body = segment_body(&segment.rule, &segment.description);
                     self.record(key, EntityKind::Segment, &segment.key, Some(body), None);
+                }
+                for experiment in self
+                    .store
+                    .set_experiments(&mut self.tx, &self.environment, row.id)
+                    .await?
+                {
+                    let body = super::experiments::experiment_body(&experiment.definition);
+                    self.record(key, EntityKind::Experiment, &experiment.key, Some(body), None);
                 }
                 sqlx::query(self.store.q.flag_set_delete)
                     .bind(self.env_id)
@@ -1028,6 +1051,7 @@ impl EnvWrite<'_> {
     ) -> Result<()> {
         match kind {
             EntityKind::FlagSet => self.apply_flag_set(key, body.map(flag_set_input_of)).await,
+            EntityKind::Experiment => self.restore_experiment(flag_set, key, body).await,
             EntityKind::Flag | EntityKind::Segment => {
                 let Some(set) = self.set(flag_set).await? else {
                     // The set is gone, and everything in it with it.
@@ -1044,6 +1068,46 @@ impl EnvWrite<'_> {
                 }
             }
         }
+    }
+
+    /// A flag set that must exist: its id and row.
+    pub(super) async fn existing_set_row(&mut self, key: &str) -> Result<(i64, FlagSet)> {
+        let row = self.existing_set(key).await?;
+        Ok((row.id, row.set))
+    }
+
+    /// A flag set's id and row, if it exists.
+    pub(super) async fn set_row_of(&mut self, key: &str) -> Result<Option<(i64, FlagSet)>> {
+        Ok(self.set(key).await?.map(|row| (row.id, row.set)))
+    }
+
+    /// A flag of a set, as stored now.
+    pub(super) async fn flag_in(&mut self, set: &FlagSet, flag_set: &str, key: &str) -> Result<Option<FlagRecord>> {
+        let Some(row) = self.set(&set.key).await? else {
+            return Ok(None);
+        };
+        self.flag(row.id, flag_set, key).await
+    }
+
+    /// A set's segments as flagd's `$evaluators`.
+    pub(super) async fn segments_of(&mut self, set: &FlagSet) -> Result<Map<String, Value>> {
+        let Some(row) = self.set(&set.key).await? else {
+            return Ok(Map::new());
+        };
+        let segments = self.store.all_segments(&mut self.tx, &row.set, row.id).await?;
+        Ok(segments.into_iter().map(|s| (s.key, s.rule)).collect())
+    }
+
+    /// Records a change made by another module's write.
+    pub(super) fn record_change(
+        &mut self,
+        flag_set: &str,
+        kind: EntityKind,
+        key: &str,
+        before: Option<Value>,
+        after: Option<Value>,
+    ) {
+        self.record(flag_set, kind, key, before, after);
     }
 
     pub(super) fn changes(&self) -> &[Change] {
@@ -1078,6 +1142,22 @@ impl EnvWrite<'_> {
                     if let Some(f) = self.flag(set.id, key, flag).await? {
                         doc.flags.insert(f.key, f.definition);
                     }
+                }
+            }
+            // The experiments evaluation will see, checked with the flags they allocate (a
+            // flag-only write checks those of the flags it wrote: deleting a flag, or a variant,
+            // that a running experiment allocates is refused).
+            for experiment in self
+                .store
+                .set_experiments(&mut self.tx, &self.environment, set.id)
+                .await?
+            {
+                let def = &experiment.definition;
+                if !touched.whole && !touched.flags.contains(&def.input.flag) {
+                    continue;
+                }
+                if let Some(form) = super::experiments::core_form(def, false) {
+                    doc.experiments.insert(experiment.key.clone(), form);
                 }
             }
             doc.check()?;

@@ -3,6 +3,8 @@
 
 mod access;
 mod config;
+mod events;
+mod experiments;
 mod history;
 mod queries;
 
@@ -459,6 +461,70 @@ impl Store for SqlStore {
             let config_version = self
                 .write_segment(&actor, &environment, &flag_set, &key, None, expect)
                 .await?;
+            Ok(Written {
+                value: (),
+                config_version,
+            })
+        })
+    }
+
+    fn list_experiments(
+        &self,
+        environment: String,
+        page: PageRequest,
+    ) -> BoxFuture<'_, Result<Page<ExperimentRecord>>> {
+        Box::pin(async move { self.experiments(&environment, page).await })
+    }
+
+    fn get_experiment(&self, environment: String, key: String) -> BoxFuture<'_, Result<ExperimentRecord>> {
+        Box::pin(async move { self.experiment(&environment, &key).await })
+    }
+
+    fn put_experiment(
+        &self,
+        actor: Actor,
+        environment: String,
+        flag_set: String,
+        key: String,
+        input: ExperimentInput,
+        expect: Precondition,
+    ) -> BoxFuture<'_, Result<Written<ExperimentRecord>>> {
+        Box::pin(async move {
+            let config_version = self
+                .write_experiment(&actor, &environment, &flag_set, &key, input, expect)
+                .await?;
+            let value = self.experiment(&environment, &key).await?;
+            Ok(Written { value, config_version })
+        })
+    }
+
+    fn transition_experiment(
+        &self,
+        actor: Actor,
+        environment: String,
+        key: String,
+        to: ExperimentStatus,
+        winner: Option<String>,
+        expect: Precondition,
+    ) -> BoxFuture<'_, Result<Written<ExperimentRecord>>> {
+        Box::pin(async move {
+            let config_version = self
+                .transition_experiment(&actor, &environment, &key, to, winner, expect)
+                .await?;
+            let value = self.experiment(&environment, &key).await?;
+            Ok(Written { value, config_version })
+        })
+    }
+
+    fn delete_experiment(
+        &self,
+        actor: Actor,
+        environment: String,
+        key: String,
+        expect: Precondition,
+    ) -> BoxFuture<'_, Result<Written<()>>> {
+        Box::pin(async move {
+            let config_version = self.remove_experiment(&actor, &environment, &key, expect).await?;
             Ok(Written {
                 value: (),
                 config_version,

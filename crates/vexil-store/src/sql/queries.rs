@@ -47,6 +47,8 @@ queries! {
     audit_insert, audit_list,
     api_key_insert, api_key_by_prefix, api_key_by_id, api_key_list, api_key_revoke, api_key_count,
     outbox_insert, outbox_pending, outbox_mark, outbox_prune, notify,
+    experiment_select, experiment_list, experiment_insert, experiment_update, experiment_delete,
+    experiments_of_set, snapshot_experiments,
 }
 
 impl Queries {
