@@ -451,3 +451,46 @@ async fn tracking_is_rate_limited_per_key_with_retry_after() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_computed_on_a_schedule_and_on_request() {
+    let dir = Scratch::new("experiments-schedule");
+    let api = start(
+        &format!("sqlite:{}", dir.0.join("vexil.db").display()),
+        &["--results-refresh-seconds", "2"],
+    )
+    .await;
+    set_up(&api).await;
+    let path = "/v1/environments/prod/experiments/checkout-copy/results";
+    // Once the schedule has run, two reads in a row give the same computation (unless the
+    // schedule ran between them: then the next pair does).
+    let began = Instant::now();
+    let scheduled = loop {
+        let first = api.get(path).await["computedAt"].clone();
+        let second = api.get(path).await["computedAt"].clone();
+        if first == second {
+            break first;
+        }
+        assert!(began.elapsed() < DEADLINE, "results are never served from the schedule");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // `refresh` computes them now.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let fresh = api.get(&format!("{path}?refresh=true")).await["computedAt"].clone();
+    assert_ne!(fresh, scheduled);
+    assert!(
+        fresh.as_str().unwrap() > scheduled.as_str().unwrap(),
+        "{fresh} after {scheduled}"
+    );
+    // Other options are computed on request, with the method they name.
+    let bayesian = api.get(&format!("{path}?method=bayesian")).await;
+    assert_eq!(bayesian["method"]["method"], "bayesian", "{bayesian}");
+    let (status, body, _) = api
+        .call(reqwest::Method::GET, &format!("{path}?method=magic"), None)
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (400, Some("INVALID_ARGUMENT")),
+        "{body}"
+    );
+}

@@ -239,6 +239,18 @@ pub struct ServeArgs {
     /// (repeatable); other keys are dropped. Default: any key (secrets are always scrubbed).
     #[arg(long = "track-properties", env = "VEXIL_TRACK_PROPERTIES", value_delimiter = ';')]
     pub track_properties: Vec<String>,
+    /// Tracking: how long event ids are remembered, in days: a retry within it is counted once
+    /// (the events themselves stay).
+    #[arg(long, env = "VEXIL_TRACK_DEDUPE_DAYS", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    pub track_dedupe_days: u32,
+    /// Tracking: delete events older than this many days (0: keep them; on Postgres whole day
+    /// partitions are dropped).
+    #[arg(long, env = "VEXIL_EVENT_RETENTION_DAYS", default_value_t = 0)]
+    pub event_retention_days: u32,
+    /// How often the results of running experiments are computed in the background, in seconds
+    /// (0: only on request). A results request with the default options gets the last ones.
+    #[arg(long, env = "VEXIL_RESULTS_REFRESH_SECONDS", default_value_t = 300)]
+    pub results_refresh_seconds: u64,
     /// Tracking: replace email addresses in event properties with `[email]`.
     #[arg(long, env = "VEXIL_TRACK_SCRUB_EMAILS")]
     pub track_scrub_emails: bool,

@@ -77,6 +77,16 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     let relay = managed
         .as_ref()
         .map(|m| tokio::spawn(m.relay.clone().run(RELAY_INTERVAL)));
+    let results_refresh = managed.as_ref().filter(|_| args.results_refresh_seconds > 0).map(|m| {
+        let interval = Duration::from_secs(args.results_refresh_seconds);
+        tokio::spawn(vexil_api::refresh_results(m.clone(), interval))
+    });
+    let retention = managed.as_ref().map(|m| {
+        let dedupe = Duration::from_secs(u64::from(args.track_dedupe_days) * 86_400);
+        let keep =
+            (args.event_retention_days > 0).then(|| Duration::from_secs(u64::from(args.event_retention_days) * 86_400));
+        tokio::spawn(event_retention(m.store.clone(), dedupe, keep))
+    });
     let live = Live::compose(sources, live_config.options()).await;
     let watcher = live.watch();
     let prometheus = metrics::install().context("installing the metrics recorder")?;
@@ -162,6 +172,12 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     if let Some(relay) = relay {
         relay.abort();
     }
+    if let Some(retention) = retention {
+        retention.abort();
+    }
+    if let Some(refresh) = results_refresh {
+        refresh.abort();
+    }
     if let Some(managed) = &managed {
         // Exposures queued and events of calls still being written are committed before exit.
         managed.tracker.close().await;
@@ -211,8 +227,38 @@ async fn managed(url: &str, args: &ServeArgs) -> anyhow::Result<vexil_api::Manag
         relay,
         access,
         tracker,
+        results: vexil_api::ScheduledResults::default(),
         fail_point: vexil_api::FailPoint::from_env(),
     })
+}
+
+/// How often event ids and old events are pruned.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Every hour (the first time a minute after start): forgets event ids older than `dedupe`, and
+/// deletes events older than `keep`. Every replica does it; the deletes are idempotent.
+async fn event_retention(store: Arc<dyn vexil_store::Store>, dedupe: Duration, keep: Option<Duration>) {
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+    loop {
+        tick.tick().await;
+        match store.prune_event_ids(dedupe).await {
+            Ok(n) if n > 0 => tracing::info!(ids = n, "forgot old event ids"),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot prune event ids; trying again later"),
+        }
+        if let Some(keep) = keep {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let before = i64::try_from(now.saturating_sub(keep).as_millis()).unwrap_or(0);
+            match store.delete_events_before(before).await {
+                Ok(n) if n > 0 => tracing::info!(events = n, "deleted events past their retention"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot delete old events; trying again later"),
+            }
+        }
+    }
 }
 
 /// The tracker's rate limit and property policies from the command line.

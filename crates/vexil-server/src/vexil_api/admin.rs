@@ -561,6 +561,17 @@ impl AdminService for Admin {
         let environment = required("environment", &request.get_ref().environment)?.to_owned();
         self.allow(&request, Some(&environment)).await?;
         let r = request.into_inner();
+        let defaults = r.method.is_empty()
+            && r.alpha == 0.0
+            && r.correction.is_empty()
+            && r.control.is_empty()
+            && r.cuped_days == 0;
+        if defaults
+            && !r.refresh
+            && let Some(scheduled) = self.managed.results.get(&environment, &r.key)
+        {
+            return Ok(Response::new((*scheduled).clone()));
+        }
         let invalid = |e: String| grpc_status(ErrorKind::InvalidArgument, e);
         let options = ResultsOptions {
             method: choice("method", &r.method).map_err(invalid)?,
@@ -569,9 +580,7 @@ impl AdminService for Admin {
             control: (!r.control.is_empty()).then_some(r.control),
             cuped_days: u32::try_from(r.cuped_days).map_err(|_| invalid("cuped_days must not be negative".into()))?,
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now = super::now_ms();
         let results =
             vexil_service::results::experiment_results(&*self.managed.store, &environment, &r.key, &options, now)
                 .await
