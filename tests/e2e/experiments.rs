@@ -7,6 +7,9 @@
 
 use std::time::{Duration, Instant};
 
+use open_feature::EvaluationContext;
+use open_feature::provider::FeatureProvider;
+use open_feature_flagd::{FlagdOptions, FlagdProvider, ResolverType};
 use serde_json::{Value, json};
 use vexil_e2e::{Scratch, Server};
 use vexil_proto::JsonStruct;
@@ -365,6 +368,34 @@ async fn every_protocol_gives_the_experiment_s_assignment_and_bootstrap_hydrates
         );
         assert_eq!(ofrep["metadata"]["experimentId"], experiment_id(&api).await);
     }
+
+    // An in-process provider (OpenFeature's Rust flagd provider) gets the experiment as flagd
+    // targeting and allocates every unit as the server does, with the experiment in the metadata.
+    let in_process = FlagdProvider::new(FlagdOptions {
+        host: "127.0.0.1".into(),
+        port: api.server.ports.sync,
+        resolver_type: ResolverType::InProcess,
+        cache_settings: None,
+        deadline_ms: 2000,
+        ..Default::default()
+    })
+    .await
+    .expect("the in-process provider connects");
+    let mut agreed = 0;
+    for i in 0..200 {
+        let unit = format!("visitor-{i}");
+        let own = evaluate(&mut vexil, "checkout-button", &unit).await;
+        let context = EvaluationContext::default().with_targeting_key(unit.clone());
+        let local = in_process
+            .resolve_string_value("checkout-button", &context)
+            .await
+            .expect("the in-process provider resolves the flag");
+        assert_eq!(local.variant.as_deref(), Some(own.variant.as_str()), "{unit}");
+        let metadata = format!("{:?}", local.flag_metadata);
+        assert!(metadata.contains("checkout-copy"), "{metadata}");
+        agreed += 1;
+    }
+    assert_eq!(agreed, 200);
 
     // Bootstrap: every flag for one context, with the assignment and a stable ETag.
     let request = json!({"environment": "prod", "context": {"targetingKey": "alice"}});

@@ -251,16 +251,72 @@ pub struct FlagExperiment {
 }
 
 /// The bucket (`0..BUCKETS`) of `unit` for one purpose of one salt: MurmurHash3 x86_32 (seed 0)
-/// of `salt NUL purpose NUL unit`, scaled to [`BUCKETS`].
+/// of the deterministic CBOR text of `salt NUL purpose NUL unit`, scaled to [`BUCKETS`] — exactly
+/// what flagd's `fractional` (v3) computes for that string with weights summing to [`BUCKETS`], so
+/// an in-process flagd provider given [`FlagExperiment::targeting`] allocates every unit alike.
 pub fn bucket(salt: &str, purpose: &str, unit: &str) -> u32 {
-    let mut key = Vec::with_capacity(salt.len() + purpose.len() + unit.len() + 2);
-    key.extend_from_slice(salt.as_bytes());
-    key.push(0);
-    key.extend_from_slice(purpose.as_bytes());
-    key.push(0);
-    key.extend_from_slice(unit.as_bytes());
+    let text = [salt, "\0", purpose, "\0", unit].concat();
+    let mut key = Vec::with_capacity(text.len() + 9);
+    crate::targeting::cbor::encode_text(&text, &mut key);
     let hash = u64::from(murmur_bytes(&key));
     u32::try_from((hash * u64::from(BUCKETS)) >> 32).expect("below BUCKETS")
+}
+
+impl Allocation {
+    /// Each variant with its share in millionths (the widths of its bucket range; they sum to
+    /// [`BUCKETS`]).
+    fn shares(&self) -> Vec<(&str, u32)> {
+        let mut start = 0;
+        self.variants
+            .iter()
+            .map(|(name, end)| {
+                let share = end - start;
+                start = *end;
+                (name.as_str(), share)
+            })
+            .collect()
+    }
+}
+
+impl FlagExperiment {
+    /// The experiment as a flagd targeting rule that allocates every unit as [`Allocation::assign`]
+    /// does, for in-process providers (flagd's `fractional`, v3, over the same strings and bucket
+    /// ranges), wrapped around the flag's own rule (`original`) for the units it does not take.
+    /// `None` when evaluation ignores the experiment (paused or stopped: the flag's rule or the
+    /// winner, which a provider gets as the default variant).
+    pub fn targeting(&self, original: Option<&serde_json::Value>) -> Option<serde_json::Value> {
+        use serde_json::{Value, json};
+        if self.phase != Phase::Running {
+            return None;
+        }
+        let fallback = original.cloned().unwrap_or(Value::Null);
+        let unit = json!({"var": "targetingKey"});
+        let hashed = |salt: &str, purpose: &str| json!({"cat": [salt, format!("\0{purpose}\0"), unit]});
+        let a = &self.allocation;
+        let variants: Vec<Value> = a
+            .shares()
+            .into_iter()
+            .map(|(name, share)| json!([name, share]))
+            .collect();
+        let mut variant = json!({"fractional": [hashed(&a.salt, "variant")]});
+        variant["fractional"].as_array_mut().expect("an array").extend(variants);
+        let traffic = json!({"fractional": [
+            hashed(&a.salt, "traffic"), ["in", a.traffic], ["out", BUCKETS - a.traffic]
+        ]});
+        let mut rule = json!({"if": [{"==": [traffic, "in"]}, variant, fallback.clone()]});
+        if let Some(slice) = &a.layer {
+            let layer = json!({"fractional": [
+                hashed(&slice.layer, "layer"),
+                ["before", slice.start], ["in", slice.end - slice.start], ["after", BUCKETS - slice.end]
+            ]});
+            rule = json!({"if": [{"==": [layer, "in"]}, rule, fallback.clone()]});
+        }
+        let mut admitted = vec![unit.clone()];
+        if let Some(audience) = &self.audience {
+            admitted.push(audience.to_value());
+        }
+        Some(json!({"if": [{"and": admitted}, rule, fallback]}))
+    }
 }
 
 #[cfg(test)]
@@ -277,9 +333,9 @@ mod tests {
 
     #[test]
     fn buckets_are_murmur3_of_the_parts_scaled_to_a_million() {
-        // murmur3_32("s\0p\0u") from the reference implementation (PyPI mmh3 5.3.1):
-        // mmh3.hash(b"s\x00p\x00u", 0, signed=False) == 3057150640.
-        assert_eq!(bucket("s", "p", "u"), ((3_057_150_640u64 * 1_000_000) >> 32) as u32);
+        // murmur3_32 of the CBOR text "s\0p\0u" (0x65 and the 5 bytes) from the reference
+        // implementation (PyPI mmh3 5.2.0): mmh3.hash(b"\x65s\x00p\x00u", 0, signed=False).
+        assert_eq!(bucket("s", "p", "u"), ((2_590_279_701u64 * 1_000_000) >> 32) as u32);
         assert_eq!(bucket("s", "p", "u"), bucket("s", "p", "u"));
         assert_ne!(bucket("s", "traffic", "u"), bucket("s", "variant", "u"));
     }

@@ -269,3 +269,56 @@ fn invalid_experiments_are_reported_with_their_pointer() {
         err.diagnostics
     );
 }
+
+/// What an in-process flagd provider gets: the experiment as flagd targeting (`fractional` v3)
+/// around the flag's own rule. Evaluated by flagd's rules (this crate's engine, checked against
+/// flagd's testbed), it gives every unit the variant the server's allocation gives.
+#[test]
+fn the_experiment_as_flagd_targeting_allocates_every_unit_alike() {
+    let mut experiment = running();
+    experiment["traffic"] = json!(700_000);
+    experiment["weights"] = json!([
+        {"variant": "control", "weight": 2}, {"variant": "bold", "weight": 1}, {"variant": "other", "weight": 4}
+    ]);
+    experiment["layer"] = json!({"key": "checkout", "start": 100_000, "end": 900_000});
+    experiment["audience"] = json!({"!=": [{"var": "country"}, "DE"]});
+    let server = snapshot(&document(experiment));
+    let definition = server.get("checkout", &Selector::All).unwrap().flag();
+    let own_rule = definition.targeting.as_ref().map(|t| t.to_value());
+    let emulated = definition
+        .experiment
+        .as_ref()
+        .unwrap()
+        .targeting(own_rule.as_ref())
+        .expect("a running experiment has a rule");
+    let mut plain = document(Value::Null);
+    plain.as_object_mut().unwrap().remove("$experiments");
+    plain["flags"]["checkout"]["targeting"] = emulated;
+    let provider = snapshot(&plain);
+    let (mut split, mut outside) = (0, 0);
+    for i in 0..20_000 {
+        let unit = format!("unit-{i}");
+        let mut attributes = context(Some(&unit), if i % 7 == 0 { "pro" } else { "free" });
+        attributes.insert("country".into(), json!(if i % 11 == 0 { "DE" } else { "NL" }));
+        let want = evaluate(&server, &attributes);
+        let got = evaluate(&provider, &attributes);
+        assert_eq!(got.variant, want.variant, "{unit}: {want:?} / {got:?}");
+        if want.reason == Reason::Split {
+            split += 1;
+        } else {
+            outside += 1;
+        }
+    }
+    assert!(split > 7_000 && outside > 7_000, "{split} {outside}");
+    let anonymous = context(None, "pro");
+    assert_eq!(
+        evaluate(&provider, &anonymous).variant,
+        evaluate(&server, &anonymous).variant
+    );
+    // Paused: the flag's own rule.
+    let mut paused = running();
+    paused["status"] = json!("paused");
+    let server = snapshot(&document(paused));
+    let definition = server.get("checkout", &Selector::All).unwrap().flag();
+    assert_eq!(definition.experiment.as_ref().unwrap().targeting(None), None);
+}

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
+use vexil_core::experiment::Phase;
 use vexil_core::snapshot::Change;
-use vexil_core::{Attributes, CompiledFlag, Context, Reason, Resolution, Revision, Selector, Snapshot, ValueType};
+use vexil_core::{
+    Attributes, CompiledFlag, Context, FractionalMode, Reason, Resolution, Revision, Selector, Snapshot, ValueType,
+};
 
 use crate::evaluate::{RequestContext, StaticContext};
 use crate::live::Live;
@@ -298,29 +301,50 @@ impl Flags {
 
 /// flagd's sync payload for the flags `selector` sees: `{"flags": {key: flag}}`, each flag with
 /// its state, default variant, variants, targeting (`$ref`s inlined), source and merged metadata.
+/// A flag's experiment travels as flagd targeting ([`vexil_core::experiment::FlagExperiment::targeting`])
+/// and its id and key as metadata, so in-process providers allocate units as the server does.
 pub fn flag_configuration(snapshot: &Snapshot, selector: &Selector) -> String {
     let mut flags = Map::new();
+    let v3 = snapshot.engine().fractional_mode() == FractionalMode::V3;
     for compiled in snapshot.flags(selector) {
         let flag = compiled.flag();
         let mut out = Map::new();
+        let mut default_variant = flag.default_variant.as_deref();
+        let mut targeting = flag.targeting.as_ref().map(|t| t.to_value());
+        let mut metadata = flag.metadata.clone();
+        if let Some(experiment) = &flag.experiment {
+            // In-process providers allocate as the server does: a running experiment becomes
+            // `fractional` (v3) targeting around the flag's rule, a chosen winner the default.
+            // (With an older `fractional` generation a provider cannot hash alike: it gets the
+            // flag's own rule.)
+            if let Some(winner) = experiment
+                .winner
+                .as_deref()
+                .filter(|_| experiment.phase != Phase::Running)
+            {
+                default_variant = Some(winner);
+                targeting = None;
+            } else if v3 && let Some(rule) = experiment.targeting(targeting.as_ref()) {
+                targeting = Some(rule);
+            }
+            metadata.insert("experimentId".into(), json!(experiment.id));
+            metadata.insert("experimentKey".into(), json!(experiment.key));
+        }
         out.insert("state".into(), json!(flag.state.as_str()));
-        out.insert(
-            "defaultVariant".into(),
-            json!(flag.default_variant.as_deref().unwrap_or("")),
-        );
+        out.insert("defaultVariant".into(), json!(default_variant.unwrap_or("")));
         out.insert(
             "variants".into(),
             Value::Object(flag.variants.iter().cloned().collect()),
         );
-        if let Some(t) = &flag.targeting {
-            out.insert("targeting".into(), t.to_value());
+        if let Some(t) = targeting {
+            out.insert("targeting".into(), t);
         }
         out.insert(
             "source".into(),
             json!(snapshot.source_of(&flag.key, selector).unwrap_or("")),
         );
-        if !flag.metadata.is_empty() {
-            out.insert("metadata".into(), Value::Object(flag.metadata.clone()));
+        if !metadata.is_empty() {
+            out.insert("metadata".into(), Value::Object(metadata));
         }
         flags.insert(flag.key.clone(), Value::Object(out));
     }

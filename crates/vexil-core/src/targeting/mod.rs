@@ -6,7 +6,7 @@
 //! rule's result picks the variant as flagd does: `null` → the default variant; otherwise the
 //! result's JSON text with every `"` removed is the variant name (`true` → `"true"`, `1` → `"1"`).
 
-mod cbor;
+pub(crate) mod cbor;
 pub mod fractional;
 mod semver;
 mod strings;
