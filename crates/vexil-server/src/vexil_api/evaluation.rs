@@ -45,6 +45,36 @@ impl EvaluationApi {
         Ok(environment)
     }
 
+    /// A batch request's evaluations (EvaluateBatch, Bootstrap): at most [`MAX_BATCH`] keys (none:
+    /// every flag of the environment or flag set), for the request's context with `-X` and `-H`
+    /// over it; each key and result handed to `each`.
+    fn evaluate_keys(
+        &self,
+        environment: &str,
+        metadata: &tonic::metadata::MetadataMap,
+        flag_set: &str,
+        keys: &[String],
+        context: Option<&JsonStruct>,
+        each: impl FnMut(&str, &Resolution<'_>),
+    ) -> Result<(), Status> {
+        if keys.len() > MAX_BATCH {
+            return Err(grpc_status(
+                ErrorKind::InvalidArgument,
+                format!("at most {MAX_BATCH} flag keys per request (got {})", keys.len()),
+            ));
+        }
+        let own: &dyn Attributes = match context {
+            Some(c) => c,
+            None => &(),
+        };
+        let context = self
+            .app
+            .flags()
+            .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()));
+        self.evaluate_many(&selector(environment, flag_set), keys, &context, each);
+        Ok(())
+    }
+
     /// Evaluates `keys` (none: every flag `selector` sees) and hands each key and result to `each`.
     fn evaluate_many(
         &self,
@@ -159,26 +189,18 @@ impl EvaluationService for EvaluationApi {
         let asked = request.get_ref().environment.clone();
         let environment = self.scope(&request, &asked).await?;
         let (metadata, _, r) = request.into_parts();
-        if r.flag_keys.len() > MAX_BATCH {
-            return Err(grpc_status(
-                ErrorKind::InvalidArgument,
-                format!("at most {MAX_BATCH} flag keys per batch (got {})", r.flag_keys.len()),
-            ));
-        }
-        let selector = selector(&environment, &r.flag_set);
-        let own: &dyn Attributes = match &r.context {
-            Some(c) => c,
-            None => &(),
-        };
-        let context = self
-            .app
-            .flags()
-            .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()));
         let version = self.config_version(&environment);
         let mut results = Vec::new();
-        self.evaluate_many(&selector, &r.flag_keys, &context, |key, res| {
-            results.push(response(key, res, version));
-        });
+        self.evaluate_keys(
+            &environment,
+            &metadata,
+            &r.flag_set,
+            &r.flag_keys,
+            r.context.as_ref(),
+            |key, res| {
+                results.push(response(key, res, version));
+            },
+        )?;
         Ok(Response::new(pb::EvaluateBatchResponse {
             results,
             config_version: version,
@@ -195,29 +217,18 @@ impl BootstrapService for EvaluationApi {
         let asked = request.get_ref().environment.clone();
         let environment = self.scope(&request, &asked).await?;
         let (metadata, _, r) = request.into_parts();
-        if r.flag_keys.len() > MAX_BATCH {
-            return Err(grpc_status(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "at most {MAX_BATCH} flag keys per bootstrap (got {})",
-                    r.flag_keys.len()
-                ),
-            ));
-        }
-        let selector = selector(&environment, &r.flag_set);
-        let own: &dyn Attributes = match &r.context {
-            Some(c) => c,
-            None => &(),
-        };
-        let context = self
-            .app
-            .flags()
-            .context(own, |name| metadata.get(name).and_then(|v| v.to_str().ok()));
         let config_version = self.config_version(&environment);
         let mut flags = std::collections::BTreeMap::new();
-        self.evaluate_many(&selector, &r.flag_keys, &context, |key, res| {
-            flags.insert(key.to_owned(), bootstrapped(res));
-        });
+        self.evaluate_keys(
+            &environment,
+            &metadata,
+            &r.flag_set,
+            &r.flag_keys,
+            r.context.as_ref(),
+            |key, res| {
+                flags.insert(key.to_owned(), bootstrapped(res));
+            },
+        )?;
         let etag = etag(config_version, &flags);
         Ok(Response::new(pb::BootstrapResponse {
             environment,
