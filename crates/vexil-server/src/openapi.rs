@@ -825,8 +825,18 @@ mod tests {
             [
                 &json!("AdminService"),
                 &json!("EvaluationService"),
-                &json!("ConfigService")
+                &json!("ConfigService"),
+                &json!("TrackingService"),
+                &json!("BootstrapService")
             ]
+        );
+        let track = operation("post", "/v1/track:batch");
+        assert!(
+            track["description"]
+                .as_str()
+                .unwrap()
+                .contains("gRPC: `vexil.v1.TrackingService/TrackBatch`."),
+            "{track}"
         );
     }
 }
