@@ -56,11 +56,10 @@
 //!
 //! # CUPED
 //!
-//! With `cuped_days > 0` each unit's sum of the metric over that many days before its first exposure
-//! is the covariate of a regression adjustment (gbstats' `RegressionAdjustedStatistic`, θ pooled over
-//! both arms); [`VariantComparison::cuped`] says whether it was applied and with which θ. It applies to
-//! mean metrics only: for a binomial metric the store's cross products are of the unit's summed
-//! values, not of its conversion indicator, so CUPED is not applied and the metric's `note` says so.
+//! With `cuped_days > 0` the metric over that many days before each unit's first exposure is the
+//! covariate of a regression adjustment (gbstats' `RegressionAdjustedStatistic`, θ pooled over both
+//! arms): the unit's pre-period sum for a mean metric, whether it converted in the pre-period for a
+//! binomial one. [`VariantComparison::cuped`] says whether it was applied and with which θ.
 //!
 //! # Errors
 //!
@@ -239,7 +238,7 @@ pub struct MetricResult {
     pub role: MetricRole,
     /// Whether a decrease is the improvement.
     pub lower_is_better: bool,
-    /// Something about the whole metric (CUPED asked for a binomial metric).
+    /// Something about the whole metric, when there is something to say.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// One entry per weighted variant, in the experiment's order.
@@ -441,12 +440,8 @@ pub async fn experiment_results(
     let mut metrics = Vec::with_capacity(definition.input.metrics.len());
     let mut tested: Vec<Tested> = Vec::new();
     for (m, (spec, totals)) in definition.input.metrics.iter().zip(&metric_totals).enumerate() {
-        let cuped = covariate_window.is_some() && spec.kind == MetricKind::Mean;
-        let note = (covariate_window.is_some() && spec.kind == MetricKind::Binomial).then(|| {
-            "CUPED is not applied to a binomial metric: the event store's pre-exposure products are of \
-             the units' summed values, not of their conversion indicator"
-                .to_owned()
-        });
+        let cuped = covariate_window.is_some();
+        let note: Option<String> = None;
         let arms: Vec<Arm> = weights
             .iter()
             .zip(&units)
@@ -571,13 +566,24 @@ impl Arm {
             MetricKind::Mean => Sample::mean(units, totals.sum, totals.sum_squares),
         };
         if cuped {
-            sample = sample.with_covariate(Covariate {
-                pre: Metric::Mean {
-                    sum: totals.covariate_sum,
-                    sum_squares: totals.covariate_sum_squares,
+            // The pre-period covariate of a rate is whether the unit converted before exposure
+            // (gbstats: a ProportionStatistic before and after); of a mean, its pre-period sum.
+            let covariate = match kind {
+                MetricKind::Binomial => Covariate {
+                    pre: Metric::Proportion {
+                        conversions: totals.pre_converted,
+                    },
+                    sum_products: totals.both_converted as f64,
                 },
-                sum_products: totals.cross_sum,
-            });
+                MetricKind::Mean => Covariate {
+                    pre: Metric::Mean {
+                        sum: totals.covariate_sum,
+                        sum_squares: totals.covariate_sum_squares,
+                    },
+                    sum_products: totals.cross_sum,
+                },
+            };
+            sample = sample.with_covariate(covariate);
         }
         let numerator = match kind {
             MetricKind::Binomial => totals.converted as f64,
@@ -1417,9 +1423,55 @@ mod tests {
         assert!(width(after.absolute.unwrap()) < width(before.absolute.unwrap()) / 2.0);
         assert!(after.significant);
 
-        // Not for a binomial metric.
-        assert!(cuped.metrics[1].note.as_deref().unwrap().contains("CUPED"));
-        assert!(plain.metrics[1].note.is_none());
-        assert_eq!(comparison(&cuped, 1, "treatment").cuped, Cuped::NotRequested);
+        assert!(cuped.metrics[1].note.is_none());
+    }
+
+    #[tokio::test]
+    async fn cuped_adjusts_binomial_metrics_by_pre_period_conversion() {
+        let f = fixture(vec![metric("purchase", MetricKind::Binomial, false)]).await;
+        let s = f.started;
+        let mut events = Vec::new();
+        for variant in ["control", "treatment"] {
+            for i in 0..2_000 {
+                let unit = format!("{variant}-{i}");
+                // Units that bought before exposure mostly buy again; the treatment converts a
+                // few more of the others.
+                let bought_before = i % 4 == 0;
+                if bought_before {
+                    events.push(conversion(&unit, "purchase", None, s - 2 * HOUR));
+                }
+                events.push(exposure(&unit, variant, s + 10));
+                let lift = variant == "treatment" && i % 10 == 1;
+                if (bought_before && i % 8 != 4) || lift || i % 25 == 3 {
+                    events.push(conversion(&unit, "purchase", None, s + 20));
+                }
+            }
+        }
+        f.insert(events).await;
+        let plain = f.results(&ResultsOptions::default()).await;
+        let cuped = f
+            .results(&ResultsOptions {
+                cuped_days: DEFAULT_CUPED_DAYS,
+                ..ResultsOptions::default()
+            })
+            .await;
+        let before = comparison(&plain, 0, "treatment");
+        let after = comparison(&cuped, 0, "treatment");
+        let Cuped::Applied { theta } = after.cuped else {
+            panic!("CUPED not applied: {after:?}");
+        };
+        // θ = cov(after, before) / var(before) over both arms: about 0.41 here.
+        assert!((0.3..0.6).contains(&theta), "{theta}");
+        let width = |e: Effect| e.upper - e.lower;
+        assert!(
+            width(after.absolute.unwrap()) < width(before.absolute.unwrap()) * 0.95,
+            "{after:?} vs {before:?}"
+        );
+        assert!(after.absolute.unwrap().estimate > 0.0);
+        // The rates reported are the unadjusted ones.
+        assert!(close(
+            variant(&plain, 0, "treatment").mean,
+            variant(&cuped, 0, "treatment").mean
+        ));
     }
 }

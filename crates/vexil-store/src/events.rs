@@ -125,6 +125,10 @@ pub struct VariantTotals {
     pub covariate_sum_squares: f64,
     /// CUPED: sum over units of value × covariate.
     pub cross_sum: f64,
+    /// CUPED of a rate: units with at least one event of the metric in the covariate window.
+    pub pre_converted: u64,
+    /// CUPED of a rate: units with events both in the covariate window and after exposure.
+    pub both_converted: u64,
 }
 
 /// Exposed units per variant of an experiment.

@@ -450,6 +450,9 @@ async fn metric_totals_are_exact(fresh: &Fresh) {
                 covariate_sum: 5.0,
                 covariate_sum_squares: 13.0,
                 cross_sum: 12.0,
+                // u1 and u2 had events before exposure; u1 also after.
+                pre_converted: 2,
+                both_converted: 1,
                 ..totals("a", 3, 1, 6.0, 36.0)
             },
             totals("b", 2, 1, 2.5, 6.25),
@@ -466,6 +469,8 @@ async fn metric_totals_are_exact(fresh: &Fresh) {
             covariate_sum: 15.0,
             covariate_sum_squares: 153.0,
             cross_sum: 72.0,
+            pre_converted: 2,
+            both_converted: 1,
             ..totals("a", 3, 1, 6.0, 36.0)
         }
     );
@@ -489,6 +494,8 @@ async fn metric_totals_are_exact(fresh: &Fresh) {
             covariate_sum: 10.0,
             covariate_sum_squares: 58.0,
             cross_sum: 7.0,
+            pre_converted: 2,
+            both_converted: 1,
             ..totals("a", 2, 1, 1.0, 1.0)
         }
     );

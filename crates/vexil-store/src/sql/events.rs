@@ -100,7 +100,8 @@ per_unit AS (
     SELECT x.variant,
         COUNT(CASE WHEN e.server_time >= x.first_at THEN 1 END) AS n,
         COALESCE(SUM(CASE WHEN e.server_time >= x.first_at THEN COALESCE(e.value, 1.0) END), 0.0) AS v,
-        COALESCE(SUM(CASE WHEN e.server_time < x.first_at THEN COALESCE(e.value, 1.0) END), 0.0) AS c
+        COALESCE(SUM(CASE WHEN e.server_time < x.first_at THEN COALESCE(e.value, 1.0) END), 0.0) AS c,
+        COUNT(CASE WHEN e.server_time < x.first_at THEN 1 END) AS cn
     FROM exposed AS x
     LEFT JOIN events AS e
         ON e.environment = $1 AND e.metric = $3 AND e.kind IN ('conversion', 'custom')
@@ -116,7 +117,9 @@ SELECT variant,
     CAST(SUM(v * v) AS DOUBLE PRECISION),
     CAST(SUM(c) AS DOUBLE PRECISION),
     CAST(SUM(c * c) AS DOUBLE PRECISION),
-    CAST(SUM(v * c) AS DOUBLE PRECISION)
+    CAST(SUM(v * c) AS DOUBLE PRECISION),
+    CAST(COUNT(CASE WHEN cn > 0 THEN 1 END) AS BIGINT),
+    CAST(COUNT(CASE WHEN n > 0 AND cn > 0 THEN 1 END) AS BIGINT)
 FROM per_unit
 GROUP BY variant
 ORDER BY variant";
@@ -134,7 +137,8 @@ per_unit AS (
     SELECT x.variant,
         COUNT(CASE WHEN e.server_time >= x.first_at THEN 1 END) AS n,
         COALESCE(SUM(CASE WHEN e.server_time >= x.first_at THEN COALESCE(e.value, 1.0) END), 0.0) AS v,
-        COALESCE(SUM(CASE WHEN e.server_time < x.first_at THEN COALESCE(e.value, 1.0) END), 0.0) AS c
+        COALESCE(SUM(CASE WHEN e.server_time < x.first_at THEN COALESCE(e.value, 1.0) END), 0.0) AS c,
+        COUNT(CASE WHEN e.server_time < x.first_at THEN 1 END) AS cn
     FROM exposed AS x
     LEFT JOIN events AS e
         ON e.environment = $1 AND e.metric = $3 AND e.kind IN ('conversion', 'custom')
@@ -150,7 +154,9 @@ SELECT variant,
     CAST(SUM(v * v) AS DOUBLE PRECISION),
     CAST(SUM(c) AS DOUBLE PRECISION),
     CAST(SUM(c * c) AS DOUBLE PRECISION),
-    CAST(SUM(v * c) AS DOUBLE PRECISION)
+    CAST(SUM(v * c) AS DOUBLE PRECISION),
+    CAST(COUNT(CASE WHEN cn > 0 THEN 1 END) AS BIGINT),
+    CAST(COUNT(CASE WHEN n > 0 AND cn > 0 THEN 1 END) AS BIGINT)
 FROM per_unit
 GROUP BY variant
 ORDER BY variant";
@@ -550,6 +556,8 @@ impl SqlStore {
                     covariate_sum: row.try_get(5)?,
                     covariate_sum_squares: row.try_get(6)?,
                     cross_sum: row.try_get(7)?,
+                    pre_converted: count(row, 8)?,
+                    both_converted: count(row, 9)?,
                 })
             })
             .collect()
