@@ -397,6 +397,47 @@ async fn every_protocol_gives_the_experiment_s_assignment_and_bootstrap_hydrates
     }
     assert_eq!(agreed, 200);
 
+    // Units seen only on flagd's protocol or only on OFREP are exposed too (server-side): with
+    // user-0, alice…dave and the 200 visitors (over Vexil's API) that is 245 units.
+    for i in 0..20 {
+        let mut context = serde_json::Map::new();
+        context.insert("targetingKey".into(), json!(format!("flagd-only-{i}")));
+        let v1 = flagd_v1
+            .resolve_string(flagd::ResolveStringRequest {
+                flag_key: "checkout-button".into(),
+                context: Some(JsonStruct::from(context)),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v1.reason, "SPLIT");
+        let ofrep = api
+            .post(
+                "/ofrep/v1/evaluate/flags/checkout-button",
+                json!({"context": {"targetingKey": format!("ofrep-only-{i}")}}),
+            )
+            .await;
+        assert_eq!(ofrep["reason"], "SPLIT");
+    }
+    let began = Instant::now();
+    loop {
+        let results = api
+            .get("/v1/environments/prod/experiments/checkout-copy/results?refresh=true")
+            .await;
+        let units: u64 = results["exposures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| count(&e["units"]))
+            .sum();
+        if units == 245 {
+            break;
+        }
+        assert!(units < 245, "more units than were evaluated: {units}");
+        assert!(began.elapsed() < DEADLINE, "exposures never all written: {units}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Bootstrap: every flag for one context, with the assignment and a stable ETag.
     let request = json!({"environment": "prod", "context": {"targetingKey": "alice"}});
     let first = api.post("/v1/bootstrap", request.clone()).await;
