@@ -157,9 +157,11 @@ async fn run_experiment_loop(database_url: &str) {
         .unwrap();
     let mut client = EvaluationServiceClient::new(channel);
 
-    // The experiment is served within moments of the start.
+    // Both experiments are served within moments of their start.
     let began = Instant::now();
-    while evaluate(&mut client, "checkout-button", "user-0").await.reason != "SPLIT" {
+    while evaluate(&mut client, "checkout-button", "user-0").await.reason != "SPLIT"
+        || evaluate(&mut client, "footer-copy", "user-0").await.reason != "SPLIT"
+    {
         assert!(began.elapsed() < DEADLINE, "the started experiment is never served");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -169,7 +171,7 @@ async fn run_experiment_loop(database_url: &str) {
     for unit in 0..UNITS {
         let name = format!("user-{unit}");
         let r = evaluate(&mut client, "checkout-button", &name).await;
-        assert_eq!(r.reason, "SPLIT", "{name}");
+        assert_eq!(r.reason, "SPLIT", "{name}: config version {}", r.config_version);
         let metadata = r.metadata.unwrap().into_map();
         assert_eq!(metadata["experimentKey"], "checkout-copy");
         assert_eq!(metadata["experimentVariant"], json!(r.variant));
@@ -304,7 +306,7 @@ async fn results_with_all_exposures(api: &Api, key: &str) -> Value {
                 .collect();
             panic!("exposures never all written: {results}\n{tracking:#?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -396,6 +398,30 @@ async fn every_protocol_gives_the_experiment_s_assignment_and_bootstrap_hydrates
         agreed += 1;
     }
     assert_eq!(agreed, 200);
+
+    // A change to the flag alone (applied in place, from the history) keeps its experiment.
+    api.put(
+        "/v1/environments/prod/flag-sets/web/flags/checkout-button",
+        json!({"definition": {
+            "state": "ENABLED",
+            "variants": {"control": "Buy", "treatment": "Buy now"},
+            "defaultVariant": "control",
+            "metadata": {"team": "web"}
+        }}),
+    )
+    .await;
+    let began = Instant::now();
+    loop {
+        let r = evaluate(&mut vexil, "checkout-button", "alice").await;
+        let metadata = r.metadata.clone().unwrap().into_map();
+        if metadata.get("team") == Some(&json!("web")) {
+            assert_eq!(r.reason, "SPLIT");
+            assert_eq!(metadata["experimentKey"], "checkout-copy");
+            break;
+        }
+        assert!(began.elapsed() < DEADLINE, "the flag change is never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Units seen only on flagd's protocol or only on OFREP are exposed too (server-side): with
     // user-0, alice…dave and the 200 visitors (over Vexil's API) that is 245 units.

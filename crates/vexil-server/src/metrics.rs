@@ -68,7 +68,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     metrics::describe_counter!(
         EXPOSURES,
-        "Server-side exposures by outcome: recorded, deduplicated, dropped (queue full), written, failed"
+        "Server-side exposures by outcome: recorded, deduplicated, dropped (queue full), written, retried (a batch that failed, tried again), failed (given up)"
     );
     metrics::describe_counter!(TRACK_WRITES, "Tracking transactions by outcome: committed, failed");
     metrics::describe_counter!(
@@ -184,6 +184,7 @@ pub fn tracking(stats: &vexil_service::TrackerStats) {
         ("dropped", stats.exposures_dropped),
         ("written", stats.exposures_written),
         ("failed", stats.exposures_failed),
+        ("retried", stats.exposures_retried),
     ] {
         metrics::counter!(EXPOSURES, "outcome" => outcome).absolute(n);
     }

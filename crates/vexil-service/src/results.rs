@@ -70,7 +70,6 @@
 
 use std::time::Duration;
 
-use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 use vexil_core::stats::{
     AdjustedInterval, Bayesian, BayesianEffect, Comparison, Correction, Covariate, Cuped, DEFAULT_ALPHA, Estimate,
@@ -394,17 +393,23 @@ pub async fn experiment_results(
             Some(window.until_ms),
         )
         .await?;
-    let metric_totals = try_join_all(definition.input.metrics.iter().map(|metric| {
-        store.metric_totals(MetricQuery {
-            environment: environment.to_owned(),
-            experiment: key.to_owned(),
-            metric: metric.key.clone(),
-            from_ms: window.from_ms,
-            until_ms: Some(window.until_ms),
-            covariate_window,
-        })
-    }))
-    .await?;
+    // One metric after the other: each is a scan of the metric's events, and running them at once
+    // would take as many of the pool's connections from the request path's writers.
+    let mut metric_totals = Vec::with_capacity(definition.input.metrics.len());
+    for metric in &definition.input.metrics {
+        metric_totals.push(
+            store
+                .metric_totals(MetricQuery {
+                    environment: environment.to_owned(),
+                    experiment: key.to_owned(),
+                    metric: metric.key.clone(),
+                    from_ms: window.from_ms,
+                    until_ms: Some(window.until_ms),
+                    covariate_window,
+                })
+                .await?,
+        );
+    }
 
     // Exposures and the SRM check.
     let units: Vec<u64> = weights

@@ -110,8 +110,10 @@ pub const DEFAULT_MAX_ROWS_PER_TRANSACTION: usize = 2000;
 /// [`TrackerConfig::queue_capacity`] by default.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 
-/// [`TrackerConfig::exposure_queue_capacity`] by default.
-pub const DEFAULT_EXPOSURE_QUEUE_CAPACITY: usize = 10_000;
+/// [`TrackerConfig::exposure_queue_capacity`] by default: a burst of new units while the database
+/// is slow (or briefly away: failed batches are retried for about 20 s) waits here rather than
+/// being dropped; about 300 bytes each, some 30 MB when full.
+pub const DEFAULT_EXPOSURE_QUEUE_CAPACITY: usize = 100_000;
 
 /// [`TrackerConfig::exposure_dedupe_capacity`] by default.
 pub const DEFAULT_EXPOSURE_DEDUPE_CAPACITY: usize = 1 << 18;
@@ -897,6 +899,8 @@ pub struct TrackerStats {
     pub rows_written: u64,
     /// Transactions that failed.
     pub write_errors: u64,
+    /// Server-side exposures whose batch failed and was tried again.
+    pub exposures_retried: u64,
 }
 
 #[derive(Debug, Default)]
@@ -917,6 +921,7 @@ struct Counters {
     batches_written: AtomicU64,
     rows_written: AtomicU64,
     write_errors: AtomicU64,
+    exposures_retried: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -945,6 +950,7 @@ impl Counters {
             batches_written: get(&self.batches_written),
             rows_written: get(&self.rows_written),
             write_errors: get(&self.write_errors),
+            exposures_retried: get(&self.exposures_retried),
         }
     }
 }
@@ -1466,6 +1472,14 @@ async fn commit(store: &dyn EventStore, batch: Vec<Job>, rows: usize, counters: 
 /// as one call and waits for its answer (meanwhile more pile up for the next call). Exposures of a
 /// failed write are forgotten by the dedupe set, so they are recorded again. Once told to stop it
 /// closes its queue, hands over what is left and returns.
+/// How many times a batch of server-side exposures is retried before it is given up.
+const EXPOSURE_RETRIES: u32 = 8;
+
+/// The wait before retry `attempt` (1, 2, …): 100 ms doubling, at most 5 s (about 20 s in all).
+fn retry_delay(attempt: u32) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(attempt.saturating_sub(1))).min(Duration::from_secs(5))
+}
+
 async fn exposure_loop(
     mut queue: mpsc::Receiver<Exposure>,
     writer: mpsc::Sender<Job>,
@@ -1499,13 +1513,33 @@ async fn exposure_loop(
             }
         }
         let keys: Vec<u64> = batch.iter().map(|e| e.key).collect();
-        let events = batch.into_iter().map(|e| e.event).collect();
-        let (reply, answer) = oneshot::channel();
-        let result = match writer.send(Job { events, reply }).await {
-            Ok(()) => answer
+        let events: Vec<NewEvent> = batch.into_iter().map(|e| e.event).collect();
+        // Exposures are stored idempotently (deterministic ids), so a failed batch is retried
+        // with backoff: a unit may never be evaluated again, and a lost exposure biases results.
+        let mut attempt = 0;
+        let result = loop {
+            let (reply, answer) = oneshot::channel();
+            let result = match writer
+                .send(Job {
+                    events: events.clone(),
+                    reply,
+                })
                 .await
-                .unwrap_or_else(|_| Err("the tracking writer stopped".into())),
-            Err(_) => Err("the tracking writer stopped".into()),
+            {
+                Ok(()) => answer
+                    .await
+                    .unwrap_or_else(|_| Err("the tracking writer stopped".into())),
+                Err(_) => Err("the tracking writer stopped".into()),
+            };
+            match result {
+                Err(error) if attempt < EXPOSURE_RETRIES && !stopping && !writer.is_closed() => {
+                    attempt += 1;
+                    bump(&counters.exposures_retried, keys.len() as u64);
+                    tracing::debug!(%error, attempt, exposures = keys.len(), "server-side exposures not stored yet; retrying");
+                    tokio::time::sleep(retry_delay(attempt)).await;
+                }
+                other => break other,
+            }
         };
         match result {
             Ok(inserted) => {
@@ -1513,7 +1547,7 @@ async fn exposure_loop(
                 bump(&counters.exposures_written, new as u64);
             }
             Err(error) => {
-                tracing::debug!(%error, exposures = keys.len(), "server-side exposures not stored");
+                tracing::warn!(%error, exposures = keys.len(), "server-side exposures not stored after retrying: lost");
                 for key in &keys {
                     seen.forget(*key);
                 }
@@ -2381,13 +2415,38 @@ mod tests {
         store.set_fail(true);
         let tracker = tracker(&store, TrackerConfig::default());
         tracker.record_exposure("prod", "exp", "flag", "on", "user-1");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(tracker.stats().exposures_failed, 1);
+        // Retried with backoff for about 20 s, then given up and forgotten.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let stats = tracker.stats();
+        assert_eq!(
+            (stats.exposures_failed, stats.exposures_retried),
+            (1, u64::from(EXPOSURE_RETRIES))
+        );
         store.set_fail(false);
         tracker.record_exposure("prod", "exp", "flag", "on", "user-1");
         tracker.close().await;
         assert_eq!(store.rows().len(), 1);
         assert_eq!(tracker.stats().exposures_recorded, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_exposure_batch_is_retried_until_it_is_stored() {
+        let store = MemoryEvents::new();
+        store.set_fail(true);
+        let tracker = tracker(&store, TrackerConfig::default());
+        for i in 0..3 {
+            tracker.record_exposure("prod", "exp", "flag", "on", &format!("user-{i}"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(tracker.stats().exposures_retried >= 3, "{:?}", tracker.stats());
+        assert!(store.rows().is_empty());
+        // The database is back before the retries run out: nothing is lost.
+        store.set_fail(false);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let stats = tracker.stats();
+        assert_eq!((stats.exposures_written, stats.exposures_failed), (3, 0));
+        assert_eq!(store.rows().len(), 3);
+        tracker.close().await;
     }
 
     #[tokio::test(start_paused = true)]

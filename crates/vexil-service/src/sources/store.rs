@@ -572,10 +572,22 @@ fn apply_flag_changes(
         let at = flags.binary_search_by(|f| f.key.as_str().cmp(&change.key));
         match change.after.as_ref().and_then(|body| body.get("definition")) {
             Some(definition) => {
-                // The flag alone, with its set's evaluators and metadata: parsed as in the whole
-                // document (the store validated it before it committed).
+                // The flag alone, with its set's evaluators, metadata and experiments (the one on
+                // this flag attaches to it; the others name flags not in `alone` and are left
+                // out): parsed as in the whole document (the store validated it before it
+                // committed).
                 let mut alone = serde_json::Map::new();
                 alone.insert("flags".into(), serde_json::json!({ change.key.clone(): definition }));
+                if let Some(experiments) = document.get("$experiments").and_then(|e| e.as_object()) {
+                    let own: serde_json::Map<_, _> = experiments
+                        .iter()
+                        .filter(|(_, e)| e.get("flag").and_then(|f| f.as_str()) == Some(change.key.as_str()))
+                        .map(|(k, e)| (k.clone(), e.clone()))
+                        .collect();
+                    if !own.is_empty() {
+                        alone.insert("$experiments".into(), serde_json::Value::Object(own));
+                    }
+                }
                 for field in ["$evaluators", "metadata"] {
                     if let Some(value) = document.get(field) {
                         alone.insert(field.into(), value.clone());

@@ -119,7 +119,8 @@ impl SqlStore {
         let pool = AnyPoolOptions::new()
             .max_connections(match backend {
                 Backend::Postgres => 16,
-                Backend::Sqlite => 4,
+                // WAL: readers do not wait for the writer (or each other); writers take turns.
+                Backend::Sqlite => 8,
             })
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |conn, _| {
