@@ -3,6 +3,7 @@
 
 pub mod baseline;
 pub mod driver;
+pub mod experiments;
 pub mod fanout;
 pub mod flags;
 pub mod process;

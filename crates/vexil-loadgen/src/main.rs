@@ -49,6 +49,9 @@ enum Command {
     /// Replicas sharing PostgreSQL and Redis: spawn → ready with N flags, from Redis's snapshot
     /// and from the database.
     ReplicaStartup(ReplicaStartupArgs),
+    /// Experiments: tracked events per second (`/v1/track:batch`, `/v1/track`), the time of an
+    /// experiment's results over N raw events, evaluation of an experiment flag beside a plain one.
+    Experiments(ExperimentsArgs),
     /// The no-op baseline server (started by `run`).
     #[command(hide = true)]
     BaselineServer {
@@ -250,6 +253,56 @@ struct ReplicaStartupArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct ExperimentsArgs {
+    /// Measurements to run (repeatable or comma-separated; default all).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [
+        vexil_loadgen::experiments::What::Ingest,
+        vexil_loadgen::experiments::What::Results,
+        vexil_loadgen::experiments::What::Evaluation,
+    ])]
+    what: Vec<vexil_loadgen::experiments::What>,
+    /// The database: a throwaway PostgreSQL (or the server of `VEXIL_TEST_DATABASE_URL`), a fresh
+    /// SQLite file, or both; a new database for each measurement.
+    #[arg(long, value_enum, default_value_t = vexil_loadgen::experiments::Database::Both)]
+    database: vexil_loadgen::experiments::Database,
+    /// Measured seconds of each ingest and evaluation run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Unmeasured warm-up seconds before each.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Events per `/v1/track:batch` call.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Concurrent clients sending batches.
+    #[arg(long, default_value_t = 4)]
+    batch_clients: usize,
+    /// Concurrent clients sending one event per `/v1/track` call.
+    #[arg(long, default_value_t = 16)]
+    single_clients: usize,
+    /// Events loaded for the results measurement (repeatable: one fresh database each).
+    #[arg(long = "events", default_values_t = [1_000_000])]
+    events: Vec<u64>,
+    /// Insert calls (1,000 events each) in flight while loading (PostgreSQL; SQLite loads with one).
+    #[arg(long, default_value_t = 4)]
+    load_concurrency: usize,
+    /// Evaluation: concurrent requests in flight.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Evaluation: HTTP/2 connections (gRPC).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Evaluation: the protocol.
+    #[arg(long, value_enum, default_value_t = vexil_loadgen::experiments::EvalProtocol::Grpc)]
+    protocol: vexil_loadgen::experiments::EvalProtocol,
+    /// Extra arguments for `vexil serve`.
+    #[arg(long = "vexil-arg", allow_hyphen_values = true)]
+    vexil_args: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
 struct SoakArgs {
     /// Seconds of the open-loop phase.
     #[arg(long, default_value_t = 600.0)]
@@ -303,6 +356,7 @@ fn main() -> anyhow::Result<()> {
             Command::Store(args) => store_cmd(args).await,
             Command::Propagation(args) => propagation_cmd(args).await,
             Command::ReplicaStartup(args) => replica_startup_cmd(args),
+            Command::Experiments(args) => experiments_cmd(args).await,
             Command::BaselineServer {
                 port,
                 management_port,
@@ -827,4 +881,26 @@ fn replica_startup_cmd(args: ReplicaStartupArgs) -> anyhow::Result<()> {
     emit(&args.common, &r)?;
     drop(backing);
     Ok(())
+}
+
+async fn experiments_cmd(args: ExperimentsArgs) -> anyhow::Result<()> {
+    let spec = vexil_loadgen::experiments::Spec {
+        vexil: vexil_binary(&args.common)?,
+        databases: args.database.each(),
+        what: args.what.clone(),
+        duration: Duration::from_secs_f64(args.seconds),
+        warmup: Duration::from_secs_f64(args.warmup),
+        batch_size: args.batch_size,
+        batch_clients: args.batch_clients,
+        single_clients: args.single_clients,
+        events: args.events.clone(),
+        load_concurrency: args.load_concurrency,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        protocol: args.protocol,
+        vexil_args: args.vexil_args.clone(),
+    };
+    let report = vexil_loadgen::experiments::run(&spec, |line| eprintln!("{line}")).await?;
+    print!("{}", vexil_loadgen::experiments::tables(&report));
+    emit(&args.common, &report)
 }
