@@ -376,6 +376,66 @@ async fn event_stream_ready_change_and_shutdown() {
     assert!(stopping.await.unwrap(), "vexil exits cleanly on SIGTERM");
 }
 
+/// SIGTERM as Kubernetes sends it: readiness (and grpc.health) drop first while requests are
+/// still served for `--shutdown-delay`, then the listeners close, streams get `provider_shutdown`
+/// and the process exits cleanly.
+#[tokio::test]
+async fn sigterm_drops_readiness_first_then_ends_streams_and_exits() {
+    let dir = Scratch::new("drain");
+    let path = dir.write("flags.json", FLAGS);
+    let uri = format!("file:{}", path.display());
+    let mut s = Server::start_with_env(&["--uri", &uri], &[("VEXIL_SHUTDOWN_DELAY", "3")]);
+    let mut c = v1_client(&s).await;
+    let mut stream = c.event_stream(v1::EventStreamRequest {}).await.unwrap().into_inner();
+    assert_eq!(next_event(&mut stream).await.r#type, "provider_ready");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(s.grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+
+    s.terminate();
+    let started = Instant::now();
+    while s.http_status("/readyz") != Some(503) {
+        assert!(started.elapsed() < DEADLINE, "/readyz never answered 503 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Draining: not ready, yet still serving.
+    let answer = c
+        .resolve_boolean(v1::ResolveBooleanRequest {
+            flag_key: "bool".into(),
+            context: None,
+        })
+        .await
+        .expect("requests are served while draining")
+        .into_inner();
+    assert_eq!(answer.reason, "DEFAULT");
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    assert_eq!(s.http_status("/healthz"), Some(200), "alive while draining");
+
+    assert_eq!(next_event(&mut stream).await.r#type, "provider_shutdown");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "streams end after the delay, not at the signal ({:?})",
+        started.elapsed()
+    );
+    let exited = tokio::task::spawn_blocking(move || s.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert_eq!(exited, Some(true), "vexil exits cleanly after draining");
+}
+
 #[tokio::test]
 async fn sync_streams_the_full_configuration_then_every_change() {
     let (s, dir) = start(FLAGS, &["-X", "env=prod"]);
@@ -1055,19 +1115,19 @@ async fn metrics_count_evaluations_by_reason_and_streams() {
         .unwrap();
     let has = |needle: &str| text.lines().any(|l| l.starts_with(needle));
     assert!(
-        has(r#"vexil_evaluations_total{protocol="flagd.evaluation.v1",reason="STATIC"} 1"#),
+        has(r#"vexil_evaluations_total{protocol="flagd.evaluation.v1",flag_set="",reason="STATIC"} 1"#),
         "{text}"
     );
     assert!(
-        has(r#"vexil_evaluations_total{protocol="flagd.evaluation.v1",reason="ERROR"} 1"#),
+        has(r#"vexil_evaluations_total{protocol="flagd.evaluation.v1",flag_set="",reason="ERROR"} 1"#),
         "{text}"
     );
     assert!(
         has(r#"vexil_evaluation_duration_seconds_bucket{protocol="flagd.evaluation.v1""#),
         "{text}"
     );
-    assert!(has("vexil_config_version 0"), "{text}");
-    assert!(has(r#"vexil_connected_streams{kind="event_stream"} 1"#), "{text}");
+    assert!(has("vexil_snapshots_published_total 0"), "{text}");
+    assert!(has(r#"vexil_stream_subscribers{kind="event_stream"} 1"#), "{text}");
     assert!(has("vexil_flags 10"), "{text}");
 }
 

@@ -177,6 +177,8 @@ impl Server {
                 "VEXIL_LOG",
                 std::env::var("VEXIL_LOG").unwrap_or_else(|_| "error".into()),
             )
+            // Tests stop servers with SIGTERM: no drain delay unless a test asks for one.
+            .env("VEXIL_SHUTDOWN_DELAY", "0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -225,6 +227,28 @@ impl Server {
 
     pub fn management_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ports.management)
+    }
+
+    /// Sends SIGTERM (a graceful stop) without waiting.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        }
+    }
+
+    /// Waits up to `within` for the process to exit; its exit status's success, or `None` when it
+    /// is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<bool> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.

@@ -48,7 +48,12 @@ impl App {
                 flags: Flags::new(FlagsConfig {
                     live: c.live,
                     statics: c.statics,
-                    observer: Arc::new(metrics::Evaluations),
+                    // Evaluation events only while tracing is on: off, evaluations pay nothing for it.
+                    observer: if crate::telemetry::tracing_enabled() {
+                        Arc::new((metrics::Evaluations, crate::telemetry::TracedEvaluations))
+                    } else {
+                        Arc::new(metrics::Evaluations)
+                    },
                     exposures: c.exposures,
                 }),
                 streams: StreamLimit::new(c.max_streams),

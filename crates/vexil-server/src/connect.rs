@@ -375,12 +375,16 @@ fn error_json(status: &Status) -> serde_json::Value {
 }
 
 fn unary_error(status: &Status) -> Response {
-    (
+    let mut response = (
         error::connect(status.code()).http,
         [(header::CONTENT_TYPE, "application/json")],
         error_json(status).to_string(),
     )
-        .into_response()
+        .into_response();
+    response
+        .extensions_mut()
+        .insert(crate::telemetry::RpcCode(status.code() as i32));
+    response
 }
 
 fn envelope(flags: u8, payload: &[u8]) -> Bytes {

@@ -420,7 +420,7 @@ fn start_server() -> Server {
     let evaluation = {
         // The health service spawns a task: build the router inside the runtime.
         let _entered = runtime.enter();
-        match crate::grpc_routes(&app, None, MAX_BODY) {
+        match crate::grpc_routes(&app, None, MAX_BODY, tokio::sync::watch::channel(false).1) {
             Ok(routes) => crate::evaluation_router(routes.into_axum_router(), MAX_BODY),
             Err(e) => panic!("building the evaluation router: {e}"),
         }

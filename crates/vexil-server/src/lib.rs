@@ -28,6 +28,7 @@ mod selector;
 mod serve;
 pub mod store_cli;
 mod streams;
+pub mod telemetry;
 mod transcode;
 pub mod validate;
 mod vexil_api;
@@ -51,11 +52,33 @@ use vexil_service::{Live, LiveConfig, Relay, StoreSource};
 use crate::app::{App, AppConfig};
 use crate::config::ServeArgs;
 
-/// Runs the server until `shutdown` turns `true` (or SIGTERM/SIGINT when called from `main`).
-pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// What the process has been asked to do (by its signals, in `main`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stop {
+    /// Serve.
+    #[default]
+    Running,
+    /// Stop gracefully (SIGTERM): `/readyz` and grpc.health answer not-serving for
+    /// `--shutdown-delay` while requests are still served, so load balancers take the replica out;
+    /// then the listeners close and in-flight requests and streams (told `provider_shutdown`) get
+    /// `--shutdown-timeout` to finish.
+    Drain,
+    /// Stop without the delay (SIGINT, or a second signal); in-flight requests still get
+    /// `--shutdown-timeout`.
+    Now,
+}
+
+/// Runs the server until `signals` asks it to stop (SIGTERM/SIGINT when called from `main`).
+pub async fn serve(args: ServeArgs, signals: watch::Receiver<Stop>) -> anyhow::Result<()> {
+    let (draining_tx, draining) = watch::channel(false);
+    let (stop_tx, shutdown) = watch::channel(false);
+    let drain = tokio::spawn(drain(signals, args.shutdown_delay, draining_tx, stop_tx));
     let (sources, statics) = args
         .check()
         .map_err(|problems| anyhow::anyhow!("invalid configuration:\n  - {}", problems.join("\n  - ")))?;
+    // First, so the store's and the cache's first calls (the initial load) are measured too.
+    let prometheus = metrics::install().context("installing the metrics recorder")?;
+    let upkeep = metrics::spawn_upkeep(prometheus.clone());
     let live_config = LiveConfig {
         sources,
         fractional: args.fractional,
@@ -89,8 +112,6 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     });
     let live = Live::compose(sources, live_config.options()).await;
     let watcher = live.watch();
-    let prometheus = metrics::install().context("installing the metrics recorder")?;
-    let upkeep = metrics::spawn_upkeep(prometheus.clone());
     let cache = managed.as_ref().map(|m| m.source.cache().clone());
     let gauges = tokio::spawn(track_config(live.clone(), managed.clone()));
 
@@ -112,10 +133,11 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         anyhow::bail!("--flagd-keys needs the store (the API keys live there): give --database-url");
     }
     let cors = cors(&args.cors_origin);
-    let grpc = grpc_routes(&app, managed.as_ref(), args.max_request_body)?.into_axum_router();
+    let grpc = grpc_routes(&app, managed.as_ref(), args.max_request_body, draining.clone())?.into_axum_router();
     let evaluation = evaluation_router(grpc.clone(), args.max_request_body);
     let sync = sync_router(&app, args.max_request_body);
-    let management = management::router(live.clone(), prometheus, cache).merge(health_router(managed.is_some()));
+    let management = management::router(live.clone(), prometheus, cache, draining.clone())
+        .merge(health_router(managed.is_some(), draining.clone()));
     let mut ofrep = ofrep::router(app.clone());
     if managed.is_some() {
         ofrep = ofrep.merge(transcode::router(grpc, args.max_request_body));
@@ -141,22 +163,32 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
         header_read_timeout: args.header_read_timeout,
         idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
         body_read_timeout: args.body_read_timeout,
+        shutdown_timeout: args.shutdown_timeout,
     };
     let bind = |port: u16| SocketAddr::new(args.bind, port);
     // Management stays plain HTTP (probes and scrapers); the client-facing ports use TLS if given.
     let servers = [
-        ("evaluation", bind(args.port), evaluation, tls.clone()),
-        ("management", bind(args.management_port), management, None),
-        ("sync", bind(args.sync_port), sync, tls.clone()),
-        ("ofrep", bind(args.ofrep_port), ofrep, tls),
+        ("evaluation", bind(args.port), evaluation, tls.clone(), true),
+        ("management", bind(args.management_port), management, None, false),
+        ("sync", bind(args.sync_port), sync, tls.clone(), true),
+        ("ofrep", bind(args.ofrep_port), ofrep, tls, false),
     ];
     let mut tasks = Vec::new();
-    for (name, addr, router, tls) in servers {
+    for (name, addr, router, tls, rpc) in servers {
+        // HTTP requests are labelled with the route they matched (its template); RPCs with their
+        // method.
+        let router = if rpc {
+            router
+        } else {
+            router.route_layer(telemetry::RouteLayer)
+        };
+        let requests = telemetry::Requests { port: addr.port(), rpc };
         let listener = serve::bind(name, addr).await?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, "{name} listening");
         tasks.push(tokio::spawn(serve::serve(
             name,
+            requests,
             listener,
             router,
             tls,
@@ -167,6 +199,7 @@ pub async fn serve(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::
     for task in tasks {
         task.await??;
     }
+    drain.abort();
     watcher.abort();
     gauges.abort();
     if let Some(relay) = relay {
@@ -213,7 +246,7 @@ async fn managed(url: &str, args: &ServeArgs) -> anyhow::Result<vexil_api::Manag
     let source =
         Arc::new(StoreSource::new(store.clone(), args.default_environment.clone(), poll).with_cache(cache.clone()));
     let relay = Relay::new(store.clone(), cache);
-    let admin_token = std::env::var("VEXIL_ADMIN_TOKEN").ok();
+    let admin_token = args.admin_token.clone();
     let access = vexil_api::Access::new(store.clone(), admin_token);
     if access.open().await.unwrap_or(false) {
         tracing::warn!(
@@ -293,6 +326,7 @@ pub(crate) fn grpc_routes(
     app: &App,
     managed: Option<&Arc<vexil_api::Managed>>,
     max_body: usize,
+    draining: watch::Receiver<bool>,
 ) -> anyhow::Result<tonic::service::Routes> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vexil_proto::FILE_DESCRIPTOR_SET)
@@ -314,7 +348,7 @@ pub(crate) fn grpc_routes(
         schema_v1::service_server::ServiceServer::new(flagd::evaluation::SchemaV1 { app: app.clone() })
             .max_decoding_message_size(max_body),
     )
-    .add_service(health_service(managed.is_some()))
+    .add_service(health_service(managed.is_some(), draining))
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha);
     let Some(managed) = managed else {
@@ -388,8 +422,10 @@ fn sync_router(app: &App, max_body: usize) -> Router {
 }
 
 /// grpc.health.v1: the server, flagd's services and, with a store, Vexil's own, all serving.
+/// Every service answers NOT_SERVING once `draining` turns true (the server is stopping).
 fn health_service(
     managed: bool,
+    mut draining: watch::Receiver<bool>,
 ) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
     let (reporter, service) = tonic_health::server::health_reporter();
     let flagd = [
@@ -405,18 +441,58 @@ fn health_service(
     ];
     let names: Vec<&'static str> = flagd.into_iter().chain(vexil.into_iter().filter(|_| managed)).collect();
     tokio::spawn(async move {
-        for name in names {
+        for &name in &names {
             reporter
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
+        }
+        if draining.wait_for(|d| *d).await.is_ok() {
+            for &name in &names {
+                reporter
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
         }
     });
     service
 }
 
 /// grpc.health.v1 on the management port too (flagd serves it there).
-fn health_router(managed: bool) -> Router {
-    tonic::service::Routes::new(health_service(managed)).into_axum_router()
+fn health_router(managed: bool, draining: watch::Receiver<bool>) -> Router {
+    tonic::service::Routes::new(health_service(managed, draining)).into_axum_router()
+}
+
+/// Turns the process's signals into the server's two phases: `draining` (readiness drops) at the
+/// first, then, after `delay` (cut short by [`Stop::Now`]), `stop` (listeners close, streams end).
+async fn drain(
+    mut signals: watch::Receiver<Stop>,
+    delay: Duration,
+    draining: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+) {
+    let first = match signals.wait_for(|s| *s != Stop::Running).await.map(|s| *s) {
+        Ok(s) => s,
+        // Nobody can ask any more: serve until the process ends.
+        Err(_) => return std::future::pending().await,
+    };
+    let _ = draining.send(true);
+    if first == Stop::Drain && !delay.is_zero() {
+        tracing::info!(
+            delay_seconds = delay.as_secs_f64(),
+            "draining: readiness answers 503 while requests are still served, then the listeners close"
+        );
+        let now = async {
+            if signals.wait_for(|s| *s == Stop::Now).await.map(|_| ()).is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = now => tracing::info!("stopping now"),
+        }
+    }
+    tracing::info!("closing the listeners; in-flight requests and streams finish");
+    let _ = stop.send(true);
 }
 
 /// CORS for the flagd protocols (8013, 8016). Like flagd, no `-C` allows every origin (browser
@@ -442,21 +518,20 @@ fn cors(origins: &[String]) -> CorsLayer {
         .expose_headers(exposed)
 }
 
-/// Keeps the configuration gauges current.
 /// How often the outbox relay sweeps for changes whose writer did not publish them.
 const RELAY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Keeps the gauges of the configuration, the store, the cache and the tracker current: on every
+/// change, and every [`metrics::UPKEEP_INTERVAL`].
 async fn track_config(live: Live, managed: Option<Arc<vexil_api::Managed>>) {
     let mut rx = live.subscribe();
     let mut tick = tokio::time::interval(metrics::UPKEEP_INTERVAL);
+    let mut gauges = metrics::ConfigGauges::default();
     loop {
-        let (version, flags) = {
-            let p = rx.borrow_and_update();
-            (p.version, p.snapshot.len())
-        };
-        metrics::config(version, flags);
-        metrics::sources(&live.readiness());
+        let published = rx.borrow_and_update().clone();
+        gauges.published(&published, &live.readiness(), managed.is_some());
         if let Some(managed) = &managed {
+            gauges.environments(&managed.source, &*managed.store).await;
             metrics::replication(&managed.source, managed.relay.published());
             metrics::tracking(&managed.tracker.stats());
         }

@@ -26,9 +26,6 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-/// How long shutdown waits for open connections before closing them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 /// Limits applied to every connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -43,6 +40,8 @@ pub struct Limits {
     pub idle_timeout: Option<Duration>,
     /// How long a request's body may take to arrive after its headers.
     pub body_read_timeout: Duration,
+    /// How long in-flight requests and streams get to finish once shutdown starts.
+    pub shutdown_timeout: Duration,
 }
 
 /// Builds a TLS acceptor from PEM files (certificate chain and private key); offers h2 and
@@ -68,6 +67,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 /// Serves `router` on `listener` until `shutdown` turns true.
 pub async fn serve(
     name: &'static str,
+    requests: crate::telemetry::Requests,
     listener: TcpListener,
     router: Router,
     tls: Option<TlsAcceptor>,
@@ -118,7 +118,9 @@ pub async fn serve(
             let result = match tls {
                 Some(acceptor) => match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await
                 {
-                    Ok(Ok(tls_stream)) => connection(tls_stream, peer, builder, router, limits, shutdown).await,
+                    Ok(Ok(tls_stream)) => {
+                        connection(tls_stream, peer, builder, router, requests, limits, shutdown).await
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(server = name, %peer, "TLS handshake failed: {e}");
                         return;
@@ -128,7 +130,7 @@ pub async fn serve(
                         return;
                     }
                 },
-                None => connection(stream, peer, builder, router, limits, shutdown).await,
+                None => connection(stream, peer, builder, router, requests, limits, shutdown).await,
             };
             if let Err(e) = result {
                 tracing::debug!(server = name, %peer, "connection ended: {e}");
@@ -138,7 +140,7 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         () = open.all_closed() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!(server = name, "connections still open after {SHUTDOWN_GRACE:?}, closing them"),
+        () = tokio::time::sleep(limits.shutdown_timeout) => tracing::warn!(server = name, "connections still open after {:?} (--shutdown-timeout), closing them", limits.shutdown_timeout),
     }
     Ok(())
 }
@@ -153,6 +155,7 @@ async fn connection<I>(
     peer: SocketAddr,
     builder: auto::Builder<TokioExecutor>,
     router: Router,
+    requests: crate::telemetry::Requests,
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -160,7 +163,13 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
-    let service = TowerToHyperService::new(tracked(router, activity.clone(), limits.body_read_timeout, peer));
+    let service = TowerToHyperService::new(tracked(
+        router,
+        requests,
+        activity.clone(),
+        limits.body_read_timeout,
+        peer,
+    ));
     let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
     tokio::pin!(conn);
     let connected = Instant::now();
@@ -204,9 +213,11 @@ impl Peer {
 }
 
 /// `router`, counting requests in flight on `activity` until their response bodies are done, with
-/// each request body due within `body_read_timeout` of its headers.
+/// each request body due within `body_read_timeout` of its headers; each request measured (and
+/// traced, when tracing is on) from its headers to the end of its response body.
 fn tracked(
     router: Router,
+    requests: crate::telemetry::Requests,
     activity: Arc<Activity>,
     body_read_timeout: Duration,
     peer: SocketAddr,
@@ -221,16 +232,26 @@ fn tracked(
         if Peer::wanted(request.uri().path()) {
             request.extensions_mut().insert(Peer(peer));
         }
+        let mut scope = requests.begin(&request);
         let due = tokio::time::Instant::now() + body_read_timeout;
         let call = router
             .clone()
             .oneshot(request.map(|body| Body::new(crate::body::Deadline::new(body, due))));
+        let call = match scope.span() {
+            Some(span) => futures::future::Either::Left(tracing::Instrument::instrument(call, span.clone())),
+            None => futures::future::Either::Right(call),
+        };
         async move {
             let response = call.await?;
-            // The guard lives as long as the body: a stream is in flight until it ends.
+            scope.response(&response);
+            // The guards live as long as the body: a stream is in flight until it ends, and is
+            // measured (its span ends) then.
             Ok(response.map(|body| {
                 Body::new(body.map_frame(move |frame| {
                     let _ = &active;
+                    if let Some(trailers) = frame.trailers_ref() {
+                        scope.trailers(trailers);
+                    }
                     frame
                 }))
             }))

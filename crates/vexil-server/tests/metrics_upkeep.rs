@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use vexil_core::Reason;
+use vexil_core::{Resolution, Selector};
 use vexil_server::metrics;
-use vexil_service::Observer as _;
+use vexil_service::{Evaluation, Observer as _};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -18,8 +18,17 @@ const SAMPLES_PER_ROUND: usize = 10_000;
 
 /// Records a round of latency samples, then lets the paused clock pass one upkeep interval.
 async fn round() {
+    let resolution = Resolution::not_found("flag");
     for i in 0..SAMPLES_PER_ROUND {
-        metrics::Evaluations.evaluation("test", Reason::Static, Duration::from_nanos(500 + i as u64));
+        metrics::Evaluations.evaluation(&Evaluation {
+            protocol: "test",
+            key: "flag",
+            selector: &Selector::All,
+            flag: None,
+            resolution: &resolution,
+            version: 0,
+            took: Duration::from_nanos(500 + i as u64),
+        });
     }
     tokio::time::sleep(metrics::UPKEEP_INTERVAL).await;
 }

@@ -21,13 +21,85 @@ use vexil_core::{
 use crate::evaluate::{RequestContext, StaticContext};
 use crate::live::Live;
 
-/// What evaluations report, for metrics. Called on the request path: implementations must not
-/// block.
+/// What evaluations report, for metrics and traces. Called on the request path (about 100k
+/// evaluations a second per core): implementations must not block, and should neither allocate
+/// nor lock per call.
+///
+/// Object safe; observers compose: `(a, b)` tells `a`, then `b`, and an `Arc` of an observer is
+/// one.
+///
+/// What came from the request ([`Evaluation::key`], the selectors) is unbounded: never a metric
+/// label. The flag set of a flag that exists ([`Evaluation::flag_set`], [`FlagSetTally`]) comes
+/// from the configuration.
 pub trait Observer: Send + Sync + fmt::Debug {
-    /// One flag evaluated for `protocol`, in `took`.
-    fn evaluation(&self, protocol: &'static str, reason: Reason, took: Duration);
-    /// A bulk request evaluated `tally` flags for `protocol`, in `took`.
-    fn bulk_evaluation(&self, protocol: &'static str, tally: &ReasonTally, took: Duration);
+    /// One flag evaluated ([`Flags::evaluate`]).
+    fn evaluation(&self, evaluation: &Evaluation<'_>);
+    /// Every flag a selector sees, evaluated for one request ([`Flags::evaluate_all`]).
+    fn bulk_evaluation(&self, bulk: &BulkEvaluation<'_>);
+}
+
+/// One flag evaluated, as an [`Observer`] is told.
+#[derive(Debug, Clone, Copy)]
+pub struct Evaluation<'a> {
+    /// The protocol the request came in on (the handler's constant).
+    pub protocol: &'static str,
+    /// The key the request asked for (from the request: unbounded).
+    pub key: &'a str,
+    /// The selector the request gave (from the request: unbounded).
+    pub selector: &'a Selector,
+    /// The flag evaluated; `None` when no flag `key` exists for the selector.
+    pub flag: Option<&'a CompiledFlag>,
+    /// The result: variant, reason, error and the experiment of a `SPLIT`.
+    pub resolution: &'a Resolution<'a>,
+    /// The version of the configuration evaluated against ([`crate::Published::version`]).
+    pub version: u64,
+    /// How long the lookup and the evaluation took (the encoding is not counted).
+    pub took: Duration,
+}
+
+impl<'a> Evaluation<'a> {
+    /// The flag set of the flag evaluated (its `flagSetId`, from the configuration); `None` when
+    /// the flag has none, or does not exist.
+    pub fn flag_set(&self) -> Option<&'a str> {
+        self.flag.and_then(|flag| flag.flag().flag_set_id())
+    }
+}
+
+/// Every flag a selector sees, evaluated for one request, as an [`Observer`] is told.
+#[derive(Debug, Clone, Copy)]
+pub struct BulkEvaluation<'a> {
+    /// The protocol the request came in on (the handler's constant).
+    pub protocol: &'static str,
+    /// The selector the request gave (from the request: unbounded).
+    pub selector: &'a Selector,
+    /// How many flags of each flag set resolved with each reason.
+    pub tally: &'a FlagSetTally<'a>,
+    /// The version of the configuration evaluated against ([`crate::Published::version`]).
+    pub version: u64,
+    /// How long the evaluations took (the encoding is not counted).
+    pub took: Duration,
+}
+
+impl<A: Observer, B: Observer> Observer for (A, B) {
+    fn evaluation(&self, evaluation: &Evaluation<'_>) {
+        self.0.evaluation(evaluation);
+        self.1.evaluation(evaluation);
+    }
+
+    fn bulk_evaluation(&self, bulk: &BulkEvaluation<'_>) {
+        self.0.bulk_evaluation(bulk);
+        self.1.bulk_evaluation(bulk);
+    }
+}
+
+impl<O: Observer + ?Sized> Observer for Arc<O> {
+    fn evaluation(&self, evaluation: &Evaluation<'_>) {
+        (**self).evaluation(evaluation);
+    }
+
+    fn bulk_evaluation(&self, bulk: &BulkEvaluation<'_>) {
+        (**self).bulk_evaluation(bulk);
+    }
 }
 
 /// An [`Observer`] that records nothing.
@@ -35,8 +107,8 @@ pub trait Observer: Send + Sync + fmt::Debug {
 pub struct Unobserved;
 
 impl Observer for Unobserved {
-    fn evaluation(&self, _: &'static str, _: Reason, _: Duration) {}
-    fn bulk_evaluation(&self, _: &'static str, _: &ReasonTally, _: Duration) {}
+    fn evaluation(&self, _: &Evaluation<'_>) {}
+    fn bulk_evaluation(&self, _: &BulkEvaluation<'_>) {}
 }
 
 /// Where the exposures of evaluations go: a unit got an experiment's variant (reason `SPLIT`).
@@ -74,7 +146,7 @@ fn expose(exposures: &dyn Exposures, flag: &CompiledFlag, resolution: &Resolutio
 }
 
 /// The reasons a bulk request's evaluations resolved with, counted.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReasonTally([u64; Self::REASONS.len()]);
 
 impl ReasonTally {
@@ -108,6 +180,67 @@ impl ReasonTally {
     /// The count per reason, in the order of [`ReasonTally::REASONS`].
     pub fn counts(&self) -> &[u64; Self::REASONS.len()] {
         &self.0
+    }
+
+    /// How many evaluations were counted.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// The reasons a bulk request's evaluations resolved with, counted per flag set (the flags'
+/// `flagSetId`s, borrowed from the snapshot; `None`: flags without one). Allocates only past
+/// [`FlagSetTally::INLINE`] flag sets in one request.
+#[derive(Debug, Default, Clone)]
+pub struct FlagSetTally<'a> {
+    inline: [(Option<&'a str>, ReasonTally); FlagSetTally::INLINE],
+    len: usize,
+    spilled: Vec<(Option<&'a str>, ReasonTally)>,
+}
+
+impl<'a> FlagSetTally<'a> {
+    /// Flag sets counted without allocating.
+    pub const INLINE: usize = 8;
+
+    /// Counts one evaluation of a flag of `flag_set`.
+    pub fn add(&mut self, flag_set: Option<&'a str>, reason: Reason) {
+        let (inline, spilled) = (&mut self.inline[..self.len], &mut self.spilled);
+        if let Some((_, tally)) = inline
+            .iter_mut()
+            .chain(spilled.iter_mut())
+            .find(|(set, _)| *set == flag_set)
+        {
+            tally.add(reason);
+            return;
+        }
+        let mut tally = ReasonTally::default();
+        tally.add(reason);
+        match self.inline.get_mut(self.len) {
+            Some(free) => {
+                *free = (flag_set, tally);
+                self.len += 1;
+            }
+            None => self.spilled.push((flag_set, tally)),
+        }
+    }
+
+    /// Each flag set counted, with its reasons, in the order first seen.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<&'a str>, &ReasonTally)> + '_ {
+        self.inline[..self.len]
+            .iter()
+            .chain(&self.spilled)
+            .map(|(set, tally)| (*set, tally))
+    }
+
+    /// Every flag set's reasons, summed.
+    pub fn reasons(&self) -> ReasonTally {
+        let mut sum = ReasonTally::default();
+        for (_, tally) in self.iter() {
+            for (total, n) in sum.0.iter_mut().zip(tally.counts()) {
+                *total += n;
+            }
+        }
+        sum
     }
 }
 
@@ -189,7 +322,8 @@ impl Flags {
         encode: impl FnOnce(Option<&CompiledFlag>, &Resolution<'_>) -> T,
     ) -> T {
         let started = Instant::now();
-        let snapshot = self.inner.live.snapshot();
+        let published = self.inner.live.current();
+        let snapshot = &published.snapshot;
         let flag = snapshot.get(key, selector);
         let resolution = match flag {
             Some(flag) => {
@@ -199,9 +333,15 @@ impl Flags {
             }
             None => Resolution::not_found(key),
         };
-        self.inner
-            .observer
-            .evaluation(protocol, resolution.reason, started.elapsed());
+        self.inner.observer.evaluation(&Evaluation {
+            protocol,
+            key,
+            selector,
+            flag,
+            resolution: &resolution,
+            version: published.version,
+            took: started.elapsed(),
+        });
         encode(flag, &resolution)
     }
 
@@ -216,15 +356,22 @@ impl Flags {
         mut encode: impl FnMut(&CompiledFlag, &Resolution<'_>),
     ) -> Arc<Snapshot> {
         let started = Instant::now();
-        let snapshot = self.inner.live.snapshot();
-        let mut tally = ReasonTally::default();
+        let published = self.inner.live.current();
+        let snapshot = &published.snapshot;
+        let mut tally = FlagSetTally::default();
         snapshot.evaluate_all(selector, request_context(context), |flag, resolution| {
-            tally.add(resolution.reason);
+            tally.add(flag.flag().flag_set_id(), resolution.reason);
             expose(&*self.inner.exposures, flag, &resolution);
             encode(flag, &resolution);
         });
-        self.inner.observer.bulk_evaluation(protocol, &tally, started.elapsed());
-        snapshot
+        self.inner.observer.bulk_evaluation(&BulkEvaluation {
+            protocol,
+            selector,
+            tally: &tally,
+            version: published.version,
+            took: started.elapsed(),
+        });
+        snapshot.clone()
     }
 
     /// What changed for `selector` from `old` to `new`: computed once for every subscriber that
@@ -403,19 +550,28 @@ mod tests {
     use super::*;
     use crate::{LiveConfig, SourceSpec};
 
-    /// Counts what it is told.
+    /// What an observer is told about one evaluation, owned.
+    type Single = (&'static str, String, Option<String>, Reason, u64);
+    /// What an observer is told about a bulk evaluation, owned.
+    type Bulk = (&'static str, Vec<(Option<String>, ReasonTally)>);
+
+    /// Keeps what it is told.
     #[derive(Debug, Default)]
     struct Counting {
-        single: Mutex<Vec<(&'static str, Reason)>>,
-        bulk: Mutex<Vec<(&'static str, ReasonTally)>>,
+        single: Mutex<Vec<Single>>,
+        bulk: Mutex<Vec<Bulk>>,
     }
 
     impl Observer for Counting {
-        fn evaluation(&self, protocol: &'static str, reason: Reason, _: Duration) {
-            self.single.lock().unwrap().push((protocol, reason));
+        fn evaluation(&self, e: &Evaluation<'_>) {
+            assert_eq!(e.flag.map(CompiledFlag::key), e.flag.map(|_| e.key));
+            let flag_set = e.flag_set().map(str::to_owned);
+            let seen = (e.protocol, e.key.to_owned(), flag_set, e.resolution.reason, e.version);
+            self.single.lock().unwrap().push(seen);
         }
-        fn bulk_evaluation(&self, protocol: &'static str, tally: &ReasonTally, _: Duration) {
-            self.bulk.lock().unwrap().push((protocol, tally.clone()));
+        fn bulk_evaluation(&self, b: &BulkEvaluation<'_>) {
+            let sets = b.tally.iter().map(|(set, t)| (set.map(str::to_owned), *t)).collect();
+            self.bulk.lock().unwrap().push((b.protocol, sets));
         }
     }
 
@@ -435,9 +591,10 @@ mod tests {
     const FLAGS: &str = r#"{"flags": {
         "on": {"state": "ENABLED", "variants": {"yes": true, "no": false}, "defaultVariant": "yes"},
         "vip": {"state": "ENABLED", "variants": {"yes": true, "no": false}, "defaultVariant": "no",
-                "targeting": {"if": [{"==": [{"var": "tier"}, "gold"]}, "yes", null]}},
+                "targeting": {"if": [{"==": [{"var": "tier"}, "gold"]}, "yes", null]},
+                "metadata": {"flagSetId": "billing"}},
         "off": {"state": "DISABLED", "variants": {"a": "a"}, "defaultVariant": "a"}
-    }}"#;
+    }, "metadata": {"flagSetId": "web"}}"#;
 
     fn fixture(name: &str, text: &str) -> Fixture {
         let dir = std::env::temp_dir().join(format!("vexil-flags-{name}-{}", std::process::id()));
@@ -487,14 +644,27 @@ mod tests {
                 r.error_code()
             });
         assert_eq!(missing, Some(vexil_core::ErrorCode::FlagNotFound));
+        // A flag set that does not exist: no flag, so no flag set either.
+        let unknown = Selector::FlagSet(Some("made-up".into()));
+        f.flags
+            .evaluate("q", "on", &unknown, &gold, ValueType::Boolean, |flag, _| {
+                assert!(flag.is_none())
+            });
+        f.flags
+            .evaluate("q", "on", &Selector::All, &gold, ValueType::Boolean, |_, _| ());
         assert_eq!(
             *f.observer.single.lock().unwrap(),
-            vec![("p", Reason::TargetingMatch), ("p", Reason::Error)]
+            vec![
+                ("p", "vip".into(), Some("billing".into()), Reason::TargetingMatch, 0),
+                ("p", "nope".into(), None, Reason::Error, 0),
+                ("q", "on".into(), None, Reason::Error, 0),
+                ("q", "on".into(), Some("web".into()), Reason::Static, 0),
+            ]
         );
     }
 
     #[test]
-    fn evaluate_all_tallies_every_reason_once_per_request() {
+    fn evaluate_all_tallies_every_flag_set_s_reasons_once_per_request() {
         let f = fixture("bulk", FLAGS);
         let mut keys = Vec::new();
         f.flags.evaluate_all("bulk", &Selector::All, &Map::new(), |flag, _| {
@@ -502,13 +672,91 @@ mod tests {
         });
         keys.sort();
         assert_eq!(keys, ["off", "on", "vip"]);
+        f.flags.evaluate_all(
+            "bulk",
+            &Selector::FlagSet(Some("made-up".into())),
+            &Map::new(),
+            |_, _| panic!("no flag has that flag set"),
+        );
         let bulk = f.observer.bulk.lock().unwrap();
-        assert_eq!(bulk.len(), 1);
-        let mut expected = ReasonTally::default();
-        expected.add(Reason::Static);
-        expected.add(Reason::Default);
-        expected.add(Reason::Disabled);
-        assert_eq!(bulk[0], ("bulk", expected));
+        let tally = |reasons: &[Reason]| {
+            let mut tally = ReasonTally::default();
+            reasons.iter().for_each(|r| tally.add(*r));
+            tally
+        };
+        // In key order: off (web), on (web), vip (billing).
+        assert_eq!(
+            *bulk,
+            vec![
+                (
+                    "bulk",
+                    vec![
+                        (Some("web".into()), tally(&[Reason::Disabled, Reason::Static])),
+                        (Some("billing".into()), tally(&[Reason::Default])),
+                    ]
+                ),
+                ("bulk", vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_flag_set_tally_spills_past_its_inline_entries() {
+        let names: Vec<String> = (0..FlagSetTally::INLINE + 3).map(|i| format!("set{i}")).collect();
+        let mut tally = FlagSetTally::default();
+        tally.add(None, Reason::Error);
+        for (i, name) in names.iter().enumerate() {
+            tally.add(Some(name), Reason::Static);
+            if i % 2 == 0 {
+                tally.add(Some(name), Reason::Split);
+            }
+        }
+        tally.add(None, Reason::Error);
+        tally.add(Some(&names[FlagSetTally::INLINE + 1]), Reason::Default);
+        let seen: Vec<(Option<&str>, u64)> = tally.iter().map(|(set, t)| (set, t.total())).collect();
+        assert_eq!(seen.len(), names.len() + 1);
+        assert_eq!(seen[0], (None, 2));
+        assert_eq!(seen[1], (Some("set0"), 2));
+        assert_eq!(
+            seen[FlagSetTally::INLINE + 2],
+            (Some(names[FlagSetTally::INLINE + 1].as_str()), 2)
+        );
+        let reasons = tally.reasons();
+        assert_eq!(
+            reasons.total(),
+            2 + names.len() as u64 + names.len().div_ceil(2) as u64 + 1
+        );
+        assert_eq!(reasons.counts()[ReasonTally::index(Reason::Error)], 2);
+    }
+
+    #[test]
+    fn observers_compose() {
+        let (a, b) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
+        let both: Arc<dyn Observer> = Arc::new((a.clone(), b.clone() as Arc<dyn Observer>));
+        let resolution = Resolution::not_found("x");
+        both.evaluation(&Evaluation {
+            protocol: "p",
+            key: "x",
+            selector: &Selector::All,
+            flag: None,
+            resolution: &resolution,
+            version: 7,
+            took: Duration::ZERO,
+        });
+        both.bulk_evaluation(&BulkEvaluation {
+            protocol: "p",
+            selector: &Selector::All,
+            tally: &FlagSetTally::default(),
+            version: 7,
+            took: Duration::ZERO,
+        });
+        for observer in [a, b] {
+            assert_eq!(
+                *observer.single.lock().unwrap(),
+                vec![("p", "x".into(), None, Reason::Error, 7)]
+            );
+            assert_eq!(*observer.bulk.lock().unwrap(), vec![("p", vec![])]);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod evaluate;
 mod flags;
+pub mod io;
 mod live;
 mod relay;
 pub mod results;
@@ -15,7 +16,8 @@ pub mod tracking;
 
 pub use evaluate::{RequestContext, StaticContext};
 pub use flags::{
-    Changes, Exposures, Flags, FlagsConfig, NoExposures, Observer, ReasonTally, Unobserved, flag_configuration,
+    BulkEvaluation, Changes, Evaluation, Exposures, FlagSetTally, Flags, FlagsConfig, NoExposures, Observer,
+    ReasonTally, Unobserved, flag_configuration,
 };
 pub use live::{Live, LiveConfig, LiveOptions, Published, Readiness, SourceReadiness, SourceState};
 pub use relay::{RELAY_GRACE, Relay};

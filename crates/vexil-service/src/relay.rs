@@ -19,6 +19,8 @@ use tokio::sync::Notify;
 use vexil_cache::{Announcement, ConfigCache};
 use vexil_store::Store;
 
+use crate::io::{self, CacheCall, StoreCall};
+
 /// How old a pending row must be before a relay that did not write it publishes it.
 pub const RELAY_GRACE: Duration = Duration::from_secs(2);
 
@@ -87,7 +89,8 @@ impl Relay {
             }
             if pruned.elapsed() >= PRUNE_EVERY {
                 pruned = tokio::time::Instant::now();
-                if let Err(error) = self.store.prune_outbox(OUTBOX_RETENTION).await {
+                let prune = self.store.prune_outbox(OUTBOX_RETENTION);
+                if let Err(error) = io::store(StoreCall::PruneOutbox, prune).await {
                     tracing::debug!(%error, "cannot prune the outbox");
                 }
             }
@@ -98,7 +101,7 @@ impl Relay {
     pub async fn relay(&self, min_age: Duration) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
         let mut total = 0;
         loop {
-            let pending = self.store.pending_outbox(BATCH, min_age).await?;
+            let pending = io::store(StoreCall::PendingOutbox, self.store.pending_outbox(BATCH, min_age)).await?;
             if pending.is_empty() {
                 return Ok(total);
             }
@@ -109,7 +112,7 @@ impl Relay {
                     environment: entry.environment.clone(),
                     config_version: entry.config_version,
                 };
-                match self.cache.publish(announcement).await {
+                match io::cache(&*self.cache, CacheCall::Publish, self.cache.publish(announcement)).await {
                     Ok(()) => sent.push(entry.id),
                     Err(e) => {
                         failed = Some(e);
@@ -121,7 +124,7 @@ impl Relay {
             self.published.fetch_add(sent.len() as u64, Ordering::Relaxed);
             let more = sent.len() == BATCH as usize;
             if !sent.is_empty() {
-                self.store.mark_published(sent).await?;
+                io::store(StoreCall::MarkPublished, self.store.mark_published(sent)).await?;
             }
             if let Some(e) = failed {
                 return Err(Box::new(e));

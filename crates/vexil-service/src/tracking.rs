@@ -901,6 +901,14 @@ pub struct TrackerStats {
     pub write_errors: u64,
     /// Server-side exposures whose batch failed and was tried again.
     pub exposures_retried: u64,
+    /// Server-side exposures waiting in their queue now (a level, not a count since start).
+    pub exposures_queued: u64,
+    /// How many exposures their queue holds ([`TrackerConfig::exposure_queue_capacity`]).
+    pub exposure_queue_capacity: u64,
+    /// Calls (a client's events, a batch of exposures) waiting for the writer now (a level).
+    pub calls_queued: u64,
+    /// How many calls the writer's queue holds ([`TrackerConfig::queue_capacity`]).
+    pub call_queue_capacity: u64,
 }
 
 #[derive(Debug, Default)]
@@ -951,6 +959,7 @@ impl Counters {
             rows_written: get(&self.rows_written),
             write_errors: get(&self.write_errors),
             exposures_retried: get(&self.exposures_retried),
+            ..TrackerStats::default()
         }
     }
 }
@@ -1191,9 +1200,16 @@ impl Tracker {
             .unwrap_or_else(|| self.default_policy.clone())
     }
 
-    /// The counters so far.
+    /// The counters so far, and the queues now.
     pub fn stats(&self) -> TrackerStats {
-        self.counters.snapshot()
+        let queued = |capacity: usize, free: usize| capacity.saturating_sub(free) as u64;
+        TrackerStats {
+            exposures_queued: queued(self.exposures.max_capacity(), self.exposures.capacity()),
+            exposure_queue_capacity: self.exposures.max_capacity() as u64,
+            calls_queued: queued(self.writer.max_capacity(), self.writer.capacity()),
+            call_queue_capacity: self.writer.max_capacity() as u64,
+            ..self.counters.snapshot()
+        }
     }
 
     /// Tracks a client's `events` for `environment`, charging `limiter_key`'s rate limit: each
@@ -1446,7 +1462,7 @@ async fn commit(store: &dyn EventStore, batch: Vec<Job>, rows: usize, counters: 
         replies.push((job.events.len(), job.reply));
         events.extend(job.events);
     }
-    let error = match store.insert_events(events).await {
+    let error = match crate::io::store(crate::io::StoreCall::InsertEvents, store.insert_events(events)).await {
         Ok(inserted) if inserted.len() == rows => {
             bump(&counters.batches_written, 1);
             bump(&counters.rows_written, rows as u64);
@@ -2463,7 +2479,10 @@ mod tests {
         let stats = tracker.stats();
         assert_eq!(stats.exposures_recorded, 2);
         assert_eq!(stats.exposures_dropped, 3);
+        // Nothing taken yet (the batcher has not run): the queue is full.
+        assert_eq!((stats.exposures_queued, stats.exposure_queue_capacity), (2, 2));
         tracker.close().await;
+        assert_eq!(tracker.stats().exposures_queued, 0);
         assert_eq!(store.rows().len(), 2);
         // Dropped ones were forgotten: recorded on a later evaluation (here: after close, dropped).
         tracker.record_exposure("prod", "exp", "flag", "on", "u4");

@@ -40,6 +40,7 @@ use vexil_core::parse::{self, Strictness};
 use vexil_store::{Change, EntityKind, EnvironmentSnapshot, Store, VersionChanges};
 
 use super::{LoadError, Loaded, Part, Source};
+use crate::io::{self, CacheCall, StoreCall};
 
 /// How many of an environment's latest versions' changes a source keeps for resuming watchers.
 pub const RECENT_VERSIONS: usize = 256;
@@ -162,6 +163,16 @@ impl StoreSource {
         self.counters.cache_writes.load(Ordering::Relaxed)
     }
 
+    /// Every environment held, with the config version held, by key.
+    pub fn versions(&self) -> Vec<(String, i64)> {
+        let mut versions: Vec<(String, i64)> = lock(&self.loaded)
+            .iter()
+            .map(|(environment, held)| (environment.clone(), held.version()))
+            .collect();
+        versions.sort();
+        versions
+    }
+
     /// The default environment: the one requests without a selector see.
     pub fn default_environment(&self) -> &str {
         &self.default_environment
@@ -172,7 +183,9 @@ impl StoreSource {
     }
 
     async fn load_all(&self) -> Result<Loaded, LoadError> {
-        let versions = self.store.config_versions().await.map_err(Self::failed)?;
+        let versions = io::store(StoreCall::ConfigVersions, self.store.config_versions())
+            .await
+            .map_err(Self::failed)?;
         let mut parts = Vec::new();
         let mut fresh = HashMap::with_capacity(versions.len());
         // The default environment last: on a key in no flag set, it wins over the others (none of
@@ -211,7 +224,7 @@ impl StoreSource {
         if !self.cache.holds_snapshots() {
             return HashMap::new();
         }
-        match self.cache.versions().await {
+        match io::cache(&*self.cache, CacheCall::Versions, self.cache.versions()).await {
             Ok(versions) => versions,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the config cache: reading environments from the database");
@@ -241,9 +254,8 @@ impl StoreSource {
 
     /// The cache's snapshot of `environment`, if it has one.
     async fn read_cached(&self, environment: &str) -> Result<Option<Environment>, LoadError> {
-        let cached = self
-            .cache
-            .get_snapshot(environment.to_owned())
+        let read = self.cache.get_snapshot(environment.to_owned());
+        let cached = io::cache(&*self.cache, CacheCall::GetSnapshot, read)
             .await
             .map_err(|e| LoadError::Other(Box::new(e)))?;
         let Some(cached) = cached else {
@@ -269,11 +281,10 @@ impl StoreSource {
     /// Brings an environment held at an older version up to date from the history: in place when
     /// only flags changed, else read whole. Either way the versions read are kept for watchers.
     async fn catch_up(&self, environment: &str, older: Environment) -> Result<Environment, LoadError> {
-        let history = self
+        let read = self
             .store
-            .history(environment.to_owned(), older.version(), RECENT_VERSIONS as u32)
-            .await
-            .map_err(Self::failed)?;
+            .history(environment.to_owned(), older.version(), RECENT_VERSIONS as u32);
+        let history = io::store(StoreCall::History, read).await.map_err(Self::failed)?;
         let Some(versions) = history.versions.filter(|_| history.current >= older.version()) else {
             // Too far behind, or the environment was deleted and created again: read it whole.
             return self.load_environment(environment).await;
@@ -312,9 +323,7 @@ impl StoreSource {
 
     async fn load_environment(&self, environment: &str) -> Result<Environment, LoadError> {
         self.counters.whole_loads.fetch_add(1, Ordering::Relaxed);
-        let snapshot = self
-            .store
-            .snapshot(environment.to_owned())
+        let snapshot = io::store(StoreCall::Snapshot, self.store.snapshot(environment.to_owned()))
             .await
             .map_err(Self::failed)?;
         let listed = environment == self.default_environment;
@@ -480,7 +489,7 @@ impl Check {
             if !database {
                 continue;
             }
-            let Ok(versions) = self.store.config_versions().await else {
+            let Ok(versions) = io::store(StoreCall::ConfigVersions, self.store.config_versions()).await else {
                 // Reported so the failing load shows in readiness.
                 return;
             };
@@ -488,7 +497,8 @@ impl Check {
                 let current = versions.iter().find(|(env, _)| *env == environment).map(|(_, v)| *v);
                 if current.is_none_or(|v| v < cached) {
                     // Stale: no replica would ever replace it (snapshots only move forward).
-                    let _ = self.cache.remove_snapshot(environment).await;
+                    let remove = self.cache.remove_snapshot(environment);
+                    let _ = io::cache(&*self.cache, CacheCall::RemoveSnapshot, remove).await;
                 }
             }
             if !self.holds(&versions) {
@@ -521,7 +531,9 @@ impl Check {
         if !self.cache.holds_snapshots() {
             return None;
         }
-        let cached = self.cache.versions().await.ok()?;
+        let cached = io::cache(&*self.cache, CacheCall::Versions, self.cache.versions())
+            .await
+            .ok()?;
         let (differing, to_write) = {
             let loaded = lock(&self.loaded);
             let differing: HashMap<String, i64> = cached
@@ -542,7 +554,8 @@ impl Check {
                 config_version: documents.config_version,
                 body: tokio::task::spawn_blocking(move || encode(&documents)).await.ok()?,
             };
-            if self.cache.put_snapshot(environment, snapshot).await.ok()? {
+            let put = self.cache.put_snapshot(environment, snapshot);
+            if io::cache(&*self.cache, CacheCall::PutSnapshot, put).await.ok()? {
                 self.counters.cache_writes.fetch_add(1, Ordering::Relaxed);
             }
         }
