@@ -323,3 +323,34 @@ async fn metrics_name_configured_flag_sets_environments_and_backends_only() {
     );
     drop(events);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_reported_down_while_postgres_is_and_up_after() {
+    let postgres = vexil_testkit::PostgresServer::start_dedicated();
+    let url = postgres.url("postgres");
+    let dir = Scratch::new("metrics-outage");
+    import(&dir, &url, "default", &json!({"flags": {}}));
+    let server = Server::start(&["--database-url", &url, "--store-poll-interval-ms", "100"]);
+    let text = scrape_until(&server, "the store up", |t| sample(t, "vexil_store_up") == Some(1.0)).await;
+    assert_eq!(sample(&text, r#"vexil_config_cache_up{kind="in-process"}"#), Some(1.0));
+    assert_eq!(
+        sample(&text, r#"vexil_config_version{environment="default"}"#),
+        Some(1.0)
+    );
+
+    postgres.stop();
+    let failed = r#"vexil_store_operation_duration_seconds_count{operation="config_versions",outcome="error"}"#;
+    let text = scrape_until(&server, "the store down", |t| sample(t, "vexil_store_up") == Some(0.0)).await;
+    assert!(sample(&text, failed).is_some_and(|n| n >= 1.0), "{text}");
+    // The version served is still there: evaluation goes on from the last snapshot.
+    assert_eq!(
+        sample(&text, r#"vexil_config_version{environment="default"}"#),
+        Some(1.0)
+    );
+
+    postgres.start();
+    scrape_until(&server, "the store up again", |t| {
+        sample(t, "vexil_store_up") == Some(1.0)
+    })
+    .await;
+}

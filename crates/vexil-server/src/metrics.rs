@@ -161,7 +161,7 @@ fn describe() {
     );
     describe_counter!(
         SCRUBBED,
-        "Tracked event properties scrubbed, by action: dropped (not allowed, or nested too deep), redacted (a secret or an email), truncated"
+        "Tracked event properties scrubbed, by action: dropped (not allowed, named like a secret, or past a limit), redacted (a secret or an email), truncated"
     );
     describe_counter!(
         EXPOSURES,
