@@ -99,7 +99,7 @@ pub fn store_kind(e: &StoreError) -> ErrorKind {
 pub fn store_status(e: StoreError) -> tonic::Status {
     let kind = store_kind(&e);
     if let StoreError::Internal(detail) = &e {
-        tracing::error!("store: {detail}");
+        tracing::error!(error = %detail, "store error");
     }
     let details = match &e {
         StoreError::Invalid(problems) => serde_json::to_vec(problems).unwrap_or_default(),

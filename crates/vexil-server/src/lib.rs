@@ -185,7 +185,7 @@ pub async fn serve(args: ServeArgs, signals: watch::Receiver<Stop>) -> anyhow::R
         let requests = telemetry::Requests { port: addr.port(), rpc };
         let listener = serve::bind(name, addr).await?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        tracing::info!(%addr, scheme, "{name} listening");
+        tracing::info!(server = name, %addr, scheme, "listening");
         tasks.push(tokio::spawn(serve::serve(
             name,
             requests,

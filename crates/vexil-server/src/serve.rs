@@ -95,7 +95,7 @@ pub async fn serve(
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(server = name, "accept failed: {e}");
+                    tracing::warn!(server = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -122,7 +122,7 @@ pub async fn serve(
                         connection(tls_stream, peer, builder, router, requests, limits, shutdown).await
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(server = name, %peer, "TLS handshake failed: {e}");
+                        tracing::debug!(server = name, %peer, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
@@ -133,14 +133,14 @@ pub async fn serve(
                 None => connection(stream, peer, builder, router, requests, limits, shutdown).await,
             };
             if let Err(e) = result {
-                tracing::debug!(server = name, %peer, "connection ended: {e}");
+                tracing::debug!(server = name, %peer, error = %e, "connection ended");
             }
         });
     }
     drop(listener);
     tokio::select! {
         () = open.all_closed() => {}
-        () = tokio::time::sleep(limits.shutdown_timeout) => tracing::warn!(server = name, "connections still open after {:?} (--shutdown-timeout), closing them", limits.shutdown_timeout),
+        () = tokio::time::sleep(limits.shutdown_timeout) => tracing::warn!(server = name, shutdown_timeout = ?limits.shutdown_timeout, "connections still open after --shutdown-timeout, closing them"),
     }
     Ok(())
 }
@@ -186,11 +186,11 @@ where
                 match activity.verdict(connected, limits) {
                     Verdict::Keep => {}
                     Verdict::NoRequest => {
-                        tracing::debug!("no request within {:?} of connecting: closing", limits.header_read_timeout);
+                        tracing::debug!(%peer, header_read_timeout = ?limits.header_read_timeout, "no request in time after connecting: closing");
                         return Ok(());
                     }
                     Verdict::Idle => {
-                        tracing::debug!("idle for {:?}: closing", limits.idle_timeout);
+                        tracing::debug!(%peer, idle_timeout = ?limits.idle_timeout, "idle: closing");
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }

@@ -167,7 +167,7 @@ impl Tracing {
     pub fn shutdown(&self) {
         TRACING.store(false, Ordering::Relaxed);
         if let Err(e) = self.provider.shutdown() {
-            tracing::warn!("flushing traces at shutdown: {e}");
+            tracing::warn!(error = %e, "flushing traces at shutdown failed");
         }
     }
 }

@@ -257,7 +257,7 @@ impl Live {
                 // A bug, not a source failure (those are reported by `reload`): keep following
                 // the source, after a pause so that a panic on every change cannot spin.
                 let slot = &live.inner.slots[index];
-                tracing::error!(source = %slot.source.name(), "the source watcher panicked, restarting it in {WATCHER_RESTART:?}: {e}");
+                tracing::error!(source = %slot.source.name(), error = %e, restart_in = ?WATCHER_RESTART, "the source watcher panicked, restarting it");
                 tokio::time::sleep(WATCHER_RESTART).await;
                 let changes = slot.source.changes();
                 let task = tasks.spawn(live.clone().follow(index, changes));

@@ -396,12 +396,12 @@ impl SqlStore {
                     // check_violation: the default partition holds rows of that day already; they
                     // stay there, and so will the day's next ones.
                     Some("23514") => {
-                        tracing::warn!(day, "events of this day are in the default partition: {e}");
+                        tracing::warn!(day, error = %e, "events of this day are in the default partition");
                         Ok(true)
                     }
                     // lock_not_available, deadlock_detected: results queries hold the table.
                     Some("55P03" | "40P01") => {
-                        tracing::warn!(day, "could not create an event partition now: {e}");
+                        tracing::warn!(day, error = %e, "could not create an event partition now");
                         Ok(false)
                     }
                     _ => Err(e.into()),
