@@ -436,6 +436,47 @@ async fn sigterm_drops_readiness_first_then_ends_streams_and_exits() {
     assert_eq!(exited, Some(true), "vexil exits cleanly after draining");
 }
 
+/// A request in flight when the listeners close (its body still arriving) is answered, then the
+/// process exits; a new connection is refused.
+#[tokio::test]
+async fn sigterm_lets_a_request_in_flight_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut s, _dir) = start(FLAGS, &[]);
+    let body = br#"{"context": {"email": "ann@example.com"}}"#;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.ports.ofrep))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /ofrep/v1/evaluate/flags/bool HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body[..10]).await.unwrap();
+    // The server has the request's head: it is in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.terminate();
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", s.ports.ofrep))
+        .await
+        .is_ok()
+    {
+        assert!(started.elapsed() < DEADLINE, "the listener never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tcp.write_all(&body[10..]).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(DEADLINE, tcp.read_to_string(&mut response))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains(r#""value":true"#), "{response}");
+    let exited = tokio::task::spawn_blocking(move || s.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert_eq!(exited, Some(true), "vexil exits cleanly once the request is answered");
+}
+
 #[tokio::test]
 async fn sync_streams_the_full_configuration_then_every_change() {
     let (s, dir) = start(FLAGS, &["-X", "env=prod"]);
