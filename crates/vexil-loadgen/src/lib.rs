@@ -12,4 +12,5 @@ pub mod report;
 pub mod soak;
 pub mod stalled;
 pub mod store;
+pub mod tracing;
 pub mod workload;

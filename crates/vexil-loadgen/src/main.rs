@@ -52,6 +52,20 @@ enum Command {
     /// Experiments: tracked events per second (`/v1/track:batch`, `/v1/track`), the time of an
     /// experiment's results over N raw events, evaluation of an experiment flag beside a plain one.
     Experiments(ExperimentsArgs),
+    /// The cost of OpenTelemetry tracing: the same scenarios with tracing off, sampled and on
+    /// (every request traced), modes interleaved over rounds; spans counted by an in-process OTLP
+    /// sink.
+    Tracing(TracingArgs),
+    /// An OTLP/gRPC trace receiver that only counts spans and events (to point a server's
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` at, e.g. under `tools/health-ratio --callgrind`).
+    #[command(hide = true)]
+    OtlpSink {
+        #[arg(long, default_value_t = 4317)]
+        port: u16,
+        /// Seconds between two printed counts.
+        #[arg(long, default_value_t = 10.0)]
+        every: f64,
+    },
     /// The no-op baseline server (started by `run`).
     #[command(hide = true)]
     BaselineServer {
@@ -303,6 +317,64 @@ struct ExperimentsArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct TracingArgs {
+    /// Scenarios to run (repeatable).
+    #[arg(long = "scenario", value_enum, default_values_t = [Scenario::ResolveBoolean, Scenario::OfrepSingle])]
+    scenarios: Vec<Scenario>,
+    /// Tracing modes to compare (repeatable or comma-separated).
+    #[arg(long = "mode", value_enum, value_delimiter = ',', default_values_t = [
+        vexil_loadgen::tracing::Mode::Off,
+        vexil_loadgen::tracing::Mode::Sampled,
+        vexil_loadgen::tracing::Mode::On,
+    ])]
+    modes: Vec<vexil_loadgen::tracing::Mode>,
+    /// The sampled mode's `OTEL_TRACES_SAMPLER_ARG` (with `parentbased_traceidratio`).
+    #[arg(long, default_value_t = 0.01)]
+    sample_ratio: f64,
+    /// Rounds; each runs every mode once (a fresh server each), starting with a different one.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Measured seconds per scenario, mode and round.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unmeasured warm-up seconds before each (its requests are counted against the spans).
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Fixed total arrival rate (requests/s, open loop; latency from each request's intended
+    /// start); default: closed loop, as fast as possible.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Flags in the served file.
+    #[arg(long, default_value_t = 10)]
+    flags: usize,
+    /// Context attributes per request.
+    #[arg(long, default_value_t = 5)]
+    attrs: usize,
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections for gRPC scenarios.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// More environment for the traced modes, `KEY=VALUE` (e.g.
+    /// `--otel-env OTEL_BSP_MAX_QUEUE_SIZE=65536`; repeatable).
+    #[arg(long = "otel-env", value_parser = key_value)]
+    otel_env: Vec<(String, String)>,
+    /// Extra arguments for `vexil start`.
+    #[arg(long = "vexil-arg", allow_hyphen_values = true)]
+    vexil_args: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+#[derive(Debug, clap::Args)]
 struct SoakArgs {
     /// Seconds of the open-loop phase.
     #[arg(long, default_value_t = 600.0)]
@@ -357,6 +429,8 @@ fn main() -> anyhow::Result<()> {
             Command::Propagation(args) => propagation_cmd(args).await,
             Command::ReplicaStartup(args) => replica_startup_cmd(args),
             Command::Experiments(args) => experiments_cmd(args).await,
+            Command::Tracing(args) => tracing_cmd(args).await,
+            Command::OtlpSink { port, every } => otlp_sink_cmd(port, every).await,
             Command::BaselineServer {
                 port,
                 management_port,
@@ -903,4 +977,61 @@ async fn experiments_cmd(args: ExperimentsArgs) -> anyhow::Result<()> {
     let report = vexil_loadgen::experiments::run(&spec, |line| eprintln!("{line}")).await?;
     print!("{}", vexil_loadgen::experiments::tables(&report));
     emit(&args.common, &report)
+}
+
+async fn tracing_cmd(args: TracingArgs) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let spec = vexil_loadgen::tracing::Spec {
+        vexil: vexil_binary(&args.common)?,
+        dir: dir.clone(),
+        scenarios: args.scenarios.clone(),
+        modes: args.modes.clone(),
+        rounds: args.rounds,
+        flags: args.flags,
+        attrs: args.attrs,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::from_secs_f64(args.warmup),
+        rate: args.rate,
+        ratio: args.sample_ratio,
+        otel_env: args.otel_env.clone(),
+        vexil_args: args.vexil_args.clone(),
+    };
+    let report = vexil_loadgen::tracing::run(&spec, |line| eprintln!("{line}")).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = report?;
+    print!("{}", vexil_loadgen::tracing::tables(&report));
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    emit(&args.common, &report)
+}
+
+async fn otlp_sink_cmd(port: u16, every: f64) -> anyhow::Result<()> {
+    let sink = vexil_loadgen::tracing::start_sink_at(([127, 0, 0, 1], port).into()).await?;
+    eprintln!("OTLP sink at {}", sink.endpoint);
+    let mut total = vexil_loadgen::tracing::Received::default();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(every.max(0.1)));
+    tick.tick().await;
+    loop {
+        let stop = tokio::select! {
+            _ = tick.tick() => false,
+            _ = tokio::signal::ctrl_c() => true,
+        };
+        let r = sink.sink.take();
+        total.exports += r.exports;
+        total.spans += r.spans;
+        total.events += r.events;
+        total.evaluation_events += r.evaluation_events;
+        for (op, o) in r.by_operation {
+            let t = total.by_operation.entry(op).or_default();
+            t.spans += o.spans;
+            t.evaluation_events += o.evaluation_events;
+        }
+        println!("{}", serde_json::to_string(&total)?);
+        if stop {
+            return Ok(());
+        }
+    }
 }

@@ -51,6 +51,18 @@ impl Server {
 
     /// As [`Server::vexil`], its standard error going to `stderr` (e.g. a log file).
     pub fn vexil_with_stderr(binary: &Path, flags: &Path, extra: &[String], stderr: Stdio) -> anyhow::Result<Server> {
+        Server::vexil_with_env(binary, flags, extra, &[], stderr)
+    }
+
+    /// As [`Server::vexil_with_stderr`], with `env` changing the environment it inherits: each
+    /// variable set to `Some` value, or removed with `None`.
+    pub fn vexil_with_env(
+        binary: &Path,
+        flags: &Path,
+        extra: &[String],
+        env: &[(String, Option<String>)],
+        stderr: Stdio,
+    ) -> anyhow::Result<Server> {
         let ports = Ports::free()?;
         let mut cmd = Command::new(binary);
         cmd.arg("start")
@@ -63,6 +75,12 @@ impl Server {
                 "VEXIL_LOG",
                 std::env::var("VEXIL_LOADGEN_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
             );
+        for (key, value) in env {
+            match value {
+                Some(value) => cmd.env(key, value),
+                None => cmd.env_remove(key),
+            };
+        }
         Server::spawn(cmd, ports, stderr).with_context(|| format!("starting {}", binary.display()))
     }
 
@@ -107,6 +125,18 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Sends the process `signal` (a name such as `INT` or `TERM`, through `kill(1)`); see
+    /// [`Server::exit_status`] for when it has ended.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -{signal} {}: {status}", self.pid());
+        Ok(())
     }
 
     /// How the process ended, if it has.
