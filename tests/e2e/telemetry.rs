@@ -174,6 +174,19 @@ async fn every_protocol_is_traced_with_the_callers_context_and_flag_attributes()
         .await
         .unwrap();
     let context = JsonStruct::from(json!({"email": "ann@example.com"}).as_object().cloned().unwrap());
+    // A caller that does not sample its trace (flags 00): the parent-based sampler makes no span.
+    let (unsampled, unsampled_trace, _) = traceparent(9);
+    let unsampled = unsampled.replace("-01", "-00");
+    client
+        .resolve_boolean(traced(
+            v1::ResolveBooleanRequest {
+                flag_key: "beta".into(),
+                context: Some(context.clone()),
+            },
+            &unsampled,
+        ))
+        .await
+        .unwrap();
     let answer = client
         .resolve_boolean(traced(
             v1::ResolveBooleanRequest {
@@ -187,6 +200,15 @@ async fn every_protocol_is_traced_with_the_callers_context_and_flag_attributes()
         .into_inner();
     assert_eq!((answer.value, answer.reason.as_str()), (true, "TARGETING_MATCH"));
     let (resource, span) = received.span_of(&trace).await;
+    assert!(
+        !received
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, s)| hex(&s.trace_id) == unsampled_trace),
+        "a trace the caller did not sample is not exported"
+    );
     assert_eq!(hex(&span.parent_span_id), parent, "child of the caller's span");
     assert_eq!(span.name, "flagd.evaluation.v1.Service/ResolveBoolean");
     let attrs = attributes(&span.attributes);
@@ -314,7 +336,7 @@ async fn every_protocol_is_traced_with_the_callers_context_and_flag_attributes()
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     for series in [
-        r#"rpc_server_call_duration_seconds_count{rpc_system="grpc",rpc_method="flagd.evaluation.v1.Service/ResolveBoolean",rpc_grpc_status_code="0"} 1"#,
+        r#"rpc_server_call_duration_seconds_count{rpc_system="grpc",rpc_method="flagd.evaluation.v1.Service/ResolveBoolean",rpc_grpc_status_code="0"} 2"#,
         r#"rpc_server_call_duration_seconds_count{rpc_system="connect_rpc",rpc_method="flagd.evaluation.v1.Service/ResolveString",rpc_grpc_status_code="5"} 1"#,
         r#"rpc_server_call_duration_seconds_count{rpc_system="grpc",rpc_method="flagd.sync.v1.FlagSyncService/FetchAllFlags",rpc_grpc_status_code="0"} 1"#,
         r#"rpc_server_call_duration_seconds_count{rpc_system="grpc",rpc_method="grpc.health.v1.Health/Check",rpc_grpc_status_code="0"} 1"#,

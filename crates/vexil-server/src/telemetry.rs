@@ -241,7 +241,7 @@ struct Method {
 }
 
 /// Every method of every service served, by path (bounded: from the protos, not from requests).
-static METHODS: LazyLock<HashMap<&'static str, Method>> = LazyLock::new(|| {
+static METHODS: LazyLock<HashMap<&'static str, Method, foldhash::fast::RandomState>> = LazyLock::new(|| {
     let mut paths: Vec<String> = Vec::new();
     if let Ok(pool) = crate::grpc_wire::pool() {
         for service in pool.services() {
@@ -335,7 +335,11 @@ impl Requests {
                 method: http_method(request.method()),
             },
         };
-        let span = tracing_enabled().then(|| request_span(self.port, &kind, request.headers()));
+        let span = if tracing_enabled() {
+            request_span(self.port, &kind, request.headers())
+        } else {
+            None
+        };
         Scope {
             port: self.port,
             started: Instant::now(),
@@ -372,7 +376,9 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-fn request_span(port: u16, kind: &Kind, headers: &HeaderMap) -> tracing::Span {
+/// The request's span, child of its trace context, or `None` when the sampler does not sample it
+/// (then nothing more is spent on it: no span is entered, no evaluation event made).
+fn request_span(port: u16, kind: &Kind, headers: &HeaderMap) -> Option<tracing::Span> {
     use tracing::field::Empty;
     let span = match kind {
         Kind::Rpc {
@@ -426,7 +432,9 @@ fn request_span(port: u16, kind: &Kind, headers: &HeaderMap) -> tracing::Span {
     };
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     let _ = span.set_parent(parent);
-    span
+    use opentelemetry::trace::TraceContextExt as _;
+    // Starting the span asks the sampler.
+    span.context().span().span_context().is_sampled().then_some(span)
 }
 
 impl Scope {
@@ -445,7 +453,10 @@ impl Scope {
         if let Some(code) = response.extensions().get::<RpcCode>() {
             self.grpc_code = Some(code.0);
         }
-        if let Some(code) = grpc_status(response.headers()) {
+        if matches!(self.kind, Kind::Rpc { .. })
+            && let Some(code) = grpc_status(response.headers())
+        {
+            // A trailers-only response (an error before any message).
             self.grpc_code = Some(code);
         }
         if let (Kind::Http { method }, Some(span)) = (&self.kind, &self.span) {
@@ -471,8 +482,10 @@ impl Scope {
     }
 }
 
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(headers: &HeaderMap) -> Option<i32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// gRPC's name of a status code (a bounded label).
@@ -505,7 +518,8 @@ enum HandleKey {
 
 thread_local! {
     /// Histogram handles per label set, per thread: the request path takes no lock to find one.
-    static HANDLES: std::cell::RefCell<HashMap<HandleKey, metrics::Histogram>> = std::cell::RefCell::new(HashMap::new());
+    static HANDLES: std::cell::RefCell<HashMap<HandleKey, metrics::Histogram, foldhash::fast::RandomState>> =
+        std::cell::RefCell::new(HashMap::default());
 }
 
 fn record(key: HandleKey, took: Duration) {
@@ -623,7 +637,8 @@ pub struct TracedEvaluations;
 
 impl vexil_service::Observer for TracedEvaluations {
     fn evaluation(&self, e: &vexil_service::Evaluation<'_>) {
-        if !tracing_enabled() {
+        // Only in a request's span: one the sampler left out was never made.
+        if !tracing_enabled() || tracing::Span::current().is_none() {
             return;
         }
         let r = e.resolution;
@@ -643,7 +658,7 @@ impl vexil_service::Observer for TracedEvaluations {
     /// A bulk evaluation (flagd's ResolveAll, OFREP's bulk) is one span; its flags are not one
     /// event each (a request may evaluate thousands), the span tells how many were evaluated.
     fn bulk_evaluation(&self, bulk: &vexil_service::BulkEvaluation<'_>) {
-        if !tracing_enabled() {
+        if !tracing_enabled() || tracing::Span::current().is_none() {
             return;
         }
         tracing::event!(
