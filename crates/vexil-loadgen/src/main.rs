@@ -56,6 +56,10 @@ enum Command {
     /// (every request traced), modes interleaved over rounds; spans counted by an in-process OTLP
     /// sink.
     Tracing(TracingArgs),
+    /// Throughput of scenarios against a yardstick scenario (the first; grpc.health.v1 Check by
+    /// default) on one running server, in short windows alternating within each round, from a raw
+    /// HTTP/2 gRPC client: the speed target of issue #8 (`tools/health-ratio`).
+    Ratio(RatioArgs),
     /// An OTLP/gRPC trace receiver that only counts spans and events (to point a server's
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` at, e.g. under `tools/health-ratio --callgrind`).
     #[command(hide = true)]
@@ -317,6 +321,50 @@ struct ExperimentsArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct RatioArgs {
+    /// Scenarios (gRPC only; repeatable); the first is the yardstick.
+    #[arg(long = "scenario", value_enum, default_values_t = [
+        Scenario::Health,
+        Scenario::ResolveTargeting,
+        Scenario::ResolveBoolean,
+    ])]
+    scenarios: Vec<Scenario>,
+    /// The running server's host.
+    #[arg(long, default_value = "127.0.0.1")]
+    target: String,
+    /// Its gRPC evaluation port.
+    #[arg(long, default_value_t = 8013)]
+    target_port: u16,
+    /// Its pid, to read its CPU time per request from /proc (same machine only).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Flags the server serves (as written by `run --flags N --write-flags`).
+    #[arg(long, default_value_t = 10)]
+    flags: usize,
+    /// Context attributes per request.
+    #[arg(long, default_value_t = 5)]
+    attrs: usize,
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Seconds per scenario window.
+    #[arg(long, default_value_t = 3.0)]
+    window: f64,
+    /// Rounds; each runs every scenario's window once, the order rotating.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Unrecorded seconds per scenario before the first round.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
 struct TracingArgs {
     /// Scenarios to run (repeatable).
     #[arg(long = "scenario", value_enum, default_values_t = [Scenario::ResolveBoolean, Scenario::OfrepSingle])]
@@ -430,6 +478,7 @@ fn main() -> anyhow::Result<()> {
             Command::ReplicaStartup(args) => replica_startup_cmd(args),
             Command::Experiments(args) => experiments_cmd(args).await,
             Command::Tracing(args) => tracing_cmd(args).await,
+            Command::Ratio(args) => ratio_cmd(args).await,
             Command::OtlpSink { port, every } => otlp_sink_cmd(port, every).await,
             Command::BaselineServer {
                 port,
@@ -1006,6 +1055,31 @@ async fn tracing_cmd(args: TracingArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     emit(&args.common, &report)
+}
+
+async fn ratio_cmd(args: RatioArgs) -> anyhow::Result<()> {
+    let spec = vexil_loadgen::ratio::Spec {
+        host: args.target,
+        port: args.target_port,
+        server_pid: args.server_pid,
+        scenarios: args.scenarios,
+        flags: args.flags,
+        attrs: args.attrs,
+        concurrency: args.concurrency,
+        connections: args.connections,
+        window: Duration::from_secs_f64(args.window),
+        rounds: args.rounds,
+        warmup: Duration::from_secs_f64(args.warmup),
+    };
+    let report = vexil_loadgen::ratio::run(&spec, |line| eprintln!("{line}")).await?;
+    print!("{}", vexil_loadgen::ratio::table(&report));
+    emit(
+        &Common {
+            vexil: None,
+            json: args.json,
+        },
+        &report,
+    )
 }
 
 async fn otlp_sink_cmd(port: u16, every: f64) -> anyhow::Result<()> {

@@ -178,6 +178,21 @@ pub fn own_cpu_seconds() -> Option<f64> {
     cpu_seconds("/proc/self/stat")
 }
 
+/// CPU time of every thread of process `pid` in nanoseconds (the first field of each
+/// `/proc/<pid>/task/*/schedstat`: nanosecond resolution where `stat` counts 10 ms ticks). Threads
+/// that have ended are not counted, so compare two readings of a process whose threads persist.
+pub fn thread_cpu_nanos(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue; // the thread ended while we looked
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// utime + stime from a `/proc/<pid>/stat` file, in seconds (clock ticks are 100 Hz on Linux).
 fn cpu_seconds(path: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(path).ok()?;
@@ -232,6 +247,8 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(own_cpu_seconds().unwrap() >= before);
+        // This thread alone has used a few milliseconds by now (other test threads may come and go).
+        assert!(thread_cpu_nanos(std::process::id()).unwrap() > 1_000_000);
     }
 
     #[test]

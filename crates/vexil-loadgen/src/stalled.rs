@@ -11,15 +11,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use prost::Message;
+use bytes::Bytes;
 use serde_json::Value;
-use tokio::net::TcpStream;
 use vexil_proto::flagd::evaluation::v1;
 use vexil_proto::flagd::sync::v1 as sync;
 
 use crate::fanout::{Protocol, write_atomically};
 use crate::process::Server;
+use crate::wire::{grpc_frame, h2_connect};
 
 /// Figures of a stalled-subscriber run.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,23 +59,6 @@ fn rss(server: &Server) -> anyhow::Result<u64> {
     server
         .rss_bytes()
         .ok_or_else(|| anyhow::anyhow!("cannot read the server's RSS"))
-}
-
-/// One gRPC message in its 5-byte frame.
-fn grpc_frame(message: &impl Message) -> Bytes {
-    let body = message.encode_to_vec();
-    let mut frame = BytesMut::with_capacity(5 + body.len());
-    frame.extend_from_slice(&[0]);
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    frame.freeze()
-}
-
-async fn h2_connect(port: u16) -> anyhow::Result<h2::client::SendRequest<Bytes>> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    let (send, connection) = h2::client::Builder::new().handshake(tcp).await?;
-    tokio::spawn(connection);
-    Ok(send)
 }
 
 /// Opens a server stream at `path` with `request` and returns its body after the first bytes.
