@@ -79,6 +79,8 @@ pub struct Summary {
     pub median_server_cpu_us: Option<f64>,
     /// This scenario's throughput over the yardstick's in the same round: median, lowest, highest.
     pub ratio_median: f64,
+    /// A distribution-free 95 % confidence interval of that median (order statistics).
+    pub ratio_ci: (f64, f64),
     pub ratio_min: f64,
     pub ratio_max: f64,
     /// Requests per second over all rounds against the yardstick's.
@@ -310,6 +312,21 @@ async fn window(
     Ok((total, seconds, cpu))
 }
 
+/// The order statistics bounding a 95 % confidence interval of the median of `values`: ranks
+/// n/2 ∓ 1.96·√n/2 (the normal approximation of the binomial; exact enough from n ≈ 10). With
+/// fewer than 6 values the interval is the whole range.
+fn median_ci(mut values: Vec<f64>) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let half = 1.96 * (n as f64).sqrt() / 2.0;
+    let low = ((n as f64 / 2.0 - half).floor().max(1.0) as usize).min(n) - 1;
+    let high = ((n as f64 / 2.0 + half).ceil() as usize).clamp(1, n) - 1;
+    (values[low], values[high])
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -345,6 +362,7 @@ pub fn summarize(scenarios: &[Scenario], windows: &[Window]) -> Vec<Summary> {
                 median_per_second: median(of(s).map(|w| w.per_second).collect()),
                 median_server_cpu_us: cpu(s),
                 ratio_median: median(ratios.clone()),
+                ratio_ci: median_ci(ratios.clone()),
                 ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
                 ratio_max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
                 ratio_of_totals: totals(s) / totals(yardstick),
@@ -358,17 +376,19 @@ pub fn summarize(scenarios: &[Scenario], windows: &[Window]) -> Vec<Summary> {
 pub fn table(report: &Report) -> String {
     let yardstick = report.spec.scenarios[0].name();
     let mut out = format!(
-        "| scenario | req/s (median) | server CPU per request | ratio to {yardstick}: median of {} rounds | lowest – highest | of totals | by server CPU |\n|---|---|---|---|---|---|---|\n",
+        "| scenario | req/s (median) | server CPU per request | ratio to {yardstick}: median of {} rounds | 95 % CI of the median | lowest – highest | of totals | by server CPU |\n|---|---|---|---|---|---|---|---|\n",
         report.spec.rounds
     );
     for s in &report.summaries {
         let pct = |x: f64| format!("{:.1} %", x * 100.0);
         out.push_str(&format!(
-            "| {} | {:.0} | {} | {} | {} – {} | {} | {} |\n",
+            "| {} | {:.0} | {} | {} | {} – {} | {} – {} | {} | {} |\n",
             s.scenario,
             s.median_per_second,
             s.median_server_cpu_us.map_or("–".into(), |us| format!("{us:.2} µs")),
             pct(s.ratio_median),
+            pct(s.ratio_ci.0),
+            pct(s.ratio_ci.1),
             pct(s.ratio_min),
             pct(s.ratio_max),
             pct(s.ratio_of_totals),
@@ -416,6 +436,17 @@ mod tests {
         assert_eq!(t.median_server_cpu_us, Some(11.0));
         assert!((t.cpu_ratio.unwrap() - 10.0 / 11.0).abs() < 1e-9);
         assert_eq!(t.median_per_second, 60.0);
+    }
+
+    #[test]
+    fn the_median_interval_is_bounded_by_order_statistics_around_the_middle() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        // n = 100: ranks 50 ∓ 9.8 → the 40th and 60th values.
+        assert_eq!(median_ci(values.clone()), (40.0, 60.0));
+        assert_eq!(median(values), 50.5);
+        let few = vec![3.0, 1.0, 2.0];
+        assert_eq!(median_ci(few), (1.0, 3.0));
+        assert!(median_ci(Vec::new()).0.is_nan());
     }
 
     #[test]
