@@ -216,6 +216,33 @@ fn a_bad_configuration_file_stops_the_start_with_every_problem() {
 }
 
 #[test]
+fn an_unreadable_otlp_certificate_authority_stops_the_start_naming_it() {
+    let dir = Scratch::new("config-otlp-ca");
+    let flags = dir.write("flags.json", FLAGS);
+    let uri = format!("file:{}", flags.display());
+    let ports: Vec<String> = free_ports(4).iter().map(u16::to_string).collect();
+    let missing = dir.0.join("no-such-ca.pem");
+    let missing = missing.to_str().unwrap();
+    for protocol in ["grpc", "http/protobuf"] {
+        let (code, stdout, stderr) = run(
+            &[
+                "start", "--uri", &uri, "-p", &ports[0], "-m", &ports[1], "-g", &ports[2], "-r", &ports[3],
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://localhost:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", missing),
+            ],
+        );
+        assert_eq!(code, Some(1), "{protocol}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot read OTEL_EXPORTER_OTLP_CERTIFICATE {missing}")),
+            "{protocol}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn health_of_a_closed_port_is_1() {
     let [port] = free_ports(1)[..] else { unreachable!() };
     let url = format!("http://127.0.0.1:{port}/readyz");

@@ -36,8 +36,17 @@ impl TraceService for Received {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.record(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Received {
+    fn record(&self, request: ExportTraceServiceRequest) {
         let mut spans = self.0.lock().unwrap();
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let resource = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
             for scope in resource_spans.scope_spans {
                 for s in scope.spans {
@@ -45,26 +54,145 @@ impl TraceService for Received {
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
     }
 }
 
 /// Starts the collector on a free port; returns its endpoint.
 async fn collector() -> (String, Received) {
+    grpc_collector(None).await
+}
+
+/// A self-signed certificate for `localhost` (the collector's name in `https://` endpoints): its
+/// PEM and its key's PEM.
+fn localhost_certificate() -> (String, String) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    (c.cert.pem(), c.signing_key.serialize_pem())
+}
+
+/// An OTLP/gRPC collector on a free port, over TLS with `identity` (certificate and key PEM);
+/// returns its endpoint.
+async fn grpc_collector(identity: Option<(String, String)>) -> (String, Received) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let port = listener.local_addr().unwrap().port();
     let received = Received::default();
     let service = TraceServiceServer::new(received.clone());
+    // This process links both of rustls's providers (the flagd provider's dependencies bring
+    // aws-lc-rs): name one for tonic's TLS.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = tonic::transport::Server::builder();
+    let scheme = match &identity {
+        Some((cert, key)) => {
+            let tls =
+                tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key));
+            builder = builder.tls_config(tls).unwrap();
+            "https://localhost"
+        }
+        None => "http://127.0.0.1",
+    };
     tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
             .unwrap();
     });
-    (format!("http://{addr}"), received)
+    (format!("{scheme}:{port}"), received)
+}
+
+/// What an OTLP/HTTP collector saw: the spans, and the path and content type of each export.
+#[derive(Debug, Default, Clone)]
+struct HttpReceived {
+    spans: Received,
+    exports: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+/// An OTLP/HTTP collector (`POST /v1/traces`, binary protobuf) on a free port, over TLS with
+/// `identity` (certificate and key PEM); returns its base URL.
+async fn http_collector(identity: Option<(String, String)>) -> (String, HttpReceived) {
+    use axum::body::Bytes;
+    use axum::extract::{OriginalUri, State};
+    use prost::Message as _;
+    use rustls::pki_types::pem::PemObject as _;
+
+    async fn export(
+        State(received): State<HttpReceived>,
+        OriginalUri(uri): OriginalUri,
+        headers: http::HeaderMap,
+        body: Bytes,
+    ) -> Result<([(&'static str, &'static str); 1], Vec<u8>), http::StatusCode> {
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        received
+            .exports
+            .lock()
+            .unwrap()
+            .push((uri.path().to_owned(), content_type));
+        let request = ExportTraceServiceRequest::decode(body).map_err(|_| http::StatusCode::BAD_REQUEST)?;
+        received.spans.record(request);
+        let answer = ExportTraceServiceResponse { partial_success: None };
+        Ok(([("content-type", "application/x-protobuf")], answer.encode_to_vec()))
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = HttpReceived::default();
+    let router = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(export))
+        .with_state(received.clone());
+    let Some((cert, key)) = identity else {
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        return (format!("http://127.0.0.1:{port}"), received);
+    };
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, router) = (acceptor.clone(), router.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (format!("https://localhost:{port}"), received)
+}
+
+/// Sends a ResolveBoolean of `beta` in a new sampled trace (`n`) and returns the trace id.
+async fn traced_resolve(server: &Server, n: u8) -> String {
+    let (header, trace, _) = traceparent(n);
+    let mut client = v1::service_client::ServiceClient::connect(server.grpc_url())
+        .await
+        .unwrap();
+    let context = JsonStruct::from(json!({"email": "ann@example.com"}).as_object().cloned().unwrap());
+    let answer = client
+        .resolve_boolean(traced(
+            v1::ResolveBooleanRequest {
+                flag_key: "beta".into(),
+                context: Some(context),
+            },
+            &header,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.reason, "TARGETING_MATCH");
+    trace
 }
 
 impl Received {
@@ -350,4 +478,65 @@ async fn every_protocol_is_traced_with_the_callers_context_and_flag_attributes()
         !metrics.contains("/ofrep/v1/evaluate/flags/color"),
         "the path is no label"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_are_exported_over_otlp_http_protobuf() {
+    let (base, received) = http_collector(None).await;
+    let dir = Scratch::new("telemetry-http");
+    let path = dir.write("flags.json", FLAGS);
+    let uri = format!("file:{}", path.display());
+    let server = Server::start_with_env(
+        &["--uri", &uri],
+        &[
+            // The base URL: the exporter appends /v1/traces.
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &base),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let trace = traced_resolve(&server, 21).await;
+    let (_, span) = received.spans.span_of(&trace).await;
+    assert_eq!(span.name, "flagd.evaluation.v1.Service/ResolveBoolean");
+    let event = the_event(&span, "beta");
+    assert_eq!(event["feature_flag.result.variant"], json!("on"));
+    let exports = received.exports.lock().unwrap().clone();
+    assert!(!exports.is_empty());
+    for (path, content_type) in exports {
+        assert_eq!(
+            (path.as_str(), content_type.as_str()),
+            ("/v1/traces", "application/x-protobuf")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_a_tls_collector_signed_by_the_given_certificate_authority() {
+    let dir = Scratch::new("telemetry-tls");
+    let path = dir.write("flags.json", FLAGS);
+    let uri = format!("file:{}", path.display());
+    for (n, protocol) in [(31u8, "grpc"), (32, "http/protobuf")] {
+        let (cert, key) = localhost_certificate();
+        let ca = dir.write(&format!("ca-{n}.pem"), &cert);
+        let (endpoint, spans) = match protocol {
+            "grpc" => grpc_collector(Some((cert, key))).await,
+            _ => {
+                let (base, received) = http_collector(Some((cert, key))).await;
+                (base, received.spans)
+            }
+        };
+        assert!(endpoint.starts_with("https://localhost:"), "{endpoint}");
+        let server = Server::start_with_env(
+            &["--uri", &uri],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca.display().to_string()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ],
+        );
+        let trace = traced_resolve(&server, n).await;
+        let (_, span) = spans.span_of(&trace).await;
+        assert_eq!(span.name, "flagd.evaluation.v1.Service/ResolveBoolean", "{protocol}");
+    }
 }

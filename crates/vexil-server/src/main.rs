@@ -35,11 +35,11 @@ fn main() -> anyhow::Result<()> {
                 })?;
                 let tracing = match &otel {
                     OtelSettings::Off => None,
-                    OtelSettings::Otlp { .. } => Some(Tracing::install()?),
+                    OtelSettings::Otlp { .. } => Some(Tracing::install(&otel)?),
                 };
                 init_logging(args.resolved_log_format(), tracing.as_ref());
-                if let OtelSettings::Otlp { endpoint } = &otel {
-                    tracing::info!(%endpoint, "exporting traces over OTLP");
+                if let OtelSettings::Otlp { endpoint, protocol, .. } = &otel {
+                    tracing::info!(%endpoint, protocol = protocol.as_str(), "exporting traces over OTLP");
                 }
                 let (stop, signals) = watch::channel(Stop::Running);
                 tokio::spawn(async move {

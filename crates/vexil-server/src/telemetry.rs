@@ -13,6 +13,7 @@
 //! (`/ofrep/v1/evaluate/flags/{key}`), never the request's path.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -51,8 +52,33 @@ pub fn tracing_enabled() -> bool {
 pub enum OtelSettings {
     /// No endpoint, `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
     Off,
-    /// Traces exported over OTLP/gRPC to the endpoint the SDK reads from the environment.
-    Otlp { endpoint: String },
+    /// Traces exported over OTLP to the endpoint the SDK reads from the environment.
+    Otlp {
+        endpoint: String,
+        protocol: OtlpProtocol,
+        /// A PEM file of the certificate authorities that sign the collector's certificate
+        /// (`OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE`), trusted beside the system's; for `https://`.
+        certificate: Option<PathBuf>,
+    },
+}
+
+/// `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// `grpc` (the default here: collectors listen on 4317).
+    Grpc,
+    /// `http/protobuf` (collectors listen on 4318; `OTEL_EXPORTER_OTLP_ENDPOINT` is the base URL
+    /// that `/v1/traces` is appended to, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` the whole URL).
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
 }
 
 impl OtelSettings {
@@ -69,11 +95,31 @@ impl OtelSettings {
                 "OTEL_TRACES_EXPORTER `{other}` is not supported (otlp or none)"
             )),
         }
-        let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"));
-        if let Some(p) = protocol.as_deref().filter(|p| *p != "grpc") {
-            problems.push(format!(
-                "OTEL_EXPORTER_OTLP_PROTOCOL `{p}` is not supported: Vexil exports OTLP over gRPC (grpc)"
-            ));
+        let protocol = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .as_deref()
+        {
+            None | Some("grpc") => OtlpProtocol::Grpc,
+            Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some(p) => {
+                problems.push(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL `{p}` is not supported (grpc or http/protobuf)"
+                ));
+                OtlpProtocol::Grpc
+            }
+        };
+        let certificate = var("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+            .map(PathBuf::from);
+        for client in ["CLIENT_CERTIFICATE", "CLIENT_KEY"] {
+            if var(&format!("OTEL_EXPORTER_OTLP_TRACES_{client}"))
+                .or_else(|| var(&format!("OTEL_EXPORTER_OTLP_{client}")))
+                .is_some()
+            {
+                problems.push(format!(
+                    "OTEL_EXPORTER_OTLP_{client} is not supported (no client certificates towards the collector)"
+                ));
+            }
         }
         if let Some(s) = var("OTEL_TRACES_SAMPLER") {
             const SAMPLERS: [&str; 6] = [
@@ -106,7 +152,11 @@ impl OtelSettings {
             return Err(problems);
         }
         Ok(match endpoint {
-            Some(endpoint) if !disabled && exporter.as_deref() != Some("none") => OtelSettings::Otlp { endpoint },
+            Some(endpoint) if !disabled && exporter.as_deref() != Some("none") => OtelSettings::Otlp {
+                endpoint,
+                protocol,
+                certificate,
+            },
             _ => OtelSettings::Off,
         })
     }
@@ -120,12 +170,52 @@ pub struct Tracing {
 
 impl Tracing {
     /// Builds the OTLP exporter and the tracer provider the `OTEL_*` variables describe, sets the
-    /// W3C propagators, and turns span making on. Needs a Tokio runtime.
-    pub fn install() -> anyhow::Result<Tracing> {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot build the OTLP span exporter: {e}"))?;
+    /// W3C propagators, and turns span making on. Needs a Tokio runtime. `settings` must be
+    /// [`OtelSettings::Otlp`]; the SDK reads the rest of the environment itself.
+    pub fn install(settings: &OtelSettings) -> anyhow::Result<Tracing> {
+        let OtelSettings::Otlp {
+            endpoint,
+            protocol,
+            certificate,
+        } = settings
+        else {
+            anyhow::bail!("OpenTelemetry is not configured");
+        };
+        // rustls's process-wide provider, for reqwest (tonic names ring itself).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let authority =
+            match certificate {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read OTEL_EXPORTER_OTLP_CERTIFICATE {}: {e}", path.display())
+                })?),
+                None => None,
+            };
+        let exporter = match protocol {
+            OtlpProtocol::Grpc => {
+                use opentelemetry_otlp::WithTonicConfig as _;
+                let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+                if endpoint.starts_with("https://") {
+                    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+                    if let Some(pem) = &authority {
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+                    }
+                    builder = builder.with_tls_config(tls);
+                }
+                builder.build()
+            }
+            OtlpProtocol::HttpProtobuf => {
+                use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+                let builder = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                match authority {
+                    // The SDK's own client (the system's roots, OTEL_EXPORTER_OTLP_TIMEOUT).
+                    None => builder.build(),
+                    Some(pem) => builder.with_http_client(blocking_client(pem)?).build(),
+                }
+            }
+        }
+        .map_err(|e| anyhow::anyhow!("cannot build the OTLP span exporter: {e}"))?;
         let resource = opentelemetry_sdk::Resource::builder()
             .with_attribute(opentelemetry::KeyValue::new(
                 "service.version",
@@ -170,6 +260,33 @@ impl Tracing {
             tracing::warn!(error = %e, "flushing traces at shutdown failed");
         }
     }
+}
+
+/// reqwest's blocking client trusting `pem`'s authorities beside the system's, with the OTLP
+/// timeout (`OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT` in milliseconds, 10 s by default). Built on a
+/// thread of its own: it runs a runtime of its own, which cannot start inside Tokio's.
+fn blocking_client(pem: Vec<u8>) -> anyhow::Result<reqwest::blocking::Client> {
+    let millis = ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok()?.trim().parse::<u64>().ok())
+        .unwrap_or(10_000);
+    std::thread::spawn(move || {
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_CERTIFICATE is not PEM: {e}"))?;
+        anyhow::ensure!(
+            !certificates.is_empty(),
+            "OTEL_EXPORTER_OTLP_CERTIFICATE holds no certificate"
+        );
+        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_millis(millis));
+        for c in certificates {
+            builder = builder.add_root_certificate(c);
+        }
+        builder
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the OTLP HTTP client: {e}"))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("building the OTLP HTTP client panicked"))?
 }
 
 /// The gRPC status code of a response that carries it other than in `grpc-status` (Connect's
@@ -703,7 +820,9 @@ mod tests {
         assert_eq!(
             OtelSettings::from_env(env(&on)),
             Ok(OtelSettings::Otlp {
-                endpoint: "http://collector:4317".into()
+                endpoint: "http://collector:4317".into(),
+                protocol: OtlpProtocol::Grpc,
+                certificate: None,
             })
         );
         for off in [("OTEL_SDK_DISABLED", "true"), ("OTEL_TRACES_EXPORTER", "none")] {
@@ -716,8 +835,36 @@ mod tests {
         assert_eq!(
             OtelSettings::from_env(env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c:4317")])),
             Ok(OtelSettings::Otlp {
-                endpoint: "https://c:4317".into()
+                endpoint: "https://c:4317".into(),
+                protocol: OtlpProtocol::Grpc,
+                certificate: None,
             })
+        );
+    }
+
+    #[test]
+    fn protocol_and_certificate_come_from_the_signal_variable_first() {
+        let settings = OtelSettings::from_env(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/otel/ca.pem"),
+        ]));
+        assert_eq!(
+            settings,
+            Ok(OtelSettings::Otlp {
+                endpoint: "https://collector:4318".into(),
+                protocol: OtlpProtocol::HttpProtobuf,
+                certificate: Some(PathBuf::from("/etc/otel/ca.pem")),
+            })
+        );
+        let settings = OtelSettings::from_env(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/a.pem"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/b.pem"),
+        ]));
+        assert!(
+            matches!(settings, Ok(OtelSettings::Otlp { protocol: OtlpProtocol::Grpc, certificate: Some(c), .. }) if c == std::path::Path::new("/b.pem"))
         );
     }
 
@@ -725,14 +872,16 @@ mod tests {
     fn every_problem_with_the_otel_variables_is_reported() {
         let problems = OtelSettings::from_env(env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
             ("OTEL_TRACES_EXPORTER", "zipkin"),
             ("OTEL_TRACES_SAMPLER", "traceidratio"),
             ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/key.pem"),
         ]))
         .unwrap_err();
-        assert_eq!(problems.len(), 4, "{problems:#?}");
-        assert!(problems.iter().any(|p| p.contains("http/protobuf")));
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("http/json")));
+        assert!(problems.iter().any(|p| p.contains("CLIENT_KEY")));
         assert!(problems.iter().any(|p| p.contains("zipkin")));
         assert!(problems.iter().any(|p| p.contains("SAMPLER_ARG")));
         assert!(problems.iter().any(|p| p.contains("collector:4317")));
