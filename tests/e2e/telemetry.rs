@@ -173,25 +173,27 @@ async fn http_collector(identity: Option<(String, String)>) -> (String, HttpRece
     (format!("https://localhost:{port}"), received)
 }
 
-/// Sends a ResolveBoolean of `beta` in a new sampled trace (`n`) and returns the trace id.
-async fn traced_resolve(server: &Server, n: u8) -> String {
-    let (header, trace, _) = traceparent(n);
+/// A ResolveBoolean of `beta` for ann@example.com (a targeting match), sent with `traceparent`.
+async fn resolve_beta(server: &Server, traceparent: &str) -> v1::ResolveBooleanResponse {
     let mut client = v1::service_client::ServiceClient::connect(server.grpc_url())
         .await
         .unwrap();
     let context = JsonStruct::from(json!({"email": "ann@example.com"}).as_object().cloned().unwrap());
-    let answer = client
-        .resolve_boolean(traced(
-            v1::ResolveBooleanRequest {
-                flag_key: "beta".into(),
-                context: Some(context),
-            },
-            &header,
-        ))
+    let request = v1::ResolveBooleanRequest {
+        flag_key: "beta".into(),
+        context: Some(context),
+    };
+    client
+        .resolve_boolean(traced(request, traceparent))
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(answer.reason, "TARGETING_MATCH");
+        .into_inner()
+}
+
+/// [`resolve_beta`] in a new sampled trace (`n`); returns the trace id.
+async fn traced_resolve(server: &Server, n: u8) -> String {
+    let (header, trace, _) = traceparent(n);
+    assert_eq!(resolve_beta(server, &header).await.reason, "TARGETING_MATCH");
     trace
 }
 
@@ -298,34 +300,10 @@ async fn every_protocol_is_traced_with_the_callers_context_and_flag_attributes()
 
     // gRPC (flagd.evaluation.v1): a targeting match.
     let (header, trace, parent) = traceparent(1);
-    let mut client = v1::service_client::ServiceClient::connect(server.grpc_url())
-        .await
-        .unwrap();
-    let context = JsonStruct::from(json!({"email": "ann@example.com"}).as_object().cloned().unwrap());
     // A caller that does not sample its trace (flags 00): the parent-based sampler makes no span.
     let (unsampled, unsampled_trace, _) = traceparent(9);
-    let unsampled = unsampled.replace("-01", "-00");
-    client
-        .resolve_boolean(traced(
-            v1::ResolveBooleanRequest {
-                flag_key: "beta".into(),
-                context: Some(context.clone()),
-            },
-            &unsampled,
-        ))
-        .await
-        .unwrap();
-    let answer = client
-        .resolve_boolean(traced(
-            v1::ResolveBooleanRequest {
-                flag_key: "beta".into(),
-                context: Some(context),
-            },
-            &header,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    resolve_beta(&server, &unsampled.replace("-01", "-00")).await;
+    let answer = resolve_beta(&server, &header).await;
     assert_eq!((answer.value, answer.reason.as_str()), (true, "TARGETING_MATCH"));
     let (resource, span) = received.span_of(&trace).await;
     assert!(
