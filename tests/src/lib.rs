@@ -77,6 +77,13 @@ fn free_ports() -> Ports {
     }
 }
 
+/// How waiting for a server ended.
+enum Waited {
+    Done,
+    Exited(std::process::ExitStatus),
+    TimedOut,
+}
+
 /// A running `vexil start`.
 #[derive(Debug)]
 pub struct Server {
@@ -94,31 +101,18 @@ fn owned(args: &[&str]) -> Vec<String> {
 impl Server {
     /// Starts `vexil start <args>` on free ports and waits until `/readyz` answers 200.
     pub fn start(args: &[&str]) -> Server {
-        let server = Server::spawn(args);
-        server.wait_until(|s| s.http_status("/readyz") == Some(200), "ready");
-        server
+        Server::new(None, args, &[]).started(|s| s.http_status("/readyz") == Some(200), "ready")
     }
 
     /// Starts `vexil start <args>` and waits only until `/healthz` answers.
     pub fn start_unready(args: &[&str]) -> Server {
-        let server = Server::spawn(args);
-        server.wait_until(|s| s.http_status("/healthz") == Some(200), "up");
-        server
+        Server::new(None, args, &[]).started(|s| s.http_status("/healthz") == Some(200), "up")
     }
 
     /// Starts `vexil start <args>` with working directory `dir` (source names are the paths as
     /// given, so relative `--uri`s name sources like flagd's testbed does) and waits until ready.
     pub fn start_in(dir: &Path, args: &[&str]) -> Server {
-        let mut server = Server {
-            child: None,
-            ports: free_ports(),
-            cwd: Some(dir.to_owned()),
-            args: owned(args),
-            env: Vec::new(),
-        };
-        server.launch();
-        server.wait_until(|s| s.http_status("/readyz") == Some(200), "ready");
-        server
+        Server::new(Some(dir), args, &[]).started(|s| s.http_status("/readyz") == Some(200), "ready")
     }
 
     /// Stops the server and starts it again with the same ports and arguments after `down`.
@@ -126,33 +120,65 @@ impl Server {
         self.stop();
         std::thread::sleep(down);
         self.launch();
-        self.wait_until(|s| s.http_status("/readyz") == Some(200), "ready again");
+        let what = "ready again";
+        match self.wait_for(|s| s.http_status("/readyz") == Some(200)) {
+            Waited::Done => {}
+            Waited::Exited(status) => panic!("vexil exited before it was {what}: {status}"),
+            Waited::TimedOut => panic!("vexil was not {what} within 30 s"),
+        }
     }
 
     /// Starts `vexil start <args>` with the environment variables `env` and waits until ready.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut server = Server {
-            child: None,
-            ports: free_ports(),
-            cwd: None,
-            args: owned(args),
-            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-        };
-        server.launch();
-        server.wait_until(|s| s.http_status("/readyz") == Some(200), "ready");
-        server
+        Server::new(None, args, env).started(|s| s.http_status("/readyz") == Some(200), "ready")
     }
 
-    fn spawn(args: &[&str]) -> Server {
-        let mut server = Server {
+    fn new(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server {
             child: None,
             ports: free_ports(),
-            cwd: None,
+            cwd: cwd.map(Path::to_owned),
             args: owned(args),
-            env: Vec::new(),
-        };
-        server.launch();
-        server
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    /// Launches the server and waits until `ok`. Free ports are found by binding and releasing
+    /// them, so another process (a test's PostgreSQL or Redis, another server) may take one before
+    /// the server binds it: a server that exits before it is `what` is started again on other
+    /// ports, twice at most.
+    fn started(mut self, ok: impl Fn(&Server) -> bool, what: &str) -> Server {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            self.launch();
+            match self.wait_for(&ok) {
+                Waited::Done => return self,
+                Waited::Exited(status) if attempt < ATTEMPTS => {
+                    eprintln!(
+                        "vexil exited before it was {what} ({status}; a port taken meanwhile?): starting it on other ports"
+                    );
+                    self.ports = free_ports();
+                }
+                Waited::Exited(status) => panic!("vexil exited before it was {what}, {ATTEMPTS} times: {status}"),
+                Waited::TimedOut => panic!("vexil was not {what} within 30 s"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Waits up to 30 s until `ok`, or until the process exits.
+    fn wait_for(&mut self, ok: impl Fn(&Server) -> bool) -> Waited {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if ok(self) {
+                return Waited::Done;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Waited::Exited(status);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Waited::TimedOut
     }
 
     fn launch(&mut self) {
@@ -185,17 +211,6 @@ impl Server {
             .spawn()
             .expect("vexil starts");
         self.child = Some(child);
-    }
-
-    fn wait_until(&self, ok: impl Fn(&Server) -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if ok(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("vexil was not {what} within 30 s");
     }
 
     /// The status of `GET http://127.0.0.1:<management><path>`, if it answers.

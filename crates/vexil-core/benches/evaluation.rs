@@ -234,6 +234,24 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(native::ten_rules(black_box(&attrs), &names, &expected, &values)))
     });
     g.finish();
+
+    // An experiment's allocation hashes the unit three times (layer, traffic, variant).
+    let unit = "3f2a9c1e-7b4d-4e8a-9c21-5d6f7a8b9c0d";
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    black_box(vexil_core::experiment::bucket("x0123456789abcdef", "variant", unit));
+    println!(
+        "allocations per experiment bucket: {}",
+        ALLOCATIONS.load(Ordering::Relaxed) - before
+    );
+    c.bench_function("experiment bucket (id salt, 36-byte unit)", |b| {
+        b.iter(|| {
+            black_box(vexil_core::experiment::bucket(
+                black_box("x0123456789abcdef"),
+                "variant",
+                black_box(unit),
+            ))
+        })
+    });
 }
 
 criterion_group! {

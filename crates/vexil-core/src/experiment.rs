@@ -255,11 +255,26 @@ pub struct FlagExperiment {
 /// what flagd's `fractional` (v3) computes for that string with weights summing to [`BUCKETS`], so
 /// an in-process flagd provider given [`FlagExperiment::targeting`] allocates every unit alike.
 pub fn bucket(salt: &str, purpose: &str, unit: &str) -> u32 {
-    let text = [salt, "\0", purpose, "\0", unit].concat();
-    let mut key = Vec::with_capacity(text.len() + 9);
-    crate::targeting::cbor::encode_text(&text, &mut key);
-    let hash = u64::from(murmur_bytes(&key));
-    u32::try_from((hash * u64::from(BUCKETS)) >> 32).expect("below BUCKETS")
+    /// Keys up to this long are built on the stack (ids, purposes and unit keys are short).
+    const STACK: usize = 192;
+    let parts = [salt.as_bytes(), b"\0", purpose.as_bytes(), b"\0", unit.as_bytes()];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let (head, head_len) = crate::targeting::cbor::text_head(len);
+    let write = |key: &mut [u8]| {
+        key[..head_len].copy_from_slice(&head[..head_len]);
+        let mut at = head_len;
+        for part in parts {
+            key[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        murmur_bytes(key)
+    };
+    let hash = if head_len + len <= STACK {
+        write(&mut [0u8; STACK][..head_len + len])
+    } else {
+        write(&mut vec![0u8; head_len + len])
+    };
+    u32::try_from((u64::from(hash) * u64::from(BUCKETS)) >> 32).expect("below BUCKETS")
 }
 
 impl Allocation {
@@ -338,6 +353,29 @@ mod tests {
         assert_eq!(bucket("s", "p", "u"), ((2_590_279_701u64 * 1_000_000) >> 32) as u32);
         assert_eq!(bucket("s", "p", "u"), bucket("s", "p", "u"));
         assert_ne!(bucket("s", "traffic", "u"), bucket("s", "variant", "u"));
+    }
+
+    /// The key as it was first written: the whole string, then its CBOR text.
+    fn bucket_of_the_cbor_text(salt: &str, purpose: &str, unit: &str) -> u32 {
+        let text = [salt, "\0", purpose, "\0", unit].concat();
+        let mut key = Vec::new();
+        crate::targeting::cbor::encode_text(&text, &mut key);
+        u32::try_from((u64::from(murmur_bytes(&key)) * u64::from(BUCKETS)) >> 32).unwrap()
+    }
+
+    #[test]
+    fn keys_on_the_stack_and_on_the_heap_hash_as_the_cbor_text() {
+        // Every head length of CBOR text (1, 2 and 3 bytes) and both sides of the stack limit.
+        for unit_len in [0, 5, 17, 18, 100, 160, 170, 171, 172, 173, 200, 240, 300, 70_000] {
+            let unit: String = (0..unit_len).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+            assert_eq!(
+                bucket("x0123456789abcdef", "variant", &unit),
+                bucket_of_the_cbor_text("x0123456789abcdef", "variant", &unit),
+                "a unit of {unit_len} bytes"
+            );
+        }
+        assert_eq!(bucket("", "", ""), bucket_of_the_cbor_text("", "", ""));
+        assert_eq!(bucket("sé", "p", "ü"), bucket_of_the_cbor_text("sé", "p", "ü"));
     }
 
     #[test]

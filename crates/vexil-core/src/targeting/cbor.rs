@@ -130,21 +130,39 @@ fn f16_bits(f: f64) -> Option<u16> {
 
 /// Writes a CBOR head (major type and argument) in its shortest form.
 fn head(major: u8, n: u64, out: &mut Vec<u8>) {
+    let (bytes, len) = head_bytes(major, n);
+    out.extend_from_slice(&bytes[..len]);
+}
+
+/// The head of a text string of `len` bytes (what [`encode_text`] writes before the bytes).
+pub(crate) fn text_head(len: usize) -> ([u8; 9], usize) {
+    head_bytes(TEXT, len as u64)
+}
+
+/// A data item's head: the major type and its argument, in the shortest form (1 to 9 bytes).
+fn head_bytes(major: u8, n: u64) -> ([u8; 9], usize) {
     let m = major << 5;
-    if n < 24 {
-        out.push(m | n as u8);
+    let mut out = [0u8; 9];
+    let len = if n < 24 {
+        out[0] = m | n as u8;
+        1
     } else if n <= u64::from(u8::MAX) {
-        out.extend_from_slice(&[m | 24, n as u8]);
+        out[..2].copy_from_slice(&[m | 24, n as u8]);
+        2
     } else if n <= u64::from(u16::MAX) {
-        out.push(m | 25);
-        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out[0] = m | 25;
+        out[1..3].copy_from_slice(&(n as u16).to_be_bytes());
+        3
     } else if n <= u64::from(u32::MAX) {
-        out.push(m | 26);
-        out.extend_from_slice(&(n as u32).to_be_bytes());
+        out[0] = m | 26;
+        out[1..5].copy_from_slice(&(n as u32).to_be_bytes());
+        5
     } else {
-        out.push(m | 27);
-        out.extend_from_slice(&n.to_be_bytes());
-    }
+        out[0] = m | 27;
+        out[1..9].copy_from_slice(&n.to_be_bytes());
+        9
+    };
+    (out, len)
 }
 
 #[cfg(test)]
